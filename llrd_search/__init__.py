@@ -1,0 +1,29 @@
+"""llrd-search: find the best layer-wise learning-rate decay (LLRD) for fine-tuning BERT-like encoders.
+
+The public names are imported lazily so that ``llrd-search --help`` and ``status`` do not pay for
+importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_param_groups": "llrd_search.param_groups",
+    "group_table": "llrd_search.param_groups",
+    "layer_lrs": "llrd_search.param_groups",
+    "load_spec": "llrd_search.spec",
+    "StudySpec": "llrd_search.spec",
+    "LLRDSearchError": "llrd_search.exceptions",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llrd_search' has no attribute {name!r}")

