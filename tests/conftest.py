@@ -1,0 +1,123 @@
+"""Shared fixtures: a tiny random BERT saved to disk (2 layers, hidden 32) with a real tokenizer,
+a small learnable text-classification dataset, and study-file helpers. No network anywhere."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+POSITIVE = "good great fine superb lovely brilliant moving funny charming warm".split()
+NEGATIVE = "bad awful dull boring weak clumsy tedious flat bland messy".split()
+FILLER = "the a movie film story plot it is was and very quite rather acting".split()
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    words = rng.choices(FILLER, k=rng.randint(3, 12)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_toy_dataset(folder: Path, n_train: int = 240, n_val: int = 60, n_test: int = 0, labels: tuple = (0, 1), seed: int = 0) -> Path:
+    """A learnable 2-class dataset: the label decides which sentiment words appear."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        if n == 0:
+            continue
+        with open(folder / f"{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            for i in range(n):
+                y = i % 2
+                w.writerow([_sentence(rng, y), labels[y]])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random BERT backbone plus a word-level BERT tokenizer, saved like a hub
+    checkpoint (no classifier weights, so the head is initialised per trial as with real models)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(POSITIVE + NEGATIVE + FILLER)), "?", ".", ","]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy-data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # One tokenization cache per test session, never the user's ~/.cache.
+    monkeypatch.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.getbasetemp() / "llrd-cache"))
+
+
+def study_toml(model: Path | str, data: Path | str, *, name: str = "toy", n_trials: int = 2, extra: str = "", **sections: dict) -> str:
+    """A study file's text for the tiny model; ``sections`` override keys, e.g. train={"epochs": 2}."""
+    base = {
+        "study": {"name": name, "n_trials": n_trials, "seed": 0, "sampler": "random", "pruner": "none", "heartbeat_interval": 1, "grace_period": 3},
+        "model": {"name": str(model), "max_length": 32},
+        "data": {"path": str(data)},
+        "train": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1, "precision": "fp32"},
+    }
+    for key, values in sections.items():
+        base.setdefault(key, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml(v)}")
+    lines.append("[space]")
+    lines.append("base_lr = { low = 1e-4, high = 1e-3, log = true }")
+    lines.append("head_lr = { low = 1e-3, high = 1e-2, log = true }")
+    lines.append("decay = { low = 0.5, high = 1.0 }")
+    return "\n".join(lines) + "\n" + extra
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\") + '"'
+    return repr(v)
+
+
+@pytest.fixture
+def write_study(tmp_path, tiny_model_dir, toy_data_dir):
+    """write_study(**overrides) -> path of a valid study file in tmp_path using the tiny model."""
+
+    def _write(filename: str = "study.toml", **kw) -> Path:
+        path = tmp_path / filename
+        path.write_text(study_toml(kw.pop("model", tiny_model_dir), kw.pop("data", toy_data_dir), **kw))
+        return path
+
+    return _write
