@@ -124,6 +124,8 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
             try:
                 splits[split] = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
             except Exception as err:  # pyarrow / csv parser errors: name the file
+                if "corresponds to no data" in str(err) or not f.read_text(errors="replace").strip():
+                    raise DataError(f"data.path: the {split} split is empty ({f} has no rows)") from None
                 raise DataError(f"data.path: cannot read {f}: {err}") from None
         return splits, digest.hexdigest()
     if folder.exists() or data.path.startswith((".", "/", "~")):

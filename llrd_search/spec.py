@@ -84,6 +84,10 @@ class StudySection(_Section):
     max_retries: int = Field(default=2, ge=0)
     # Stop a worker after this many trials in a row fail with the same error (a broken setup).
     max_consecutive_failures: int = Field(default=3, ge=1)
+    # Points tried first, once per study: the paper's (2e-5, 0.95) and its no-decay control when
+    # they lie in the space, then your own (e.g. the config you use today, as a baseline).
+    enqueue_paper_points: bool = True
+    enqueue: list[dict[Literal["base_lr", "head_lr", "decay"], float]] = []
 
     @model_validator(mode="after")
     def _grace(self) -> StudySection:
@@ -168,7 +172,7 @@ class StudySpec(_Section):
     space: SpaceSection
 
     @model_validator(mode="after")
-    def _grid_needs_lists(self) -> StudySpec:
+    def _cross_checks(self) -> StudySpec:
         if self.study.sampler == "grid":
             ranged = [k for k in ("base_lr", "head_lr", "decay") if isinstance(getattr(self.space, k), Range)]
             if ranged:
@@ -176,7 +180,18 @@ class StudySpec(_Section):
                     f"study.sampler: 'grid' needs value lists, not ranges, for space.{', space.'.join(ranged)} "
                     "(e.g. decay = [0.8, 0.9, 0.95, 1.0])"
                 )
+        for i, point in enumerate(self.study.enqueue):
+            if set(point) != {"base_lr", "head_lr", "decay"}:
+                raise ValueError(f"study.enqueue.{i}: each point needs base_lr, head_lr and decay")
+            if not self.space.contains(point):
+                raise ValueError(f"study.enqueue.{i}: {point} lies outside [space]; widen the space or drop the point")
         return self
+
+    def initial_points(self) -> list[dict[str, float]]:
+        """Points enqueued at creation: paper points inside the space, then ``study.enqueue``; at most n_trials."""
+        points = [p for p in PAPER_POINTS if self.study.enqueue_paper_points and self.space.contains(p)]
+        points += [p for p in self.study.enqueue if p not in points]
+        return points[: self.study.n_trials]
 
     def identity(self) -> dict[str, Any]:
         """The spec as stored in the study, minus what may change between runs of the same study.

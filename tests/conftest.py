@@ -54,8 +54,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(POSITIVE + NEGATIVE + FILLER)), "?", ".", ","]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as a dict (``vocab=``); 4.x took a file (``vocab_file=``).
+    try:
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    except TypeError:
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    assert tok.unk_token_id not in tok("good movie")["input_ids"], "tiny tokenizer maps words to [UNK]"
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
