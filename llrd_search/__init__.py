@@ -16,6 +16,7 @@ _LAZY = {
     "group_table": "llrd_search.param_groups",
     "layer_lrs": "llrd_search.param_groups",
     "load_spec": "llrd_search.spec",
+    "load_config": "llrd_search.export",
     "StudySpec": "llrd_search.spec",
     "LLRDSearchError": "llrd_search.exceptions",
 }

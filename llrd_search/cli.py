@@ -7,8 +7,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,24 @@ EPILOGS = {
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format json""",
     "validate": """example:
   llrd-search validate studies/*.toml""",
+    "confirm": """example:
+  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
+  (runs go to the linked study sst2-minilm.confirm; more machines can help with:
+   llrd-search worker --storage URL --study sst2-minilm.confirm)""",
+    "export": """example:
+  llrd-search export --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --out best.json
+  llrd-search export --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format yaml
+then in Python:
+  optimizer = torch.optim.AdamW(llrd_search.load_config("best.json").param_groups(model))""",
+    "train": """example:
+  llrd-search train best.json --out models/sst2-minilm
+  llrd-search train best.json --out /tmp/smoke --epochs 1 --train-limit 200   (a quick check)""",
+    "dashboard": """example:
+  llrd-search dashboard --storage sqlite:///studies/sst2-minilm.db
+  llrd-search dashboard --storage sqlite:///studies/sst2-minilm.db --port 8081
+from another machine, tunnel instead of --host 0.0.0.0:  ssh -L 8080:127.0.0.1:8080 HOST""",
+    "report": """example:
+  llrd-search report --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --out reports/sst2-minilm""",
 }
 
 
@@ -59,12 +79,16 @@ def _trial_line(t: Any) -> str:
 def _preflight(spec: Any) -> Any:
     """Load data, tokenizer and model and map the LR groups before anything is written to storage,
     so a bad study file or dataset fails with one line and leaves no half-made study behind."""
+    from .exceptions import ModelError
     from .objective import Objective
     from .param_groups import build_param_groups
     from .train import fresh_model
 
     objective = Objective(spec)
-    build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
+    try:
+        build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
+    except ModelError as err:
+        raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
     return objective
 
 
@@ -146,13 +170,16 @@ def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .storage import mask_url
+    from .storage import mask_url, shareable_url
 
     spec = load_spec(args.study_file)
     _preflight(spec)
     _study, url, _ = _create(args, spec)
+    shared, has_password = shareable_url(url)
     print("start workers (same command on every machine or GPU):")
-    print(f"  llrd-search worker --storage '{mask_url(url)}' --study {spec.study.name}")
+    print(f"  llrd-search worker --storage '{shared}' --study {spec.study.name}")
+    if has_password:
+        print(f"(password left out: export PGPASSWORD=... or add it to ~/.pgpass on each machine; {mask_url(url)})")
     return 0
 
 
@@ -187,12 +214,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_local_workers(url: str, name: str, workers: int, threads: int, progress: _Progress) -> None:
-    from .storage import open_storage
+    from .storage import open_storage, shareable_url
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
+    child_url, has_password = shareable_url(url)
+    if has_password:
+        from sqlalchemy.engine import make_url
+
+        env["PGPASSWORD"] = str(make_url(url).password)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "llrd_search", "worker", "--storage", url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
+            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
             env=env,
         )
         for i in range(workers)
@@ -211,7 +244,11 @@ def _run_local_workers(url: str, name: str, workers: int, threads: int, progress
                     seen.add(t.number)
                     progress.update(sum(x.state.name in ("COMPLETE", "PRUNED") for x in trials), _best_value(study), _trial_line(t))
     except KeyboardInterrupt:
-        # The terminal sent SIGINT to the workers too; give them time to mark their trials.
+        # Ctrl-C reached the workers too, but `kill PID` / SIGTERM reached only us: pass it on, then
+        # give them time to mark their trials FAIL (a second signal is harmless: they defer it).
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=30)
@@ -247,7 +284,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import run_worker
 
     set_threads(args.threads)
-    n = run_worker(args.storage, args.study, worker_index=args.worker_index, on_trial_end=lambda _s, t: print(_trial_line(t), file=sys.stderr, flush=True))
+    # Quiet children of `run --workers K`: the parent already prints each finished trial.
+    on_end = None if args.quiet else (lambda _s, t: print(_trial_line(t), file=sys.stderr, flush=True))
+    n = run_worker(args.storage, args.study, worker_index=args.worker_index, on_trial_end=on_end)
     if not args.quiet:
         print(f"worker done: ran {n} trials; the study's budget is spent", file=sys.stderr)
     return 0
@@ -304,6 +343,143 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .storage import mask_url
+
+    written = write_report(args.storage, args.study, args.out)
+    print(f"report of study '{args.study}' in {mask_url(args.storage)}:", file=sys.stderr)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+
+def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], None]:
+    """Run the linked study's queued runs: in this process (K=1) or K local worker processes."""
+
+    def run(name: str) -> None:
+        from .storage import load_study, open_storage
+
+        storage = open_storage(args.storage)
+        study = load_study(storage, name)
+        budget = int(study.user_attrs["llrd:n_trials"])
+        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        progress = _Progress(budget, done, _best_value(study))
+        storage.engine.dispose()
+        try:
+            if args.workers <= 1:
+                from .confirm import retry_hook
+                from .objective import Objective
+                from .worker import run_worker
+
+                hook = retry_hook(args.storage, name)
+
+                def on_end(st: Any, trial: Any) -> None:
+                    hook(st, trial)
+                    progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), _best_value(st), _trial_line(trial))
+
+                run_worker(args.storage, name, objective_factory=lambda spec: Objective(spec, on_step=progress.step), on_trial_end=on_end)
+            else:
+                _run_local_workers(args.storage, name, args.workers, threads, progress)
+        finally:
+            progress.close()
+
+    return run
+
+
+def _lrs(p: dict[str, float]) -> str:
+    return f"base_lr={p['base_lr']:.3g} head_lr={p['head_lr']:.3g} decay={p['decay']:.3f}"
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from .confirm import run_confirmation, verdict
+    from .train import set_threads
+
+    for key in ("top", "seeds"):
+        if getattr(args, key) < 1:
+            raise LLRDSearchError(f"--{key}: must be >= 1 (got {getattr(args, key)})")
+    threads = _threads_per_worker(args.workers, args.threads)
+    set_threads(threads)
+    plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads))
+    v = verdict(summary)
+    if args.format == "json":
+        # NaN (a configuration with no finished run) is not JSON: null instead.
+        clean = [{k: (None if isinstance(x, float) and x != x else x) for k, x in r.items()} for r in summary]
+        print(json.dumps({"study": plan.study_name, "configurations": clean, "verdict": v}, indent=2))
+        return 0 if v else 1
+    if plan.note:
+        print(f"note: {plan.note}", file=sys.stderr)
+    print(f"confirmation of '{args.study}': {len(plan.sources)} configuration(s) x {plan.seeds} seed(s), runs in study '{plan.study_name}'")
+    for r in summary:
+        conf = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] else "no finished run"
+        failed = f", {r['n_failed']} failed" if r["n_failed"] else ""
+        print(f"  trial {r['source_trial']:>4}  {_lrs(r['params'])}  search {r['search_accuracy']:.4f}  confirmed {conf}{failed}")
+    if v is None:
+        print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
+        return 1
+    win = next(r for r in summary if r["source_trial"] == v["winner"])
+    print(f"winner: trial {v['winner']} ({_lrs(win['params'])}): {v['mean']:.4f} ± {v['std']:.4f} over {v['n']} seed(s)")
+    if v["runner_up"] is None:
+        print("only one configuration finished: nothing to compare it with")
+    elif v["noise"] is None:
+        print(f"its lead over trial {v['runner_up']} is {v['lead']:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)")
+    elif v["within_noise"]:
+        print(
+            f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v['noise']:.4f}): "
+            "noise could explain it; either is a fine choice, or add seeds/data to separate them"
+        )
+    else:
+        print(f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) exceeds the 95 % Welch threshold ({v['noise']:.4f}): unlikely to be noise")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_config, render
+
+    fmt = args.format or ("yaml" if args.out and Path(args.out).suffix in (".yaml", ".yml") else "json")
+    config = export_config(args.storage, args.study)
+    text = render(config, fmt)
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise LLRDSearchError(f"--out: folder {out.parent} does not exist")
+    out.write_text(text, encoding="utf-8")
+    extra = f", confirmed {config['confirmed']['mean']:.4f} ± {config['confirmed']['std']:.4f}" if config["confirmed"] else ""
+    print(f"wrote {out}: trial {config['trial']} ({_lrs(config)}), validation accuracy {config['validation_accuracy']:.4f}{extra}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .finetune import step_progress, train_from_config
+    from .train import set_threads
+
+    for key in ("epochs", "train_limit"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {getattr(args, key)})")
+    set_threads(args.threads)
+    with step_progress("training") as on_step:
+        m = train_from_config(args.config, args.out, epochs=args.epochs, train_limit=args.train_limit, force=args.force, on_step=on_step)
+    test = f", test accuracy {m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else ""
+    print(f"saved the model to {args.out}: validation accuracy {m['validation_accuracy']:.4f}{test} ({m['n_train']} training examples, {m['seconds']:.0f}s)")
+    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    try:
+        serve(args.storage, args.host, args.port, say=lambda line: print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True))
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -354,6 +530,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("validate", cmd_validate, "Check study files without touching data, model or storage.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
+
+    p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")
+    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.html, summary.md and the PNGs (created if missing)")
+
+    p = add("confirm", cmd_confirm, "Re-run the top-K configurations with S fresh seeds each and report mean ± std.")
+    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name (the search)")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default 3)")
+    p.add_argument("--seeds", type=int, default=5, metavar="S", help="fresh seeds per configuration (default 5)")
+    p.add_argument("--workers", type=int, default=1, metavar="W", help="local worker processes (default 1)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("export", cmd_export, "Write the best configuration (after confirmation when it exists) as JSON or YAML.")
+    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    p.add_argument("--format", choices=["json", "yaml"], help="default: from --out's suffix, else json")
+    p.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
+
+    p = add("train", cmd_train, "Fine-tune with an exported config on the full training data and save the model.")
+    p.add_argument("config", metavar="CONFIG", help="file written by 'llrd-search export' (.json/.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the model, tokenizer and metrics.json")
+    p.add_argument("--epochs", type=int, metavar="N", help="override the config's train.epochs")
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on a stratified sample of N examples (default: all)")
+    p.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
+
+    p = add("dashboard", cmd_dashboard, "Serve optuna-dashboard on the study storage (127.0.0.1 unless --host says otherwise).")
+    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the studies")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no login)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     return parser
 
 
@@ -369,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM (kill, Slurm, Kubernetes) stops a command like Ctrl-C: trials marked, exit 130.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         _positive(args)
         return args.func(args)
@@ -380,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: running trials were marked FAIL; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(text: str) -> str:

@@ -63,7 +63,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
         params = suggest(trial, self.spec.space)
-        seed = self.spec.study.seed + trial.number
+        seed = self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number
         model = fresh_model(self.template, seed)
         groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)
         trial.set_user_attr("lr_groups", group_table(groups))

@@ -73,7 +73,10 @@ def _values(dim: Dimension) -> list[float]:
 class StudySection(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
     n_trials: int = Field(gt=0, description="study-wide budget of finished trials, shared by all workers")
-    seed: int = 0
+    seed: int = 0  # seeds the sampler and the data (subsamples, a carved validation split)
+    # Trial i trains with seed + trial_seed_offset + i. A different offset re-draws head init and
+    # batch order only, on the same data: how `confirm` re-runs configurations with fresh seeds.
+    trial_seed_offset: int = Field(default=0, ge=0)
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["none", "median", "hyperband"] = "hyperband"
     storage: str | None = None  # default: sqlite file <study-file-stem>.db beside the study file
@@ -220,6 +223,9 @@ def _suggest(loc: tuple, model: type[BaseModel]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(current.model_fields)})"
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems: list[str] = []
     for e in err.errors():
@@ -230,6 +236,8 @@ def _format_errors(err: ValidationError) -> list[str]:
             problems.append(f"{path}: unknown key{_suggest(loc, StudySpec)}")
         elif e["type"] == "missing":
             problems.append(f"{path}: required key is missing")
+        elif e["type"] in _BOUNDS and e.get("ctx"):
+            problems.append(f"{path}: must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))} (got {e['input']!r})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             problems.append(f"{path}: {msg}" if path else msg)

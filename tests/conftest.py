@@ -14,6 +14,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the tiny models gain nothing from more, and under load (parallel test
+# subprocesses) spinning OpenMP threads made each trial 10x slower.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets"

@@ -1,0 +1,314 @@
+"""Confirmation: re-run the search's top-K configurations with S fresh seeds each.
+
+A search picks the trial with the best validation accuracy, which is partly the luck of its one
+seed. Confirmation re-runs each of the K best distinct configurations S times in a *linked study*
+named ``<study>.confirm`` in the same storage, so ordinary workers run it (in parallel, on other
+machines, resumable) and the report can read it back.
+
+The linked study copies the search's spec with ``sampler = "random"``, ``pruner = "none"``, no
+paper points, and ``study.trial_seed_offset = SEED_OFFSET``: trial seeds (``seed + offset +
+trial.number``) then differ from every search trial's, while ``study.seed`` -- which draws the data
+subsample and a validation split carved from train -- stays, so confirmation runs see exactly the
+search's data and only head initialisation and batch order are re-rolled.
+
+Every confirmation run is an enqueued trial tagged ``llrd:confirm_of`` (the source trial number) and
+``llrd:confirm_rep``. The budget is kept equal to the finished + queued + running trials, so a
+worker only runs queued ones; a trial that fails is replaced by :func:`top_up` (up to S failures
+per configuration). A trial without the tag (a worker that sampled after a failure) is ignored.
+
+Running ``confirm`` again continues where it stopped. Asking for more (a larger K or S) extends the
+linked study; asking for less never discards runs: the stored K and S are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .exceptions import LLRDSearchError, StorageError, StudyNotFoundError
+from .spec import StudySpec
+from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
+
+SEED_OFFSET = 100_000
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+# Two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df: float) -> float:
+    """Two-sided 95 % t quantile; a fractional df rounds down (the conservative side)."""
+    return T95[max(1, int(df)) - 1] if df < len(T95) + 1 else Z95
+
+
+def welch_threshold(a: dict, b: dict) -> float | None:
+    """Smallest difference of seed means that Welch's t-test calls real at 95 %, for two
+    confirmation rows (``mean``, ``std``, ``n``). None when either has fewer than 2 runs."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
+    return t95(df) * math.sqrt(va + vb)
+SUFFIX = ".confirm"
+META_ATTR = "llrd:confirm"
+SOURCE_ATTR = "llrd:confirm_of"
+REP_ATTR = "llrd:confirm_rep"
+PARAMS = ("base_lr", "head_lr", "decay")
+_ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def confirm_name(study_name: str) -> str:
+    return study_name + SUFFIX
+
+
+@dataclass
+class Plan:
+    """What the linked study holds: which search trials, how many seeds each."""
+
+    source_study: str
+    study_name: str
+    sources: list[int]
+    seeds: int
+    created: bool
+    note: str = ""
+
+
+def _key(params: dict[str, float]) -> tuple[float, ...]:
+    return tuple(float(params[p]) for p in PARAMS)
+
+
+def top_trials(trials: list[FrozenTrial], k: int, keep: list[int] | None = None) -> list[FrozenTrial]:
+    """``keep`` (trial numbers) first, then the best complete trials with params not yet chosen,
+    until there are ``k``; ties go to the earlier trial. Distinct params: a retried or re-enqueued
+    point counts once."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    by_number = {t.number: t for t in complete}
+    chosen = [by_number[n] for n in keep or [] if n in by_number]
+    seen = {_key(t.params) for t in chosen}
+    for t in sorted(complete, key=lambda t: (-t.value, t.number)):
+        if len(chosen) >= k:
+            break
+        if _key(t.params) not in seen:
+            seen.add(_key(t.params))
+            chosen.append(t)
+    return chosen
+
+
+def _confirm_spec(spec: StudySpec, name: str, budget: int) -> StudySpec:
+    copy = spec.model_copy(deep=True)
+    copy.study.name = name
+    copy.study.n_trials = budget
+    copy.study.sampler = "random"
+    copy.study.pruner = "none"
+    copy.study.trial_seed_offset = spec.study.trial_seed_offset + SEED_OFFSET
+    copy.study.enqueue_paper_points = False
+    copy.study.enqueue = []
+    return copy
+
+
+def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
+    """Create (or extend) the linked study and queue every missing run. Runs nothing."""
+    if top < 1 or seeds < 1:
+        raise LLRDSearchError(f"--top and --seeds must be >= 1 (got --top {top} --seeds {seeds})")
+    storage = open_storage(url)
+    try:
+        source = load_study(storage, study_name)
+        if META_ATTR in source.user_attrs:
+            origin = json.loads(source.user_attrs[META_ATTR])["source_study"]
+            raise StorageError(f"--study: '{study_name}' is itself a confirmation study; pass --study {origin}")
+        spec = spec_of(source)
+        name = confirm_name(study_name)
+        if len(name) > 128:
+            raise StorageError(f"--study: '{study_name}' is too long to add '{SUFFIX}' (128 characters at most)")
+        trials = source.get_trials(deepcopy=False)
+        old = _meta(storage, name)
+        keep = old["sources"] if old else []
+        want_k, want_s = max(top, old["top"] if old else 0), max(seeds, old["seeds"] if old else 0)
+        chosen = top_trials(trials, want_k, keep)
+        if not chosen:
+            raise StudyNotFoundError(f"--study: '{study_name}' has no complete trial yet; run the search first")
+        note = ""
+        if old and (top < old["top"] or seeds < old["seeds"]):
+            note = f"'{name}' already holds top {old['top']} x {old['seeds']} seeds; kept those (runs are never discarded)"
+        if len(chosen) < want_k:
+            note = f"only {len(chosen)} distinct complete configuration(s) in '{study_name}'; confirming those"
+        if old:
+            linked, created = load_study(storage, name), False
+        else:
+            linked, created = create_study(_confirm_spec(spec, name, len(chosen) * want_s), storage)
+        meta = {
+            "source_study": study_name,
+            "top": want_k,
+            "seeds": want_s,
+            "sources": [t.number for t in chosen],
+            "params": {str(t.number): t.params for t in chosen},
+            "search_accuracy": {str(t.number): t.value for t in chosen},
+        }
+        linked.set_user_attr(META_ATTR, json.dumps(meta))
+        top_up(storage, linked)
+        return Plan(study_name, name, meta["sources"], want_s, created, note)
+    finally:
+        storage.engine.dispose()
+
+
+def _meta(storage: optuna.storages.BaseStorage, name: str, strict: bool = True) -> dict[str, Any] | None:
+    try:
+        study = load_study(storage, name)
+    except StudyNotFoundError:
+        return None
+    raw = study.user_attrs.get(META_ATTR)
+    if raw is None and not strict:
+        return None  # a study that merely has the name: nothing confirmed
+    if raw is None:
+        raise StorageError(f"--study: a study '{name}' exists but is not a llrd-search confirmation; rename or delete it")
+    return json.loads(raw)
+
+
+def _interrupted(t: FrozenTrial) -> bool:
+    return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
+
+
+def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
+    """Queue the runs each configuration still lacks; set the budget to exactly the queued work.
+
+    Idempotent and safe beside running workers (it holds the workers' budget lock). A configuration
+    stops being topped up after S failures (interruptions excluded): it is unstable, and the summary
+    says so. Returns how many trials were enqueued.
+    """
+    meta = json.loads(linked.user_attrs[META_ATTR])
+    seeds = meta["seeds"]
+    with budget_lock(storage, linked._study_id):
+        trials = linked.get_trials(deepcopy=False)
+        added = 0
+        for src in meta["sources"]:
+            mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
+            active = sum(t.state in _ACTIVE for t in mine)
+            failed = sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine)
+            next_rep = max((int(t.user_attrs.get(REP_ATTR, -1)) for t in mine), default=-1) + 1
+            for i in range(max(0, seeds - active) if failed < seeds else 0):
+                attrs = {SOURCE_ATTR: src, REP_ATTR: next_rep + i, "llrd:enqueued": "confirm"}
+                linked.enqueue_trial(meta["params"][str(src)], user_attrs=attrs)
+                added += 1
+        trials = linked.get_trials(deepcopy=False)
+        budget = sum(t.state in _ACTIVE for t in trials)
+        # 0 is right when every configuration is exhausted: a worker then asks nothing.
+        linked.set_user_attr(BUDGET_ATTR, budget)
+    return added
+
+
+def retry_hook(url: str, study_name: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """``on_trial_end`` for an in-process worker: replace a failed run before the worker asks again,
+    so it never samples an untagged point."""
+
+    def hook(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            storage = open_storage(url)
+            try:
+                top_up(storage, load_study(storage, study_name))
+            finally:
+                storage.engine.dispose()
+
+    return hook
+
+
+def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    """One dict per confirmed configuration, best mean first; None when ``study_name`` has no
+    linked confirmation study.
+
+    Keys: ``source_trial``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per finished
+    run), ``mean``, ``std`` (sample std; 0.0 with one run), ``n``, ``search_accuracy`` (the source
+    trial's value) and ``n_failed``. A configuration whose runs all failed comes last with NaN mean.
+    """
+    own = isinstance(storage, str)
+    store = open_storage(storage) if own else storage
+    try:
+        meta = _meta(store, confirm_name(study_name), strict=False)
+        if meta is None:
+            return None
+        trials = load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
+    finally:
+        if own:
+            store.engine.dispose()
+    rows = []
+    for src in meta["sources"]:
+        mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
+        accs = [float(t.value) for t in sorted(mine, key=lambda t: t.number) if t.state == TrialState.COMPLETE and t.value is not None]
+        n = len(accs)
+        mean = sum(accs) / n if n else math.nan
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else (0.0 if n else math.nan)
+        rows.append(
+            {
+                "source_trial": src,
+                "params": {p: meta["params"][str(src)][p] for p in PARAMS},
+                "accuracies": accs,
+                "mean": mean,
+                "std": std,
+                "n": n,
+                "search_accuracy": meta["search_accuracy"][str(src)],
+                "n_failed": sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+
+
+def verdict(summary: list[dict]) -> dict[str, Any] | None:
+    """The winner after confirmation and whether noise could explain its lead over the runner-up.
+
+    The lead is within noise when Welch's t-test on the seed means does not reject at 95 % (the
+    same test the report uses for its best-xi interval). None when nothing finished.
+    """
+    done = [r for r in summary if r["n"] > 0]
+    if not done:
+        return None
+    winner = done[0]
+    out: dict[str, Any] = {"winner": winner["source_trial"], "mean": winner["mean"], "std": winner["std"], "n": winner["n"]}
+    if len(done) < 2:
+        out.update(runner_up=None, lead=None, noise=None, within_noise=None)
+        return out
+    second = done[1]
+    lead = winner["mean"] - second["mean"]
+    noise = welch_threshold(winner, second)  # None: one run has no spread, noise cannot be judged
+    out.update(runner_up=second["source_trial"], lead=lead, noise=noise, within_noise=None if noise is None else lead < noise)
+    return out
+
+
+def _pending(url: str, name: str) -> int:
+    storage = open_storage(url)
+    try:
+        trials = load_study(storage, name).get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    finally:
+        storage.engine.dispose()
+    return len(trials)
+
+
+def run_confirmation(
+    url: str,
+    study_name: str,
+    top: int,
+    seeds: int,
+    run_workers: Callable[[str], None],
+    *,
+    max_rounds: int = 3,
+) -> tuple[Plan, list[dict]]:
+    """Prepare the linked study, then let ``run_workers(linked_name)`` run it until every
+    configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``)."""
+    plan = prepare(url, study_name, top, seeds)
+    for _ in range(max_rounds):
+        if not _pending(url, plan.study_name):
+            break  # all done: do not load a model for nothing
+        run_workers(plan.study_name)
+        storage = open_storage(url)
+        try:
+            if top_up(storage, load_study(storage, plan.study_name)) == 0:
+                break
+        finally:
+            storage.engine.dispose()
+    return plan, confirmation_summary(url, study_name) or []

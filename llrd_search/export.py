@@ -1,0 +1,252 @@
+"""Export the best configuration as a file to keep in git, and load it back for your own training.
+
+The file holds everything needed to reproduce the optimizer: model, data and training settings, the
+three LLRD numbers, and the per-group LR table computed on the real model. :func:`load_config` reads
+it back; ``LLRDConfig.param_groups(model)`` calls the very function the search used and checks the
+result against the file's table, so a different model fails loudly instead of training silently
+with the wrong learning rates::
+
+    optimizer = torch.optim.AdamW(load_config("best.json").param_groups(model))
+
+The storage URL appears only masked (``mask_url``): a password never reaches the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .exceptions import DataError, LLRDSearchError, ModelError, SpecError
+from .storage import load_study, mask_url, open_storage, spec_of
+
+FORMAT_VERSION = 1
+PARAMS = ("base_lr", "head_lr", "decay")
+CONVENTION = (
+    "Layer-wise LR decay (Sun et al. 2019). With L encoder layers numbered 0 (bottom) to L-1 (top), "
+    "layer i trains at base_lr * decay ** (L - 1 - i), so base_lr is the top layer's LR; the embeddings "
+    "train at base_lr * decay ** L; everything above the encoder (pooler, classifier) trains at head_lr. "
+    "decay = 1.0 is plain fine-tuning. Matrices use train.weight_decay, biases and norm weights 0. "
+    "The LR of every group follows the same warmup-then-linear-decay schedule (a multiplier)."
+)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("llrd-search", "torch", "transformers", "optuna"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def choose(study: optuna.Study, summary: list[dict] | None) -> tuple[optuna.trial.FrozenTrial, dict | None]:
+    """The trial to export: the confirmation winner when confirmed runs exist, else the search's best."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    confirmed = [r for r in summary or [] if r["n"] > 0]
+    if confirmed:
+        return trials[confirmed[0]["source_trial"]], confirmed[0]
+    complete = [t for t in trials.values() if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        raise LLRDSearchError(f"--study: '{study.study_name}' has no complete trial to export yet; run the search first")
+    return max(complete, key=lambda t: (t.value, -t.number)), None
+
+
+def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[int, str], int]:
+    """The LR group table, id2label and L, computed on the study's real (pretrained) model."""
+    from .data import label_mapping, load_raw_splits
+    from .param_groups import build_param_groups, count_layers, group_table
+    from .train import load_template
+
+    raw, _ = load_raw_splits(spec.data)
+    train = raw[spec.data.train_split]
+    if spec.data.label not in train.column_names:
+        raise DataError(f"data.label: column '{spec.data.label}' not in the {spec.data.train_split} split")
+    id2label = label_mapping(train[spec.data.label])
+    template = load_template(spec.model, id2label)
+    groups = build_param_groups(template.model, weight_decay=spec.train.weight_decay, **{p: params[p] for p in PARAMS})
+    return group_table(groups), id2label, count_layers(template.model)
+
+
+def build_config(study: optuna.Study, url: str, summary: list[dict] | None = None) -> dict[str, Any]:
+    """The exported document as a plain dict (``url`` is only used masked)."""
+    spec = spec_of(study)
+    trial, confirmed = choose(study, summary)
+    params = {p: float(trial.params[p]) for p in PARAMS}
+    table, id2label, n_layers = real_groups(spec, params)
+    stored = trial.user_attrs.get("lr_groups")
+    if stored and [(r["name"], r["n_params"]) for r in stored] != [(r["name"], r["n_params"]) for r in table]:
+        raise ModelError(
+            f"model.name: '{spec.model.name}' now maps to LR groups {[r['name'] for r in table]}, but trial {trial.number} "
+            f"trained with {[r['name'] for r in stored]}; the model changed since the search"
+        )
+    return {
+        "llrd_search_config": FORMAT_VERSION,
+        "study": study.study_name,
+        "trial": trial.number,
+        "storage": mask_url(url),
+        "selected_by": f"confirmation (best mean over {confirmed['n']} seeds)" if confirmed else "search (best single run)",
+        "validation_accuracy": trial.value,
+        "confirmed": None
+        if confirmed is None
+        else {k: confirmed[k] for k in ("mean", "std", "n", "accuracies")},
+        "base_lr": params["base_lr"],
+        "head_lr": params["head_lr"],
+        "decay": params["decay"],
+        "convention": CONVENTION,
+        "n_layers": n_layers,
+        "groups": table,
+        "seed": spec.study.seed,
+        "model": spec.model.model_dump(mode="json"),
+        "data": spec.data.model_dump(mode="json"),
+        "train": spec.train.model_dump(mode="json"),
+        "id2label": {str(k): v for k, v in id2label.items()},
+        "versions": _versions(),
+    }
+
+
+def export_config(url: str, study_name: str) -> dict[str, Any]:
+    """Build the export document for ``study_name`` (after confirmation when it exists)."""
+    from .confirm import confirmation_summary
+
+    storage = open_storage(url)
+    try:
+        study = load_study(storage, study_name)
+        return build_config(study, url, confirmation_summary(storage, study_name))
+    finally:
+        storage.engine.dispose()
+
+
+def render(config: dict[str, Any], fmt: str = "json") -> str:
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100)
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class LLRDConfig:
+    """An exported configuration. ``param_groups(model)`` gives the optimizer groups it lists."""
+
+    base_lr: float
+    head_lr: float
+    decay: float
+    groups: list[dict]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    train: dict[str, Any]
+    id2label: dict[int, str] = field(default_factory=dict)
+    seed: int = 0
+    study: str | None = None
+    trial: int | None = None
+    validation_accuracy: float | None = None
+    confirmed: dict[str, Any] | None = None
+    convention: str = CONVENTION
+    versions: dict[str, str] = field(default_factory=dict)
+    source: str = "<config>"
+
+    @property
+    def weight_decay(self) -> float:
+        return float(self.train.get("weight_decay", 0.0))
+
+    def param_groups(self, model: Any, weight_decay: float | None = None, *, check: bool = True) -> list[dict]:
+        """Torch optimizer groups for ``model``, from the same ``build_param_groups`` the search used.
+
+        ``weight_decay`` defaults to the file's ``train.weight_decay``. With ``check`` (default), raise
+        :class:`ModelError` unless the model's groups match the file's table (names, LRs, sizes).
+        """
+        from .param_groups import build_param_groups, group_table
+
+        groups = build_param_groups(
+            model,
+            base_lr=self.base_lr,
+            decay=self.decay,
+            head_lr=self.head_lr,
+            weight_decay=self.weight_decay if weight_decay is None else weight_decay,
+        )
+        if check:
+            self.check(group_table(groups))
+        return groups
+
+    def check(self, table: list[dict]) -> None:
+        """Raise :class:`ModelError` naming the first difference between ``table`` and the file's."""
+        names = [r["name"] for r in table]
+        expected = [r["name"] for r in self.groups]
+        hint = f"{self.source} was exported for {self.model.get('name')}; pass that model or check=False"
+        if names != expected:
+            raise ModelError(f"LR groups of this model are {names}, the file lists {expected}: {hint}")
+        for got, want in zip(table, self.groups, strict=True):
+            if not math.isclose(got["lr"], float(want["lr"]), rel_tol=1e-9):
+                raise ModelError(f"group '{got['name']}': lr {got['lr']:.6g} here, {float(want['lr']):.6g} in the file: {hint}")
+            if got["n_params"] != int(want["n_params"]):
+                raise ModelError(f"group '{got['name']}': {got['n_params']} parameters here, {want['n_params']} in the file: {hint}")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError(str(path), ["file not found (export one with: llrd-search export --storage URL --study NAME --out best.json)"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        else:
+            doc = json.loads(text)
+    except Exception as err:
+        raise SpecError(str(path), [f"not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}"]) from None
+    if not isinstance(doc, dict):
+        raise SpecError(str(path), ["expected a mapping of keys (an llrd-search export)"])
+    return doc
+
+
+def load_config(path: str | Path) -> LLRDConfig:
+    """Read an exported config (.json, .yaml or .yml) and check its LLRD numbers and group table."""
+    path = Path(path)
+    doc = _read(path)
+    problems = [f"{k}: required key is missing" for k in ("base_lr", "head_lr", "decay", "groups", "model", "train", "data") if k not in doc]
+    for key in ("base_lr", "head_lr"):
+        if key in doc and not (isinstance(doc[key], (int, float)) and doc[key] > 0):
+            problems.append(f"{key}: must be a number > 0 (got {doc[key]!r})")
+    if "decay" in doc and not (isinstance(doc["decay"], (int, float)) and 0 < doc["decay"] <= 1):
+        problems.append(f"decay: must lie in (0, 1] (got {doc['decay']!r})")
+    groups = doc.get("groups")
+    if "groups" in doc and not (isinstance(groups, list) and all(isinstance(g, dict) and {"name", "lr", "n_params"} <= set(g) for g in groups)):
+        problems.append("groups: must be a list of {name, lr, n_params}")
+    if "model" in doc and not (isinstance(doc["model"], dict) and doc["model"].get("name")):
+        problems.append("model.name: required key is missing")
+    if problems:
+        raise SpecError(str(path), problems)
+    return LLRDConfig(
+        base_lr=float(doc["base_lr"]),
+        head_lr=float(doc["head_lr"]),
+        decay=float(doc["decay"]),
+        groups=groups,
+        model=dict(doc["model"]),
+        data=dict(doc["data"]),
+        train=dict(doc["train"]),
+        id2label={int(k): str(v) for k, v in (doc.get("id2label") or {}).items()},
+        seed=int(doc.get("seed", 0)),
+        study=doc.get("study"),
+        trial=doc.get("trial"),
+        validation_accuracy=doc.get("validation_accuracy"),
+        confirmed=doc.get("confirmed"),
+        convention=doc.get("convention", CONVENTION),
+        versions=dict(doc.get("versions") or {}),
+        source=str(path),
+    )
