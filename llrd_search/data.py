@@ -129,7 +129,8 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
                 raise DataError(f"data.path: cannot read {f}: {err}") from None
         return splits, digest.hexdigest()
     if folder.exists() or data.path.startswith((".", "/", "~")):
-        raise DataError(f"data.path: {data.path} is not a folder (point it at a folder of split files like train.csv)")
+        missing = "" if folder.exists() else ": it does not exist"
+        raise DataError(f"data.path: {data.path} is not a folder{missing} (point it at a folder of split files like train.csv)")
     # A hub dataset id: the real code path for online users; offline it fails with the hub's message.
     try:
         dd = datasets.load_dataset(data.path)
@@ -224,7 +225,7 @@ def _load(path: Path, fingerprint: str) -> TaskData:
                     ids=z[f"{split}.ids"],
                     offsets=z[f"{split}.offsets"],
                     labels=z[f"{split}.labels"],
-                    type_ids=z[f"{split}.type_ids"] if f"{split}.type_ids" in z else None,
+                    type_ids=z.get(f"{split}.type_ids"),
                 )
     return TaskData(
         train=splits["train"],

@@ -7,22 +7,22 @@ wins the creation, never per worker. Passwords never leave this module unmasked.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
+import time
 import warnings
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
+from .resilience import RETRY_SECONDS, RETRY_STATS, ResilientRDBStorage, is_transient, retry_stale_trial
+from .resilience import budget_lock as budget_lock  # re-exported: workers import it from here
+from .resilience import fail_stale as fail_stale
 from .spec import PAPER_POINTS, StudySpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,17 @@ def mask_url(url: str) -> str:
         return "<invalid storage URL>"
 
 
+def shareable_url(url: str) -> tuple[str, bool]:
+    """(URL without its password, whether it had one): a command others can paste, with the
+    password supplied by libpq's PGPASSWORD or ~/.pgpass instead of the command line."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return "<invalid storage URL>", False
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, parsed.query)
+    return bare.render_as_string(hide_password=False), parsed.password is not None
+
+
 def _where(url: str) -> str:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
@@ -56,20 +67,31 @@ def engine_kwargs(url: str) -> dict[str, Any]:
         # Local parallel workers queue on the file lock instead of raising "database is locked".
         return {"connect_args": {"timeout": 60}}
     if backend == "postgresql":
-        # pre_ping + recycle survive a database restart or a dropped connection; a small bounded
-        # pool keeps 50 workers well under PostgreSQL's default max_connections (100).
+        # pre_ping + recycle survive a database restart or a dropped connection. A worker needs at
+        # most 2 connections at once (budget lock + ask, or training thread + heartbeat) and keeps
+        # 1 open between trials: a 50-worker fleet stays near 50-100 of PostgreSQL's 100 default.
+        # TCP keepalives notice a silently dropped link (NAT, failover) instead of hanging.
         return {
             "pool_pre_ping": True,
             "pool_recycle": 300,
             "pool_size": 1,
             "max_overflow": 2,
-            "connect_args": {"connect_timeout": 10},
+            "pool_timeout": 30,
+            "connect_args": {
+                "connect_timeout": 10,
+                "application_name": "llrd-search",
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+            },
         }
     return {"pool_pre_ping": True}
 
 
-def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDBStorage:
-    """An ``RDBStorage`` with heartbeats (from ``spec``) and retry of dead workers' trials."""
+def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False) -> optuna.storages.RDBStorage:
+    """An ``RDBStorage`` with heartbeats (from ``spec``), retry of dead workers' trials, and calls
+    that retry through a database restart. Opening fails fast: a wrong URL is not an outage."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -83,28 +105,57 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
         heartbeat = {
             "heartbeat_interval": spec.study.heartbeat_interval,
             "grace_period": spec.study.grace_period,
+            "heartbeat_stale_trial_callback": retry_stale_trial(spec.study.max_retries),
         }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if heartbeat:
-                heartbeat["heartbeat_stale_trial_callback"] = _retry_callback(spec.study.max_retries)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+        storage = _new_storage(url, heartbeat, patient)
         if parsed.get_backend_name() == "sqlite":
             # WAL lets readers (status, dashboard, progress) run beside a writing worker.
             with storage.engine.connect() as conn:
                 conn.execute(text("PRAGMA journal_mode=WAL"))
     except ImportError as err:
         raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} (for PostgreSQL: pip install 'psycopg[binary]')") from None
-    except SQLAlchemyError as err:
-        raise StorageError(f"--storage: cannot open {_where(url)}: {_reason(err, url)}") from None
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+        err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
+        raise StorageError(f"--storage: cannot open {_where(url)}: {_reason(err, url)}{_hint(err, url)}") from None
     return storage
 
 
-def _retry_callback(max_retry: int) -> Any:
-    """Re-queue a dead worker's trial with the same params (Optuna renamed the class in 4.9)."""
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=max_retry)
+def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool) -> ResilientRDBStorage:
+    """Open, riding out what is not the user's fault: a full server ("too many clients", a server
+    starting up), processes racing to create the tables of a fresh database (the losers hit a
+    duplicate key), and, when ``patient``, any outage (a worker re-opening a storage it just used)."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    delay = 0.2
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return ResilientRDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
+            text_ = str(getattr(err, "__cause__", None) or "") + str(err)
+            busy = any(m in text_ for m in ("too many clients", "remaining connection slots", "starting up"))
+            race = any(m in text_ for m in ("UNIQUE constraint", "duplicate key", "already exists"))
+            if not (busy or race or (patient and is_transient(err))) or time.monotonic() + delay > deadline:
+                raise
+            RETRY_STATS["retries"] += 1
+            log.warning("cannot open the storage yet (%s); retrying in %.1fs", "server busy" if busy else "schema being created" if race else "unreachable", delay)
+        time.sleep(delay)
+        delay = min(5.0, delay * 2)
+
+
+def _hint(err: Exception, url: str) -> str:
+    msg = str(getattr(err, "orig", None) or err)
+    u = make_url(url)
+    if "password authentication failed" in msg or "no password supplied" in msg:
+        return " (check the user and password in --storage, or PGPASSWORD / ~/.pgpass)"
+    if f'database "{u.database}" does not exist' in msg:
+        return f" (create it first: createdb -h {u.host or 'localhost'} {u.database})"
+    if f'role "{u.username}" does not exist' in msg:
+        return " (check the user name in --storage)"
+    if "refused" in msg or "timeout expired" in msg or "could not translate host name" in msg:
+        return f" (is PostgreSQL running and reachable at {u.host or 'localhost'}:{u.port or 5432}?)"
+    return ""
 
 
 def _reason(err: Exception, url: str) -> str:
@@ -118,13 +169,6 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
     engine = getattr(storage, "engine", None)
     if engine is not None:
         engine.dispose()
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped heart-beating (its retry callback re-queues them)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
 
 
 def spec_of(study: optuna.Study) -> StudySpec:
@@ -163,7 +207,6 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     budget = n_trials or spec.study.n_trials
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(spec), pruner=make_pruner(spec))
-        created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = load_study(storage, name)
         stored = json.loads(study.user_attrs.get(SPEC_ATTR, "null"))
@@ -186,10 +229,17 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     study.set_user_attr(SPEC_ATTR, spec.model_dump_json())
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(BUDGET_ATTR, budget)
-    for point in PAPER_POINTS[:budget]:
-        if spec.space.contains(point):
-            study.enqueue_trial(point, user_attrs={"llrd:enqueued": "paper" if point["decay"] < 1 else "no-decay control"})
+    for point in spec.initial_points()[:budget]:
+        study.enqueue_trial(point, user_attrs={"llrd:enqueued": _origin(point)})
     return study, True
+
+
+def _origin(point: dict[str, float]) -> str:
+    if point == PAPER_POINTS[0]:
+        return "paper (Sun et al. 2019)"
+    if point == PAPER_POINTS[1]:
+        return "no-decay control"
+    return "study.enqueue"
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -216,33 +266,3 @@ def load_study(storage: optuna.storages.BaseStorage, name: str, spec: StudySpec 
     if spec is not None:
         kwargs = {"sampler": make_sampler(spec, worker_index), "pruner": make_pruner(spec)}
     return optuna.load_study(study_name=name, storage=storage, **kwargs)
-
-
-@contextlib.contextmanager
-def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
-    """Serialise "is there budget left? then ask" across every worker of the study.
-
-    Without it two workers that both see n_trials - 1 finished trials would both start one.
-    PostgreSQL: an advisory lock (works across machines). SQLite: a lock file beside the database
-    (local workers only, which is all SQLite supports well anyway).
-    """
-    url = make_url(storage.url)
-    backend = url.get_backend_name()
-    if backend == "postgresql":
-        key = zlib.crc32(f"llrd-search:{study_id}".encode())
-        with storage.engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-    elif backend == "sqlite" and url.database and url.database != ":memory:":
-        with open(f"{url.database}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    else:
-        yield

@@ -1,36 +1,44 @@
 """Workers: run trials until the study-wide budget is spent, never losing or duplicating one.
 
-The loop is Optuna's ask/tell with three additions Optuna's ``optimize`` does not give a fleet:
+The loop is Optuna's ask/tell with what Optuna's ``optimize`` does not give a fleet:
 
 - an exact budget: "is a slot free? then ask" runs under :func:`storage.budget_lock`, so N workers
   finish exactly ``n_trials`` COMPLETE + PRUNED trials;
 - no orphans: when the budget is taken but trials are still RUNNING elsewhere, a worker waits and
   reaps stale ones (heartbeat grace expired → FAIL → retried with the same params) rather than exit;
+- clean interrupts: Ctrl-C / SIGTERM stop training at once, but never between "ask" and the first
+  heartbeat or in the middle of a tell, so an interrupted worker leaves no RUNNING trial behind;
+- storage outages are ridden out (:mod:`resilience`), and a trial reaped during one is not told twice;
 - a broken setup stops the worker after ``max_consecutive_failures`` identical errors instead of
   failing the whole budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from .exceptions import RepeatedFailureError
+from .resilience import count_states, rdb_of
 from .spec import StudySpec
-from .storage import budget_lock, fail_stale, load_study, open_storage, spec_of
+from .storage import BUDGET_ATTR, budget_lock, fail_stale, load_study, open_storage, spec_of
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); a later run fills this slot"
 
 
 @dataclass
@@ -47,9 +55,7 @@ class Budget:
 
 
 def budget_of(study: optuna.Study, total: int) -> Budget:
-    counts = {s: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state] += 1
+    counts = count_states(rdb_of(study), study._study_id)
     return Budget(
         finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED],
         running=counts[TrialState.RUNNING],
@@ -65,23 +71,71 @@ class _Heartbeat:
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: int):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
-        storage.record_heartbeat(trial_id)
+        storage.record_heartbeat(trial_id)  # before ask's caller can be interrupted: the trial is never beat-less
         self._thread.start()
 
     def _beat(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: int) -> None:
-        while not self._stop.wait(interval):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as err:  # a storage hiccup must not kill the training thread
-                log.warning("heartbeat failed (will retry): %s", err)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    # Unretried: this loop is the retry, and a stuck beat must not outlive the trial.
+                    optuna.storages.RDBStorage.record_heartbeat(storage, trial_id)
+                except Exception as err:  # a storage hiccup must not kill the training thread
+                    log.warning("heartbeat failed (will retry): %s", type(err).__name__)
+        finally:
+            storage.remove_session()  # give this thread's connection back to the pool
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+class _Signals:
+    """SIGINT/SIGTERM raise KeyboardInterrupt, except inside :meth:`deferred` sections (bookkeeping
+    that must not be cut in half), where the signal is held and raised when the section ends."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self._depth:
+            self._pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def deferred(self, *, raise_pending: bool = True) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if raise_pending:
+            self.check()
+
+    def check(self) -> None:
+        """Raise the signal held by a deferred section, if any."""
+        if self._depth == 0 and self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def error_signature(err: BaseException) -> str:
+    """Type and message with numbers masked: "loss became nan at step 13" and "... step 40" are
+    the same broken setup."""
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", f"{type(err).__name__}: {err}")
 
 
 def run_worker(
@@ -91,77 +145,118 @@ def run_worker(
     worker_index: int = 0,
     objective_factory: Callable[[StudySpec], Callable[[optuna.Trial], float]] | None = None,
     on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-    poll_seconds: float = 5.0,
+    poll_seconds: float | None = None,
 ) -> int:
     """Join ``study_name`` and run trials until the budget is spent. Returns trials this worker ran.
 
-    SIGTERM is treated like Ctrl-C: the current trial is marked FAIL with reason "interrupted"
-    (a later run fills its slot), and KeyboardInterrupt propagates to the caller.
+    Ctrl-C and SIGTERM (when called from the main thread) end the current trial as FAIL with reason
+    "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
     """
     bootstrap = open_storage(storage_url)
-    spec = spec_of(load_study(bootstrap, study_name))
-    bootstrap.engine.dispose()
-    storage = open_storage(storage_url, spec)
-    study = load_study(storage, study_name, spec, worker_index)
-    study_id = study._study_id
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-
-    objective = None
+    try:
+        spec = spec_of(load_study(bootstrap, study_name))
+    finally:
+        bootstrap.engine.dispose()
+    storage = open_storage(storage_url, spec, patient=True)  # it opened a moment ago: a failure now is an outage
+    poll = poll_seconds if poll_seconds is not None else min(5.0, float(spec.study.heartbeat_interval))
     ran = 0
     last_error: str | None = None
     repeats = 0
+    last_reap = -float("inf")
     try:
-        while True:
-            with budget_lock(storage, study_id):
-                fail_stale(study)
-                budget = budget_of(study, int(study.user_attrs.get("llrd:n_trials", spec.study.n_trials)))
-                trial = study.ask() if budget.waiting or budget.open_slots > 0 else None
-                if trial is not None:
-                    heartbeat = _Heartbeat(storage, trial._trial_id, spec.study.heartbeat_interval)
-            if trial is None:
-                if budget.running == 0:
-                    return ran
-                time.sleep(poll_seconds)  # others are still running: wait to reap or retry their trials
-                continue
-            if objective is None:
-                objective = (objective_factory or _default_objective)(spec)
-            ran += 1
-            t0 = time.perf_counter()
-            trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-            try:
-                value = objective(trial)
-            except optuna.TrialPruned:
-                trial.set_user_attr("wall_seconds", round(time.perf_counter() - t0, 3))
-                study.tell(trial, state=TrialState.PRUNED)
-                last_error, repeats = None, 0
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM); a later run fills this slot")
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            except Exception as err:
-                reason = f"{type(err).__name__}: {err}".strip()
-                trial.set_user_attr("fail_reason", reason[:2000])
-                trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
-                trial.set_user_attr("wall_seconds", round(time.perf_counter() - t0, 3))
-                study.tell(trial, state=TrialState.FAIL)
-                log.warning("trial %d failed: %s", trial.number, reason)
-                repeats = repeats + 1 if reason == last_error else 1
-                last_error = reason
-                if repeats >= spec.study.max_consecutive_failures:
-                    raise RepeatedFailureError(
-                        f"{repeats} trials in a row failed with the same error, stopping this worker: {reason}"
-                    ) from err
-            else:
-                trial.set_user_attr("wall_seconds", round(time.perf_counter() - t0, 3))
-                study.tell(trial, value)
-                last_error, repeats = None, 0
-            finally:
-                heartbeat.stop()
-            if on_trial_end is not None:
-                on_trial_end(study, storage.get_trial(trial._trial_id))
+        study = load_study(storage, study_name, spec, worker_index)
+        # Data, tokenizer and model load once, before any trial: a setup error is one clear error,
+        # not a string of failed trials.
+        objective = (objective_factory or _default_objective)(spec)
+        with _Signals() as signals:
+            while True:
+                # Waiting for the lock can be interrupted; once it is held, a signal is held until the
+                # trial is inside the try below, whose KeyboardInterrupt branch marks it FAIL.
+                with contextlib.ExitStack() as held:
+                    with budget_lock(storage, study._study_id):
+                        held.enter_context(signals.deferred(raise_pending=False))
+                        # Staleness takes grace_period seconds to arise: reaping once per heartbeat
+                        # interval is as good as on every ask, and keeps the locked section short.
+                        if time.monotonic() - last_reap >= spec.study.heartbeat_interval:
+                            fail_stale(study)
+                            last_reap = time.monotonic()
+                        budget = budget_of(study, int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials)))
+                        trial = study.ask() if budget.waiting or budget.open_slots > 0 else None
+                    # A trial with no heartbeat yet is never reaped early (fail_stale), so the first
+                    # beat can be written after the lock is released.
+                    heartbeat = _Heartbeat(storage, trial._trial_id, spec.study.heartbeat_interval) if trial else None
+                if trial is None or heartbeat is None:  # (heartbeat is None exactly when trial is)
+                    signals.check()
+                    if budget.running == 0:
+                        return ran
+                    log.info("budget taken; waiting for %d running trial(s) to finish or go stale", budget.running)
+                    time.sleep(poll)
+                    continue
+                ran += 1
+                t0 = time.perf_counter()
+                try:
+                    signals.check()
+                    with signals.deferred():
+                        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+                    value = objective(trial)
+                except optuna.TrialPruned:
+                    with signals.deferred():
+                        _finish(study, trial, TrialState.PRUNED, wall_seconds=round(time.perf_counter() - t0, 3))
+                    last_error, repeats = None, 0
+                except KeyboardInterrupt:
+                    with signals.deferred():
+                        _finish(study, trial, TrialState.FAIL, fail_reason=INTERRUPTED)
+                    raise
+                except Exception as err:
+                    reason = f"{type(err).__name__}: {err}".strip()
+                    with signals.deferred():
+                        told = _finish(
+                            study,
+                            trial,
+                            TrialState.FAIL,
+                            fail_reason=reason[:2000],
+                            traceback=traceback.format_exc()[-4000:],
+                            wall_seconds=round(time.perf_counter() - t0, 3),
+                        )
+                    log.warning("trial %d failed: %s", trial.number, reason)
+                    if told:  # a trial reaped under us says nothing about the setup
+                        signature = error_signature(err)
+                        repeats = repeats + 1 if signature == last_error else 1
+                        last_error = signature
+                    if repeats >= spec.study.max_consecutive_failures:
+                        raise RepeatedFailureError(
+                            f"{repeats} trials in a row failed with the same error, stopping this worker "
+                            f"(fix the setup, then run again): {reason}"
+                        ) from err
+                else:
+                    with signals.deferred():
+                        _finish(study, trial, TrialState.COMPLETE, value, wall_seconds=round(time.perf_counter() - t0, 3))
+                    last_error, repeats = None, 0
+                finally:
+                    heartbeat.stop()
+                if on_trial_end is not None:
+                    on_trial_end(study, storage.get_trial(trial._trial_id))
     finally:
+        storage.remove_session()
         storage.engine.dispose()
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None, **attrs: Any) -> bool:
+    """Record ``attrs`` and tell the outcome. False when the trial was already finished: a reaper
+    marked it stale while this worker ran (a long storage outage), and its retry runs instead."""
+    try:
+        for key, val in attrs.items():
+            trial.set_user_attr(key, val)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    if (rdb_of(study) or study._storage).get_trial(trial._trial_id).state.is_finished():
+        log.warning("trial %d was marked stale while it ran (storage unreachable too long?); its retry will run", trial.number)
+        return False
+    if state == TrialState.COMPLETE:
+        study.tell(trial, value, skip_if_finished=True)
+    else:
+        study.tell(trial, state=state, skip_if_finished=True)
+    return True
 
 
 def _default_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:

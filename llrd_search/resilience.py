@@ -1,0 +1,262 @@
+"""Riding out faults: storage outages, dead workers, and the study-wide budget lock.
+
+- :class:`ResilientRDBStorage` retries a storage call through a database restart, a dropped
+  connection or "too many clients" instead of killing the worker (``storage.open_storage`` still
+  fails fast on a wrong URL, host or password: those are not outages);
+- :func:`fail_stale` turns a dead worker's trial into FAIL and :func:`retry_stale_trial` re-queues
+  it with the same parameters;
+- :func:`budget_lock` serialises "is a slot free? then ask" across every worker of a study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+# How long a worker rides out an unreachable storage before giving up: a PostgreSQL restart takes
+# seconds, a managed failover about a minute.
+RETRY_SECONDS = 120.0
+RETRY_STATS = {"retries": 0}  # process-wide count, read by bench/storage_load.py
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """A lost connection, a restarting server, "too many clients", a locked SQLite file, a pool timeout."""
+    while err is not None:
+        if isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+            return True
+        if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+            return True
+        err = err.__cause__
+    return False
+
+
+def _root_name(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return type(err).__name__  # the name only: driver messages can quote connection details
+
+
+_nesting = threading.local()
+
+
+def retrying(call: Callable[..., Any], seconds: Callable[[], float]) -> Callable[..., Any]:
+    """Retry ``call`` on transient storage errors with jittered backoff for up to ``seconds()``.
+    Only the outermost storage call retries, so nested calls do not multiply the wait."""
+
+    @functools.wraps(call)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_nesting, "depth", 0):
+            return call(*args, **kwargs)
+        deadline = time.monotonic() + seconds()
+        delay = 0.2
+        _nesting.depth = 1
+        try:
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except Exception as err:
+                    if not is_transient(err) or time.monotonic() + delay > deadline:
+                        raise
+                    RETRY_STATS["retries"] += 1
+                    log.warning("storage unavailable (%s); retrying in %.1fs", _root_name(err), delay)
+                time.sleep(delay)
+                delay = min(5.0, delay * 2) * random.uniform(0.8, 1.2)
+        finally:
+            _nesting.depth = 0
+
+    return wrapper
+
+
+_NOT_RETRIED = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
+# Private methods Optuna's cache layer (which every Study wraps around the storage) calls directly.
+_PRIVATE_RETRIED = {"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials", "_get_stale_trial_ids"}
+
+
+def _with_retries(cls: type) -> type:
+    """Wrap every public storage method (and the stale-trial query) of ``cls`` in :func:`retrying`."""
+    names = {n for base in (optuna.storages.RDBStorage, optuna.storages.BaseStorage) for n in vars(base)}
+    for name in sorted(names):
+        func = getattr(cls, name)
+        if not callable(func) or name.startswith("__") or name in _NOT_RETRIED or (name.startswith("_") and name not in _PRIVATE_RETRIED):
+            continue
+
+        def bind(f: Callable[..., Any]) -> Callable[..., Any]:
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return retrying(functools.partial(f, self), lambda: self.retry_seconds)(*args, **kwargs)
+
+            return functools.wraps(f)(call)
+
+        setattr(cls, name, bind(func))
+    return cls
+
+
+@_with_retries
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose calls ride out a restart or a dropped connection instead of killing the worker.
+
+    A retried write whose first attempt did commit (connection lost after COMMIT) is possible but
+    harmless here: a duplicated RUNNING trial is reaped as heartbeat-less (:func:`fail_stale`), and
+    telling an already finished trial is skipped by the worker.
+    """
+
+    retry_seconds = RETRY_SECONDS
+
+
+def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Re-queue a dead worker's trial as WAITING with the same params, at most ``max_retries`` times.
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` / ``retry_history``
+    system attrs, so its static helpers work), but the copy does not inherit the dead run's
+    outcome attrs (fail_reason, worker, partial evals): only what was set before it started.
+    """
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) > max_retries:
+            return
+        system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
+        user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith("llrd:")}
+        user_attrs["llrd:retry_of"] = trial.number
+        study.add_trial(
+            optuna.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs=user_attrs,
+                system_attrs=system_attrs,
+            )
+        )
+
+    return callback
+
+
+def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The study's RDBStorage (Optuna wraps it in a cache layer), or None for other storages."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail trials whose worker stopped heart-beating and re-queue them; returns their numbers.
+
+    Also reaps a RUNNING trial that never recorded a heartbeat (its worker died between ask and the
+    first beat, or a retried create committed twice) once it is far older than the grace period.
+    Call under :func:`budget_lock` so two workers do not re-queue the same trial.
+    """
+    storage = rdb_of(study)
+    if storage is None or storage.heartbeat_interval is None:
+        return []
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    horizon = datetime.now() - timedelta(seconds=max(300, 5 * (storage.grace_period or 0)))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beating = _trials_with_heartbeat(storage, [t._trial_id for t in running])
+    for t in running:
+        if t._trial_id not in beating and t.datetime_start is not None and t.datetime_start < horizon:
+            stale.add(t._trial_id)
+    reaped = []
+    for t in running:
+        if t._trial_id not in stale:
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker lost: no heartbeat within the grace period (killed, preempted or out of memory?)")
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                reaped.append(t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it finished (or another worker reaped it) meanwhile
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in reaped:
+        frozen = storage.get_trial(trial_id)
+        log.warning("trial %d: worker lost, marked FAIL%s", frozen.number, " and re-queued" if callback else "")
+        if callback is not None:
+            callback(study, frozen)
+    return [storage.get_trial(i).number for i in reaped]
+
+
+def _trials_with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
+    if not trial_ids:
+        return set()
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    def query() -> set[int]:
+        with storage.engine.connect() as conn:
+            rows = conn.execute(TrialHeartbeatModel.__table__.select().where(TrialHeartbeatModel.trial_id.in_(trial_ids)))
+            return {r.trial_id for r in rows}
+
+    return retrying(query, lambda: getattr(storage, "retry_seconds", 0.0))()
+
+
+def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
+    """Trials per state in one small query: it runs under the budget lock on every ask, where
+    loading every trial (``study.get_trials``) would grow with the study and stall the fleet."""
+    from optuna.storages._rdb.models import TrialModel
+
+    def query() -> dict[TrialState, int]:
+        table = TrialModel.__table__
+        stmt = select(table.c.state, func.count()).where(table.c.study_id == study_id).group_by(table.c.state)
+        with storage.engine.connect() as conn:
+            counts = {TrialState[str(getattr(state, "name", state))]: n for state, n in conn.execute(stmt)}
+        return {s: counts.get(s, 0) for s in TrialState}
+
+    return retrying(query, lambda: getattr(storage, "retry_seconds", 0.0))()
+
+
+@contextlib.contextmanager
+def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
+    """Serialise "is there budget left? then ask" across every worker of the study.
+
+    Without it two workers that both see n_trials - 1 finished trials would both start one.
+    PostgreSQL: a transaction-scoped advisory lock (works across machines and behind PgBouncer in
+    transaction mode; ends with its transaction, so an interrupted or dropped worker cannot leave
+    it held). SQLite: a lock file beside the database (local workers only, all SQLite does well).
+    """
+    url = make_url(storage.url)
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        key = zlib.crc32(f"llrd-search:{study_id}".encode())
+        conn = retrying(lambda: _locked_connection(storage.engine, key), lambda: getattr(storage, "retry_seconds", 0.0))()
+        try:
+            yield
+        finally:
+            try:
+                conn.rollback()  # ends the transaction, which releases the lock
+            except SQLAlchemyError as err:  # the connection died: the server dropped the lock with it
+                log.warning("releasing the budget lock: %s", type(err).__name__)
+            finally:
+                conn.close()
+    elif backend == "sqlite" and url.database and url.database != ":memory:":
+        with open(f"{url.database}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+def _locked_connection(engine: Any, key: int) -> Any:
+    conn = engine.connect()
+    try:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -1,0 +1,394 @@
+"""Workers that die, get interrupted or keep failing: no trial lost, none left RUNNING, none duplicated.
+
+In-process tests use a trivial objective (no training); the process tests run real
+``llrd-search`` workers on the tiny model against a SQLite study.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import optuna
+import psutil
+import pytest
+from _fleet import finish, running_trial_of, spawn, states, trials, wait_for
+from conftest import write_toy_dataset
+from sqlalchemy import create_engine, text
+
+from llrd_search.cli import main
+from llrd_search.exceptions import RepeatedFailureError
+from llrd_search.objective import suggest
+from llrd_search.resilience import is_transient, retrying
+from llrd_search.spec import load_spec
+from llrd_search.storage import create_study, open_storage
+from llrd_search.worker import INTERRUPTED, error_signature, run_worker
+
+# Trials on 64 examples: SLOW_EPOCHS makes one last a few seconds, long enough to be hit mid-trial.
+SLOW_EPOCHS = 25
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("small"), n_train=64, n_val=16)
+
+
+def _create(path, url: str) -> optuna.Study:
+    storage = open_storage(url)
+    study, _ = create_study(load_spec(path), storage)
+    return study
+
+
+def _quick(value: float = 0.5, pause: float = 0.0):
+    """An objective factory whose trials sample the space and return at once (or after ``pause``)."""
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            time.sleep(pause)
+            return value
+
+        return objective
+
+    return factory
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_error_signature_ignores_numbers_but_not_the_error():
+    a = error_signature(RuntimeError("loss became nan at step 13 (lr 1.5e-3)"))
+    b = error_signature(RuntimeError("loss became nan at step 40 (lr 2e-3)"))
+    assert a == b
+    assert a != error_signature(ValueError("loss became nan at step 13 (lr 1.5e-3)"))
+    assert a != error_signature(RuntimeError("CUDA out of memory"))
+
+
+def test_retrying_rides_out_transient_errors_only():
+    from sqlalchemy.exc import OperationalError
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        return "ok"
+
+    assert retrying(flaky, lambda: 30)() == "ok"
+    assert len(calls) == 3
+    assert not is_transient(optuna.exceptions.StorageInternalError("value too long"))
+
+    def broken():
+        calls.append(1)
+        raise ValueError("not a storage problem")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        retrying(broken, lambda: 30)()
+    assert len(calls) == 1
+
+
+def test_every_storage_call_a_study_makes_is_retried():
+    # A Study wraps the storage in Optuna's cache layer, which also calls private methods
+    # (_create_new_trial, _set_trial_param, ...): each must ride out an outage too.
+    import inspect
+    import re
+
+    import optuna.storages._cached_storage as cached
+
+    from llrd_search.resilience import ResilientRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(\w+)", inspect.getsource(cached)))
+    assert {"_create_new_trial", "set_trial_state_values", "record_heartbeat"} <= called
+    unwrapped = {name for name in called if getattr(ResilientRDBStorage, name) is getattr(optuna.storages.RDBStorage, name)}
+    assert unwrapped == set()
+
+
+# --------------------------------------------------------------------------- in-process workers
+
+
+def test_threads_share_the_budget_exactly(write_study, tmp_path):
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    _create(write_study(name="threads", n_trials=12), url)
+    errors = []
+
+    def work(i):
+        try:
+            run_worker(url, "threads", worker_index=i, objective_factory=_quick(pause=0.05), poll_seconds=0.2)
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=120)
+    assert errors == []
+    assert states(url, "threads") == {"COMPLETE": 12}
+
+
+def test_last_worker_waits_for_a_dead_workers_trial_and_retries_it(write_study, tmp_path):
+    path = write_study(name="orphan", n_trials=3)
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    _create(path, url)
+    spec = load_spec(path)
+    # A "dead worker": it asked for a trial with fixed params, beat once, and vanished.
+    dead_storage = open_storage(url, spec)
+    dead = optuna.load_study(study_name="orphan", storage=dead_storage)
+    trial = dead.ask(
+        {
+            "base_lr": optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True),
+            "head_lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+            "decay": optuna.distributions.FloatDistribution(0.5, 1.0),
+        }
+    )
+    trial.set_user_attr("worker", "gone:1")
+    dead_storage.record_heartbeat(trial._trial_id)
+    dead_params = dict(trial.params)
+
+    ran = run_worker(url, "orphan", objective_factory=_quick(), poll_seconds=0.5)
+
+    all_trials = trials(url, "orphan")
+    assert ran == 3  # two fresh trials, then the dead one's retry once its grace period expired
+    assert states(url, "orphan") == {"COMPLETE": 3, "FAIL": 1}
+    failed = next(t for t in all_trials if t.state.name == "FAIL")
+    assert failed.number == trial.number
+    assert failed.user_attrs["fail_reason"].startswith("worker lost")
+    retry = next(t for t in all_trials if t.system_attrs.get("failed_trial") == trial.number)
+    assert retry.state.name == "COMPLETE"
+    assert retry.params == dead_params
+    assert retry.system_attrs["retry_history"] == [trial.number]
+    assert "fail_reason" not in retry.user_attrs  # the dead run's outcome is not inherited
+    assert retry.user_attrs["llrd:retry_of"] == trial.number
+
+
+def test_a_trial_reaped_while_it_ran_is_not_told_twice(write_study, tmp_path):
+    # A storage outage longer than grace_period: another worker reaped this live trial and
+    # re-queued it. Its own worker must drop the late result, not crash, and run the retry.
+    from llrd_search.resilience import retry_stale_trial
+
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    _create(write_study(name="late", n_trials=2), url)
+    calls = []
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            calls.append(trial.number)
+            if len(calls) == 1:
+                reaper = optuna.load_study(study_name="late", storage=open_storage(url))
+                reaper._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                retry_stale_trial(2)(reaper, reaper._storage.get_trial(trial._trial_id))
+            return 0.5
+
+        return objective
+
+    assert run_worker(url, "late", objective_factory=factory) == 3
+    all_trials = trials(url, "late")
+    assert states(url, "late") == {"COMPLETE": 2, "FAIL": 1}
+    assert all_trials[0].state.name == "FAIL" and all_trials[0].value is None
+    assert [t.system_attrs.get("failed_trial") for t in all_trials if t.state.name == "COMPLETE"].count(0) == 1
+
+
+def test_heartbeatless_running_trial_is_reaped_once_old(write_study, tmp_path):
+    from llrd_search.storage import fail_stale
+
+    path = write_study(name="nobeat", n_trials=2)
+    url = f"sqlite:///{tmp_path / 'nobeat.db'}"
+    _create(path, url)
+    study = optuna.load_study(study_name="nobeat", storage=open_storage(url, load_spec(path)))
+    young = study.ask()
+    old = study.ask()  # died between ask and its first heartbeat
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE trials SET datetime_start = '2000-01-01 00:00:00' WHERE trial_id = :i"), {"i": old._trial_id})
+    engine.dispose()
+    assert fail_stale(study) == [old.number]
+    assert {t.number: t.state.name for t in trials(url, "nobeat")}[young.number] == "RUNNING"
+
+
+def test_repeated_identical_failures_stop_the_worker(write_study, tmp_path):
+    url = f"sqlite:///{tmp_path / 'broken.db'}"
+    _create(write_study(name="broken", n_trials=10), url)
+    step = iter(range(100))
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            raise RuntimeError(f"loss became nan at step {next(step)}")
+
+        return objective
+
+    with pytest.raises(RepeatedFailureError, match="3 trials in a row failed"):
+        run_worker(url, "broken", objective_factory=factory)
+    failed = trials(url, "broken")
+    assert [t.state.name for t in failed] == ["FAIL"] * 3  # not the whole budget of 10
+    assert failed[0].user_attrs["fail_reason"] == "RuntimeError: loss became nan at step 0"
+
+
+def test_a_success_resets_the_failure_count(write_study, tmp_path):
+    url = f"sqlite:///{tmp_path / 'flaky.db'}"
+    _create(write_study(name="flaky", n_trials=4), url)
+    outcomes = iter([True, True, False, True, True, False, False, False, False, False])
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            if next(outcomes):
+                raise RuntimeError("CUDA out of memory")
+            return 0.5
+
+        return objective
+
+    run_worker(url, "flaky", objective_factory=factory)
+    assert states(url, "flaky") == {"COMPLETE": 4, "FAIL": 4}
+
+
+def test_interrupt_in_a_trial_marks_it_failed(write_study, tmp_path):
+    url = f"sqlite:///{tmp_path / 'ctrlc.db'}"
+    _create(write_study(name="ctrlc", n_trials=3), url)
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM behaves like Ctrl-C
+            time.sleep(5)
+            return 0.5
+
+        return objective
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(url, "ctrlc", objective_factory=factory)
+    (t,) = trials(url, "ctrlc")
+    assert t.state.name == "FAIL"
+    assert t.user_attrs["fail_reason"] == INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) == before  # the worker's handler is gone with the worker
+
+
+def test_interrupt_during_ask_leaves_no_running_trial(write_study, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'askint.db'}"
+    _create(write_study(name="askint", n_trials=3), url)
+    real_ask = optuna.Study.ask
+
+    def ask_then_signal(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # lands after the trial exists, before its first heartbeat
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(url, "askint", objective_factory=_quick())
+    (t,) = trials(url, "askint")
+    assert t.state.name == "FAIL"
+    assert t.user_attrs["fail_reason"] == INTERRUPTED
+
+
+# --------------------------------------------------------------------------- real worker processes
+
+
+def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path, small):
+    name = "kill"
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    assert main(["create", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small)), "--storage", url]) == 0
+    procs = [spawn(["worker", "--storage", url, "--study", name, "--worker-index", str(i), "--threads", "1"], tmp_path / f"w{i}.log") for i in range(3)]
+    try:
+        pid, victim = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 120, "a running trial")
+        os.kill(pid, signal.SIGKILL)
+        survivors = [p for p in procs if p.pid != pid]
+        assert finish(survivors, 240) == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(3))
+    assert "locked" not in logs
+    all_trials = trials(url, name)
+    assert states(url, name) == {"COMPLETE": 6, "FAIL": 1}
+    killed = next(t for t in all_trials if t.number == victim.number)
+    assert killed.state.name == "FAIL"
+    assert killed.user_attrs["fail_reason"].startswith("worker lost")
+    (retry,) = [t for t in all_trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state.name == "COMPLETE"
+    assert retry.params == killed.params
+    assert retry.system_attrs["retry_history"] == [victim.number]
+
+
+def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_study, tmp_path, small):
+    name = "four"
+    url = f"sqlite:///{tmp_path / 'four.db'}"
+    proc = spawn(["run", str(write_study(name=name, n_trials=8, data=small)), "--workers", "4", "--storage", url], tmp_path / "run.log")
+    assert finish([proc], 300) == [0]
+    log = (tmp_path / "run.log").read_text()
+    assert "locked" not in log.lower()
+    assert "Traceback" not in log
+    all_trials = trials(url, name)
+    assert states(url, name) == {"COMPLETE": 8}
+    assert sorted(t.number for t in all_trials) == list(range(8))
+    assert len({tuple(sorted(t.params.items())) for t in all_trials}) == 8
+    workers = {t.user_attrs["worker"] for t in all_trials}
+    assert len(workers) > 1  # the trials really were spread over processes
+
+
+def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp_path, capsys, small):
+    name = "resume"
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    study = write_study(name=name, n_trials=1, train={"epochs": SLOW_EPOCHS}, data=small)
+
+    def press_ctrl_c():
+        wait_for(lambda: running_trial_of(url, name, [os.getpid()]), 120, "a running trial")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    assert main(["run", str(study), "--storage", url]) == 130
+    presser.join()
+    assert "interrupted" in capsys.readouterr().err
+    first = trials(url, name)
+    assert "RUNNING" not in {t.state.name for t in first}
+    assert [t.user_attrs.get("fail_reason") for t in first if t.state.name == "FAIL"] == [INTERRUPTED]
+
+    assert main(["run", str(study), "--storage", url]) == 0
+    assert states(url, name) == {"COMPLETE": 1, "FAIL": 1}
+
+
+def test_sigterm_on_run_with_workers_stops_the_children(write_study, tmp_path, small):
+    name = "term"
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    proc = spawn(["run", str(write_study(name=name, n_trials=4, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "2", "--storage", url], tmp_path / "run.log")
+    try:
+        children = wait_for(lambda: psutil.Process(proc.pid).children(recursive=True) if len(psutil.Process(proc.pid).children()) == 2 else None, 60, "2 children")
+        wait_for(lambda: running_trial_of(url, name, [c.pid for c in children]), 120, "a running trial")
+        proc.send_signal(signal.SIGTERM)  # only the parent: as `kill PID`, Slurm or Kubernetes would
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    all_trials = trials(url, name)
+    assert "RUNNING" not in {t.state.name for t in all_trials}
+    assert any(t.user_attrs.get("fail_reason") == INTERRUPTED for t in all_trials)
+
+
+def test_processes_opening_a_fresh_storage_at_once_all_succeed(tmp_path):
+    # `run` on several machines at once, or a progress reader beside a starting `run`, race to
+    # create Optuna's tables in a new database.
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def open_it():
+        barrier.wait()
+        try:
+            open_storage(url).engine.dispose()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    pool = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert errors == []
