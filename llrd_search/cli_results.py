@@ -1,0 +1,149 @@
+"""Result commands: report, confirm, export, train, dashboard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .cli_search import Progress, best_value, run_local_workers, threads_per_worker, trial_line
+from .exceptions import LLRDSearchError
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .storage import mask_url
+
+    written = write_report(args.storage, args.study, args.out)
+    print(f"report of study '{args.study}' in {mask_url(args.storage)}:", file=sys.stderr)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+
+def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], None]:
+    """Run the linked study's queued runs: in this process (K=1) or K local worker processes."""
+
+    def run(name: str) -> None:
+        from .storage import load_study, open_storage
+
+        storage = open_storage(args.storage)
+        study = load_study(storage, name)
+        budget = int(study.user_attrs["llrd:n_trials"])
+        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        progress = Progress(budget, done, best_value(study))
+        storage.engine.dispose()
+        try:
+            if args.workers <= 1:
+                from .confirm import retry_hook
+                from .objective import Objective
+                from .worker import run_worker
+
+                hook = retry_hook(args.storage, name)
+
+                def on_end(st: Any, trial: Any) -> None:
+                    hook(st, trial)
+                    progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
+
+                run_worker(args.storage, name, objective_factory=lambda spec: Objective(spec, on_step=progress.step), on_trial_end=on_end)
+            else:
+                run_local_workers(args.storage, name, args.workers, threads, progress)
+        finally:
+            progress.close()
+
+    return run
+
+
+def _lrs(p: dict[str, float]) -> str:
+    return f"base_lr={p['base_lr']:.3g} head_lr={p['head_lr']:.3g} decay={p['decay']:.3f}"
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from .confirm import run_confirmation, verdict
+    from .train import set_threads
+
+    for key in ("top", "seeds"):
+        if getattr(args, key) < 1:
+            raise LLRDSearchError(f"--{key}: must be >= 1 (got {getattr(args, key)})")
+    threads = threads_per_worker(args.workers, args.threads)
+    set_threads(threads)
+    plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads))
+    v = verdict(summary)
+    if args.format == "json":
+        # NaN (a configuration with no finished run) is not JSON: null instead.
+        clean = [{k: (None if isinstance(x, float) and x != x else x) for k, x in r.items()} for r in summary]
+        print(json.dumps({"study": plan.study_name, "configurations": clean, "verdict": v}, indent=2))
+        return 0 if v else 1
+    if plan.note:
+        print(f"note: {plan.note}", file=sys.stderr)
+    print(f"confirmation of '{args.study}': {len(plan.sources)} configuration(s) x {plan.seeds} seed(s), runs in study '{plan.study_name}'")
+    for r in summary:
+        conf = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] else "no finished run"
+        failed = f", {r['n_failed']} failed" if r["n_failed"] else ""
+        print(f"  trial {r['source_trial']:>4}  {_lrs(r['params'])}  search {r['search_accuracy']:.4f}  confirmed {conf}{failed}")
+    if v is None:
+        print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
+        return 1
+    win = next(r for r in summary if r["source_trial"] == v["winner"])
+    print(f"winner: trial {v['winner']} ({_lrs(win['params'])}): {v['mean']:.4f} ± {v['std']:.4f} over {v['n']} seed(s)")
+    if v["runner_up"] is None:
+        print("only one configuration finished: nothing to compare it with")
+    elif v["noise"] is None:
+        print(f"its lead over trial {v['runner_up']} is {v['lead']:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)")
+    elif v["within_noise"]:
+        print(
+            f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v['noise']:.4f}): "
+            "noise could explain it; either is a fine choice, or add seeds/data to separate them"
+        )
+    else:
+        print(f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) exceeds the 95 % Welch threshold ({v['noise']:.4f}): unlikely to be noise")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_config, render
+
+    fmt = args.format or ("yaml" if args.out and Path(args.out).suffix in (".yaml", ".yml") else "json")
+    config = export_config(args.storage, args.study)
+    text = render(config, fmt)
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise LLRDSearchError(f"--out: folder {out.parent} does not exist")
+    out.write_text(text, encoding="utf-8")
+    extra = f", confirmed {config['confirmed']['mean']:.4f} ± {config['confirmed']['std']:.4f}" if config["confirmed"] else ""
+    print(f"wrote {out}: trial {config['trial']} ({_lrs(config)}), validation accuracy {config['validation_accuracy']:.4f}{extra}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .finetune import step_progress, train_from_config
+    from .train import set_threads
+
+    for key in ("epochs", "train_limit"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {getattr(args, key)})")
+    set_threads(args.threads)
+    with step_progress("training") as on_step:
+        m = train_from_config(args.config, args.out, epochs=args.epochs, train_limit=args.train_limit, force=args.force, on_step=on_step)
+    test = f", test accuracy {m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else ""
+    print(f"saved the model to {args.out}: validation accuracy {m['validation_accuracy']:.4f}{test} ({m['n_train']} training examples, {m['seconds']:.0f}s)")
+    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    try:
+        serve(args.storage, args.host, args.port, say=lambda line: print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True))
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    return 0

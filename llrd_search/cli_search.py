@@ -1,0 +1,303 @@
+"""Search commands: validate, create, run, worker, status (and the local-worker progress bar)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .exceptions import LLRDSearchError
+
+# --------------------------------------------------------------------------- helpers
+
+
+def threads_per_worker(workers: int, threads: int | None) -> int:
+    return threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _storage_url(args: argparse.Namespace, spec: Any) -> str:
+    from .spec import default_storage
+
+    return args.storage or spec.study.storage or default_storage(args.study_file)
+
+
+def trial_line(t: Any) -> str:
+    p = t.params
+    acc = f"acc={t.value:.4f}" if t.value is not None else "acc=-"
+    lr = f"base_lr={p.get('base_lr', float('nan')):.2e} head_lr={p.get('head_lr', float('nan')):.2e} decay={p.get('decay', float('nan')):.3f}"
+    extra = f" ({t.user_attrs.get('fail_reason')})" if t.state.name == "FAIL" else ""
+    secs = t.user_attrs.get("wall_seconds")
+    took = f" in {secs:.0f}s" if secs else ""
+    return f"trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
+
+
+def _preflight(spec: Any) -> Any:
+    """Load data, tokenizer and model and map the LR groups before anything is written to storage,
+    so a bad study file or dataset fails with one line and leaves no half-made study behind."""
+    from .exceptions import ModelError
+    from .objective import Objective
+    from .param_groups import build_param_groups
+    from .train import fresh_model
+
+    objective = Objective(spec)
+    try:
+        build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
+    except ModelError as err:
+        raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
+    return objective
+
+
+class Progress:
+    """Trials done/total, best accuracy, ETA; a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, done: int, best: float | None):
+        self.total, self.done, self.best = total, done, best
+        self.t0 = time.time()
+        self.start_done = done
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[best]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.task = self.bar.add_task("trials", total=total, completed=done, best=self._best())
+            self.step_task = self.bar.add_task("current trial", total=1, completed=0, best="", visible=False)
+            self.bar.start()
+
+    def _best(self) -> str:
+        return f"best acc {self.best:.4f}" if self.best is not None else "best acc -"
+
+    def step(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.step_task, total=total, completed=step, visible=True)
+
+    def update(self, done: int, best: float | None, line: str | None = None) -> None:
+        self.done, self.best = done, best
+        if self.bar is not None:
+            if line:
+                self.bar.console.print(line, highlight=False)
+            self.bar.update(self.task, completed=done, best=self._best())
+        elif line:
+            rate = (time.time() - self.t0) / max(1, done - self.start_done)
+            eta = rate * max(0, self.total - done)
+            print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def best_value(study: Any) -> float | None:
+    values = [t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None]
+    return max(values) if values else None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    for path in args.study_files:
+        spec = load_spec(path)
+        print(f"{path}: ok (study '{spec.study.name}', {spec.study.n_trials} trials, sampler {spec.study.sampler})")
+    return 0
+
+
+def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
+    from .storage import create_study, mask_url, open_storage
+
+    url = _storage_url(args, spec)
+    storage = open_storage(url)
+    study, created = create_study(spec, storage, args.n_trials)
+    word = "created" if created else "resumed"
+    print(f"{word} study '{spec.study.name}' in {mask_url(url)}", file=sys.stderr)
+    return study, url, created
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .storage import mask_url, shareable_url
+
+    spec = load_spec(args.study_file)
+    _preflight(spec)
+    _study, url, _ = _create(args, spec)
+    shared, has_password = shareable_url(url)
+    print("start workers (same command on every machine or GPU):")
+    print(f"  llrd-search worker --storage '{shared}' --study {spec.study.name}")
+    if has_password:
+        print(f"(password left out: export PGPASSWORD=... or add it to ~/.pgpass on each machine; {mask_url(url)})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .train import set_threads
+
+    spec = load_spec(args.study_file)
+    threads = threads_per_worker(args.workers, args.threads)
+    set_threads(threads)
+    objective = _preflight(spec)
+    study, url, _ = _create(args, spec)
+    budget = int(study.user_attrs["llrd:n_trials"])
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    progress = Progress(budget, done, best_value(study))
+    try:
+        if args.workers <= 1:
+            from .worker import run_worker
+
+            objective.on_step = progress.step
+
+            def on_end(st: Any, trial: Any) -> None:
+                progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
+
+            run_worker(url, spec.study.name, objective_factory=lambda _spec: objective, on_trial_end=on_end)
+        else:
+            del objective  # workers load their own copy; free the parent's memory
+            run_local_workers(url, spec.study.name, args.workers, threads, progress)
+    finally:
+        progress.close()
+    return _summary(url, spec.study.name)
+
+
+def run_local_workers(url: str, name: str, workers: int, threads: int, progress: Progress) -> None:
+    from .storage import open_storage, shareable_url
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
+    child_url, has_password = shareable_url(url)
+    if has_password:
+        from sqlalchemy.engine import make_url
+
+        env["PGPASSWORD"] = str(make_url(url).password)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
+            env=env,
+        )
+        for i in range(workers)
+    ]
+    storage = open_storage(url)
+    seen: set[int] = set()
+    try:
+        import optuna
+
+        study = optuna.load_study(study_name=name, storage=storage)
+        while any(p.poll() is None for p in procs):
+            time.sleep(2)
+            trials = study.get_trials(deepcopy=False)
+            for t in trials:
+                if t.state.is_finished() and t.number not in seen:
+                    seen.add(t.number)
+                    progress.update(sum(x.state.name in ("COMPLETE", "PRUNED") for x in trials), best_value(study), trial_line(t))
+    except KeyboardInterrupt:
+        # Ctrl-C reached the workers too, but `kill PID` / SIGTERM reached only us: pass it on, then
+        # give them time to mark their trials FAIL (a second signal is harmless: they defer it).
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        storage.engine.dispose()
+    failed = [p.returncode for p in procs if p.returncode]
+    if failed:
+        raise LLRDSearchError(f"{len(failed)} of {workers} workers exited with an error (see their messages above)")
+
+
+def _summary(url: str, name: str) -> int:
+    from .storage import load_study, open_storage
+
+    study = load_study(open_storage(url), name)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if not complete:
+        print("no trial completed", file=sys.stderr)
+        return 1
+    best = max(complete, key=lambda t: t.value)
+    print(f"best: trial {best.number} accuracy {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .train import set_threads
+    from .worker import run_worker
+
+    set_threads(args.threads)
+    # Quiet children of `run --workers K`: the parent already prints each finished trial.
+    on_end = None if args.quiet else (lambda _s, t: print(trial_line(t), file=sys.stderr, flush=True))
+    n = run_worker(args.storage, args.study, worker_index=args.worker_index, on_trial_end=on_end)
+    if not args.quiet:
+        print(f"worker done: ran {n} trials; the study's budget is spent", file=sys.stderr)
+    return 0
+
+
+def status_data(url: str, name: str) -> dict[str, Any]:
+    from .storage import BUDGET_ATTR, load_study, mask_url, open_storage
+
+    storage = open_storage(url)
+    study = load_study(storage, name)
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    seconds = sum(t.user_attrs.get("wall_seconds", 0) for t in trials)
+    storage.engine.dispose()
+    return {
+        "study": name,
+        "storage": mask_url(url),
+        "budget": int(study.user_attrs.get(BUDGET_ATTR, 0)),
+        "finished": counts.get("COMPLETE", 0) + counts.get("PRUNED", 0),
+        "states": counts,
+        "compute_seconds": round(seconds, 1),
+        "best": None
+        if best is None
+        else {"trial": best.number, "accuracy": best.value, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
+        "running": [{"trial": t.number, "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = status_data(args.storage, args.study)
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {data['study']}  ({data['storage']})", show_header=False)
+    table.add_row("finished / budget", f"{data['finished']} / {data['budget']}")
+    for state, n in sorted(data["states"].items()):
+        table.add_row(state.lower(), str(n))
+    table.add_row("compute", f"{data['compute_seconds'] / 60:.1f} min")
+    if data["best"]:
+        b = data["best"]
+        p = b["params"]
+        table.add_row("best", f"trial {b['trial']}: accuracy {b['accuracy']:.4f}")
+        table.add_row("best params", f"base_lr {p['base_lr']:.3g}, head_lr {p['head_lr']:.3g}, decay {p['decay']:.3f}")
+    for r in data["running"]:
+        table.add_row(f"running #{r['trial']}", str(r["worker"]))
+    Console().print(table)
+    return 0
