@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import fastpath
 from .data import Encoded, TaskData
 from .exceptions import ModelError, TrainingError
 from .spec import PACKAGED_MINILM, ModelSection, TrainSection
@@ -60,6 +61,11 @@ def load_tokenizer(spec: ModelSection) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec.name)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ModelError(
+            f"model.name: '{spec.name}' is a folder but not a saved model (no config.json in it); "
+            "point it at a folder written by save_pretrained(), or use a hub id"
+        )
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as err:
@@ -188,21 +194,29 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a kernel for the device (one pass per tensor instead of ~10)."""
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, foreach=True)
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: Encoded, *, pad_id: int, batch_size: int, device: torch.device, dtype: torch.dtype | None) -> float:
     """Accuracy on ``data``. Sorted by length, so eval batches carry almost no padding."""
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(order), batch_size):
         batch = _to(data.batch(order[i : i + batch_size], pad_id), device)
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
-        correct += int((logits.argmax(-1) == labels).sum())
+        correct += (logits.argmax(-1) == labels).sum()  # no per-batch device sync
     model.train(was_training)
-    return correct / len(data)
+    return int(correct) / len(data)
 
 
 @dataclass
@@ -214,6 +228,16 @@ class TrainResult:
     eval_seconds: float
     examples_per_second: float
     evals: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _check_losses(losses: list[torch.Tensor], first_step: int) -> None:
+    """Raise on the first non-finite loss; one device sync for many steps."""
+    stacked = torch.stack(losses)
+    bad = (~torch.isfinite(stacked)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise TrainingError(f"loss became {float(stacked[i])} at step {first_step + i} (learning rate too high?)")
+    losses.clear()
 
 
 def train_and_evaluate(
@@ -228,53 +252,66 @@ def train_and_evaluate(
     dtype: torch.dtype | None,
     on_eval: Callable[[int, float], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    fast: dict[str, bool] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` with the LLRD ``groups``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``on_eval(step, accuracy)`` may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
-    is not finite raises :class:`TrainingError` naming the step.
+    is not finite raises :class:`TrainingError` naming the step. The training-time stand-ins of
+    :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``{"vocab": False}``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(groups, foreach=True)
+    groups, restore = fastpath.speed_up(model, groups, task.train.ids, seed=seed, device=device, **(fast or {}))
+    optimizer = make_optimizer(groups)
+    fastpath.bind_optimizer(model, optimizer)
+    before_step = fastpath.before_step(model)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup_ratio))
     eval_every = {min(steps_per_epoch, round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     params = [p for g in groups for p in g["params"]]
+    # On CPU a finiteness check is free; on a GPU it is a sync, so check in chunks of steps.
+    check_every = 1 if device.type == "cpu" else 32
 
     evals: list[tuple[int, float]] = []
+    losses: list[torch.Tensor] = []
     step, examples, train_s, eval_s = 0, 0, 0.0, 0.0
-    for _epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        for i, idx in enumerate(batch_order(task.train.lengths, cfg.batch_size, rng, cfg.length_bucketing), 1):
-            batch = _to(task.train.batch(idx, pad_id), device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step} (learning rate too high?)")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            examples += len(idx)
-            if on_step:
-                on_step(step, total)
-            if i in eval_every:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                train_s += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                acc = evaluate(model, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype)
-                eval_s += time.perf_counter() - t1
-                evals.append((step, acc))
-                if on_eval:
-                    on_eval(step, acc)
-                t0 = time.perf_counter()
-        train_s += time.perf_counter() - t0
+    try:
+        for _epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            for i, idx in enumerate(batch_order(task.train.lengths, cfg.batch_size, rng, cfg.length_bucketing), 1):
+                batch = _to(task.train.batch(idx, pad_id), device)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(**batch).loss
+                losses.append(loss.detach())
+                if len(losses) >= check_every or i in eval_every:
+                    _check_losses(losses, step + 1 - len(losses))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+                before_step()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                examples += len(idx)
+                if on_step:
+                    on_step(step, total)
+                if i in eval_every:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    train_s += time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    acc = evaluate(model, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype)
+                    eval_s += time.perf_counter() - t1
+                    evals.append((step, acc))
+                    if on_eval:
+                        on_eval(step, acc)
+                    t0 = time.perf_counter()
+            train_s += time.perf_counter() - t0
+    finally:
+        restore()
     best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
     return TrainResult(
         best_accuracy=best,

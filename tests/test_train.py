@@ -1,0 +1,234 @@
+"""Unit tests of the training loop (tiny BERT, toy data, CPU, fp32: seconds each)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llrd_search import train as tr
+from llrd_search.data import load_task_data
+from llrd_search.exceptions import TrainingError
+from llrd_search.fastpath import FastDropout, FusedQKV, TrainVocabEmbedding
+from llrd_search.param_groups import build_param_groups
+from llrd_search.spec import DataSection, ModelSection, TrainSection
+from llrd_search.train import (
+    batch_order,
+    fresh_model,
+    linear_schedule,
+    load_template,
+    pick_precision,
+    train_and_evaluate,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, toy_data_dir, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    template = load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"})
+    task = load_task_data(DataSection(path=str(toy_data_dir)), template.tokenizer, 32, 0)
+    mp.undo()
+    return template, task
+
+
+def _train(template, task, *, seed=0, epochs=1, lr=(1e-3, 0.5, 1e-2), wd=0.01, **kw):
+    model = fresh_model(template, seed)
+    base_lr, decay, head_lr = lr
+    groups = build_param_groups(model, base_lr=base_lr, decay=decay, head_lr=head_lr, weight_decay=wd)
+    cfg = TrainSection(epochs=epochs, batch_size=16, evals_per_epoch=2, precision="fp32", device="cpu")
+    result = train_and_evaluate(model, task, groups, cfg, seed=seed, pad_id=0, device=CPU, dtype=None, **kw)
+    return model, result
+
+
+# --------------------------------------------------------------------------- schedule and batches
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    f = linear_schedule(total_steps=20, warmup_ratio=0.1)  # warmup = 2 steps
+    assert [f(s) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 17 / 18])
+    assert f(20) == 0.0
+    assert all(f(s) > f(s + 1) for s in range(2, 20))
+    assert linear_schedule(10, 0.0)(0) == 1.0
+
+
+def test_every_group_keeps_its_ratio_to_the_others_at_every_step(setup, monkeypatch):
+    template, task = setup
+    made: list[torch.optim.Optimizer] = []
+    real = tr.make_optimizer
+    monkeypatch.setattr(tr, "make_optimizer", lambda groups: made.append(real(groups)) or made[-1])
+    seen: list[list[float]] = []
+    _, result = _train(template, task, on_step=lambda step, total: seen.append([g["lr"] for g in made[0].param_groups]))
+    initial = [g["initial_lr"] for g in made[0].param_groups]
+    assert len(set(initial)) > 2  # LLRD: several distinct LRs
+    f = linear_schedule(result.steps, 0.1)
+    assert len(seen) == result.steps
+    for step, lrs in enumerate(seen, 1):
+        assert lrs == pytest.approx([lr0 * f(step) for lr0 in initial], rel=1e-12, abs=0)
+
+
+def test_batch_order_covers_every_example_once_and_bucketing_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 80, size=1000)
+    for bucketing in (False, True):
+        batches = batch_order(lengths, 32, np.random.default_rng(1), bucketing)
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(1000))
+    pad = {b: sum(len(x) * lengths[x].max() - lengths[x].sum() for x in batch_order(lengths, 32, np.random.default_rng(1), b)) for b in (False, True)}
+    assert pad[True] < pad[False] / 5
+
+
+# --------------------------------------------------------------------------- hardware choices
+
+
+def test_pick_precision(monkeypatch):
+    assert pick_precision("fp32", CPU) is None
+    assert pick_precision("bf16", CPU) is torch.bfloat16
+    monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: True)
+    assert pick_precision("auto", CPU) is torch.bfloat16
+    monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: False)
+    assert pick_precision("auto", CPU) is None
+
+
+def test_make_optimizer_is_fused_on_cpu():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert tr.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True
+
+
+# --------------------------------------------------------------------------- model copies
+
+
+def test_fresh_model_redraws_only_the_head_deterministically(setup):
+    template, _ = setup
+    a, b, c = fresh_model(template, 1), fresh_model(template, 1), fresh_model(template, 2)
+    ref = dict(template.model.named_parameters())
+    heads = tuple(template.head_modules)
+    assert heads
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name])
+        if name.startswith(heads):
+            if p.ndim > 1:
+                assert not torch.equal(p, dict(c.named_parameters())[name])
+        else:
+            assert torch.equal(p, ref[name])
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)
+    assert not torch.equal(next(a.parameters()), next(template.model.parameters()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_train_and_evaluate_learns_the_toy_task(setup):
+    template, task = setup
+    _, result = _train(template, task, epochs=4, lr=(1e-2, 0.8, 1e-2))
+    assert result.best_accuracy > 0.8
+    assert result.steps == 4 * -(-len(task.train) // 16)
+    assert len(result.evals) == 8 and result.examples_per_second > 0
+
+
+def test_train_vocab_rows_match_dense_adamw_exactly(setup):
+    template, task = setup
+    vocab = template.model.get_input_embeddings().num_embeddings
+    assert len(np.unique(task.train.ids)) < vocab - 3  # some rows are never seen: the case at stake
+    sparse, r1 = _train(template, task)
+    dense, r2 = _train(template, task, fast={"vocab": False})
+    assert r1.evals == r2.evals
+    for (name, p), q in zip(sparse.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # The original module is back, and its unseen rows carry the weight decay they were owed.
+    emb = sparse.get_input_embeddings()
+    assert type(emb) is torch.nn.Embedding
+    unseen = np.setdiff1d(np.arange(vocab), np.unique(task.train.ids))
+    before = template.model.get_input_embeddings().weight[unseen]
+    assert not torch.equal(emb.weight[unseen], before)
+    torch.testing.assert_close(emb.weight[unseen], dense.get_input_embeddings().weight[unseen])
+
+
+def test_fused_qkv_trains_like_three_linears(setup):
+    template, task = setup
+    fused, r1 = _train(template, task)
+    plain, r2 = _train(template, task, fast={"fuse_qkv": False})
+    assert r1.evals == r2.evals
+    for (name, p), q in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    attention = fused.base_model.encoder.layer[0].attention.self
+    assert all(type(getattr(attention, n)) is torch.nn.Linear for n in ("query", "key", "value"))
+    assert not torch.equal(attention.key.weight, template.model.base_model.encoder.layer[0].attention.self.key.weight)
+
+
+def test_on_eval_can_stop_training_and_the_embedding_is_restored(setup):
+    template, task = setup
+    steps: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, acc):
+        raise Stop(step)
+
+    model = fresh_model(template, 0)
+    groups = build_param_groups(model, base_lr=1e-3, decay=0.5, head_lr=1e-2)
+    cfg = TrainSection(epochs=2, batch_size=16, evals_per_epoch=2, precision="fp32")
+    with pytest.raises(Stop) as err:
+        train_and_evaluate(model, task, groups, cfg, seed=0, pad_id=0, device=CPU, dtype=None, on_eval=stop, on_step=lambda s, t: steps.append(s))
+    assert steps[-1] == err.value.args[0] < len(task.train) // 16
+    # Every training-time stand-in is gone again.
+    assert not any(isinstance(m, TrainVocabEmbedding | FastDropout | FusedQKV) for m in model.modules())
+    assert any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_non_finite_loss_raises_naming_the_step(setup):
+    template, task = setup
+    model = fresh_model(template, 0)
+    calls = []
+
+    def poison(module, args, kwargs, output):
+        calls.append(1)
+        if len(calls) == 3:
+            output["loss"] = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison, with_kwargs=True)
+    groups = build_param_groups(model, base_lr=1e-3, decay=0.5, head_lr=1e-2)
+    cfg = TrainSection(epochs=1, batch_size=16, precision="fp32")
+    with pytest.raises(TrainingError, match=r"loss became nan at step 2\b"):
+        train_and_evaluate(model, task, groups, cfg, seed=0, pad_id=0, device=CPU, dtype=None)
+
+
+# --------------------------------------------------------------------------- CPU stand-ins
+
+
+def test_fast_dropout_drops_p_and_keeps_the_mean():
+    x = torch.ones(1000, 1000)
+    drop = FastDropout(0.1, np.random.default_rng(0))
+    y = drop(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.002
+    assert abs(y.mean().item() - 1.0) < 0.005
+    assert torch.equal(FastDropout(0.1, np.random.default_rng(0))(x), y)  # seeded
+    assert not torch.equal(drop(x), y)
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_training_attention_is_softmax_dropout_matmul():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llrd_search import fastpath
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, :, :, 3:] = False  # padding in the second example
+    module = torch.nn.Module()
+    module.dropout = FastDropout(0.0, np.random.default_rng(0))
+    plain, _ = fastpath.attention(module, q, k, v, mask, dropout=0.0, scaling=0.5)
+    torch.testing.assert_close(plain, sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.5)[0])
+    module.dropout = FastDropout(0.5, np.random.default_rng(1))
+    out, _ = fastpath.attention(module, q, k, v, mask, dropout=0.5, scaling=0.5)
+    bits = torch.from_numpy(np.random.default_rng(1).integers(0, 65536, 2 * 3 * 5 * 5, dtype=np.uint16).view(np.int16)).view(2, 3, 5, 5)
+    probs = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), -1)
+    expected = (probs * (bits >= 0).float() * 2.0) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2))
