@@ -1,7 +1,7 @@
 """llrd-search against the Hugging Face Trainer: the same LLRD search, side by side, one invocation.
 
-    python bench/compare_hf.py                      # the full run (~15 min on 2 cores)
-    python bench/compare_hf.py --trials 3 --train-limit 300 --seeds 1   # a quick look
+    python bench/compare_hf.py --json results.json                      # the full run (~18 min on 2 cores)
+    python bench/compare_hf.py --trials 4 --train-limit 1000 --seeds 2   # a quick look (~5 min)
 
 Both sides get the same model, data slice (stratified, written to CSV once), epochs, batch size,
 max_length, search space, enqueued first points, TPE sampler and seed. Each runs in its own process,
@@ -12,6 +12,8 @@ timed from spawn, so process start, imports, model load and tokenization count. 
    single-threaded worker per core, no pruning: throughput and overhead;
 3. ours with Hyperband (3 evaluations an epoch): time to reach the peer's best accuracy;
 4. one fixed config, several seeds each side: accuracy must agree within 0.5 points.
+
+Results and how to read them: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,20 @@
 """Training-time stand-ins that make a CPU trial faster without changing what is trained.
 
 :func:`speed_up` swaps them into a model for the length of one ``train_and_evaluate`` call and
-returns the function that puts the original modules back (evaluation uses the originals too):
+returns the function that puts the original modules back, with the trained values:
 
 * :class:`TrainVocabEmbedding`: only the word-embedding rows of tokens in the training data are a
   parameter. Exact: every other row has a zero gradient at every step, so its AdamW update is weight
   decay alone, a scalar that is applied lazily. MiniLM's 30522-row table is half its parameters.
+* :class:`FusedQKV`: query, key and value projections as one matmul over one [3d, in] parameter.
+  Exact: AdamW is elementwise and the clipping norm a sum of squares.
 * :class:`FastDropout` (CPU): dropout masks from numpy's PCG64; torch's CPU ``bernoulli_`` took
-  ~40 % of MiniLM's forward pass here.
+  ~40 % of MiniLM's forward pass here. Same distribution, another random stream.
 * attention (CPU, models using the transformers attention interface): with dropout, SDPA falls back
   to its fp32 math path (upcasting q, k, v, then ``bernoulli_``); ours multiplies q·k and p·v in bf16
   like every autocast matmul, softmax in fp32, and draws the dropout mask with :class:`FastDropout`.
 
-Each is measured in ``docs/performance.md``.
+Each is measured in ``docs/performance.md`` (``bench/ablation.py``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class FastDropout(torch.nn.Module):
         return x * (bits.view(x.shape) >= self.cut).to(x.dtype).mul_(self.scale)
 
 
-QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("query_proj", "key_proj", "value_proj"))
+QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"), ("query_proj", "key_proj", "value_proj"))
 
 
 class FusedQKV(torch.nn.Module):
@@ -225,7 +227,7 @@ def _train_vocab(model: torch.nn.Module, groups: list[dict], token_ids: np.ndarr
     holders = [g for g in groups if any(p is weight for p in g["params"])]
     if emb.max_norm is not None or emb.sparse or uses != 1 or len(holders) != 1:
         return groups, lambda: None  # tied, renormed or untrained tables stay dense
-    ids = np.unique(token_ids)
+    ids = np.unique(token_ids)  # the caller includes the id its batches are padded with
     if emb.padding_idx is not None:
         ids = np.union1d(ids, [emb.padding_idx])
     if len(ids) >= emb.num_embeddings:
@@ -253,8 +255,8 @@ def speed_up(
     dropout: bool = True,
     attention: bool = True,
 ) -> tuple[list[dict], Callable[[], None]]:
-    """Swap the stand-ins into ``model`` (already on ``device``; ``token_ids``: every token of the
-    training data). Each flag turns one on; dropout and attention apply on a CPU only (CUDA has fast
+    """Swap the stand-ins into ``model`` (already on ``device``; ``token_ids``: every token id the
+    training batches hold, padding included). Each flag turns one on; dropout and attention apply on a CPU only (CUDA has fast
     ones). Returns the optimizer groups to use and the function restoring the original modules."""
     groups, restore_vocab = _train_vocab(model, groups, token_ids) if vocab else (groups, lambda: None)
     groups, restore_qkv = _fuse_qkv(model, groups) if fuse_qkv else (groups, lambda: None)

@@ -2,9 +2,10 @@
 
 A worker loads the pretrained weights once (:func:`load_template`) and each trial starts from a
 deep copy with a freshly seeded head (:func:`fresh_model`), so per-trial overhead is a memory copy,
-not a disk read. The loop is deliberately plain PyTorch: AdamW over the LLRD groups, linear warmup
-then linear decay applied to every group in proportion, gradient clipping, length-bucketed dynamic
-padding and bf16 autocast where the hardware runs it fast.
+not a disk read. The loop is deliberately plain PyTorch: fused AdamW over the LLRD groups, linear
+warmup then linear decay applied to every group in proportion, gradient clipping, length-bucketed
+dynamic padding and bf16 autocast where the hardware runs it fast. For the length of a trial,
+:mod:`llrd_search.fastpath` swaps in faster stand-ins for a few modules (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def train_and_evaluate(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
-    groups, restore = fastpath.speed_up(model, groups, task.train.ids, seed=seed, device=device, **(fast or {}))
+    token_ids = np.append(task.train.ids, pad_id)
+    groups, restore = fastpath.speed_up(model, groups, token_ids, seed=seed, device=device, **(fast or {}))
     optimizer = make_optimizer(groups)
     fastpath.bind_optimizer(model, optimizer)
     before_step = fastpath.before_step(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,46 @@ def test_training_attention_is_softmax_dropout_matmul():
     probs = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), -1)
     expected = (probs * (bits >= 0).float() * 2.0) @ v
     torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+FAMILIES = {
+    "bert": {},
+    "roberta": {},
+    "electra": {"embedding_size": 16},
+    "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 37},
+    "albert": {"embedding_size": 16},
+    "mpnet": {},
+    "deberta-v2": {"relative_attention": True, "position_buckets": 8, "pos_att_type": ["p2c", "c2p"]},
+    "modernbert": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
+    """Vocabulary rows and fused q/k/v change no number (dropout masks drawn alike on both sides),
+    and every module is back afterwards, across the supported encoder families."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from llrd_search.data import Encoded, TaskData
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37, "vocab_size": 99, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **tiny, **FAMILIES[family], num_labels=2)
+    base = AutoModelForSequenceClassification.from_config(config)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 12, size=24)
+    ids = rng.integers(5, 60, size=int(lengths.sum())).astype(np.int32)  # rows 60-98 are never seen
+    enc = Encoded(ids=ids, offsets=np.concatenate([[0], np.cumsum(lengths)]), labels=rng.integers(0, 2, size=24))
+    task = TaskData(train=enc, validation=enc, test=None, id2label={0: "0", 1: "1"}, fingerprint="t")
+    cfg = TrainSection(epochs=1, batch_size=8, evals_per_epoch=1, precision="fp32")
+    models = []
+    for fast in ({}, {"vocab": False, "fuse_qkv": False}):
+        model = copy.deepcopy(base)
+        before = [type(m) for m in model.modules()]
+        groups = build_param_groups(model, base_lr=1e-3, decay=0.8, head_lr=1e-2, weight_decay=0.01)
+        train_and_evaluate(model, task, groups, cfg, seed=0, pad_id=0, device=CPU, dtype=None, fast=fast)
+        assert [type(m) for m in model.modules()] == before
+        models.append(model)
+    for (name, p), q in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(models[0].get_input_embeddings().weight, base.get_input_embeddings().weight)
