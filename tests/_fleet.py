@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -73,3 +74,23 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[int]:
             p.kill()
             codes.append(p.wait())
     return codes
+
+
+def run_worker_threads(url: str, name: str, n: int, objective_factory: Callable, timeout: float = 120) -> list[Exception]:
+    """Run ``n`` in-process workers on threads until the study's budget is spent; their errors."""
+    from llrd_search.worker import run_worker
+
+    errors: list[Exception] = []
+
+    def work(i: int) -> None:
+        try:
+            run_worker(url, name, worker_index=i, objective_factory=objective_factory, poll_seconds=0.2)
+        except Exception as err:  # returned to the test, which asserts there are none
+            errors.append(err)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=timeout)
+    return errors

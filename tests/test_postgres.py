@@ -10,7 +10,7 @@ import time
 import zlib
 
 import pytest
-from _fleet import finish, spawn, states, trials, wait_for
+from _fleet import finish, run_worker_threads, spawn, states, trials, wait_for
 from _pg import ensure_server_running, pg_db, pg_url, private_server, restart_server, url_for  # noqa: F401 (fixtures)
 from conftest import write_toy_dataset
 from sqlalchemy import text
@@ -38,8 +38,6 @@ def test_run_on_postgres(write_study, pg_url, small):  # noqa: F811
 def test_many_threads_finish_the_exact_budget(write_study, pg_url):  # noqa: F811
     path = write_study(name="pg-threads", n_trials=24)
     create_study(load_spec(path), open_storage(pg_url))
-    errors = []
-
     def factory(spec):
         def objective(trial):
             suggest(trial, spec.space)
@@ -48,18 +46,7 @@ def test_many_threads_finish_the_exact_budget(write_study, pg_url):  # noqa: F81
 
         return objective
 
-    def work(i):
-        try:
-            run_worker(pg_url, "pg-threads", worker_index=i, objective_factory=factory, poll_seconds=0.2)
-        except Exception as err:  # surfaced by the assertion below
-            errors.append(err)
-
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(timeout=120)
-    assert errors == []
+    assert run_worker_threads(pg_url, "pg-threads", 6, factory) == []
     assert states(pg_url, "pg-threads") == {"COMPLETE": 24}
 
 

@@ -14,7 +14,7 @@ import time
 import optuna
 import psutil
 import pytest
-from _fleet import finish, running_trial_of, spawn, states, trials, wait_for
+from _fleet import finish, run_worker_threads, running_trial_of, spawn, states, trials, wait_for
 from conftest import write_toy_dataset
 from sqlalchemy import create_engine, text
 
@@ -113,20 +113,7 @@ def test_every_storage_call_a_study_makes_is_retried():
 def test_threads_share_the_budget_exactly(write_study, tmp_path):
     url = f"sqlite:///{tmp_path / 'threads.db'}"
     _create(write_study(name="threads", n_trials=12), url)
-    errors = []
-
-    def work(i):
-        try:
-            run_worker(url, "threads", worker_index=i, objective_factory=_quick(pause=0.05), poll_seconds=0.2)
-        except Exception as err:  # surfaced by the assertion below
-            errors.append(err)
-
-    pool = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(timeout=120)
-    assert errors == []
+    assert run_worker_threads(url, "threads", 4, _quick(pause=0.05)) == []
     assert states(url, "threads") == {"COMPLETE": 12}
 
 
