@@ -3,7 +3,8 @@
     python bench/ablation.py                 # 2 threads, then 1 thread (~6 min on 2 cores)
     python bench/ablation.py --threads 2 --batches 30 --repeats 1
 
-Runs one epoch's batches (2,000 sentences, batch 32, length-bucketed, bf16 autocast) through the
+Runs one epoch's batches (2,000 sentences, batch 32, length-bucketed, bf16 autocast where the CPU
+runs it fast, else fp32) through the
 same step as ``train.train_and_evaluate`` (forward, backward, clip, AdamW), adding one change at a
 time, variants interleaved and the best of ``--repeats`` kept so a busy neighbour hurts less.
 """
@@ -22,7 +23,7 @@ import torch
 
 # name -> (AdamW kwargs, fastpath.speed_up options); each row adds one change to the one above.
 VARIANTS = {
-    "baseline: foreach AdamW, bf16 autocast, bucketing": ({"foreach": True}, {"vocab": False, "fuse_qkv": False, "dropout": False, "attention": False}),
+    "baseline: foreach AdamW, bucketing (bf16 autocast where fast)": ({"foreach": True}, {"vocab": False, "fuse_qkv": False, "dropout": False, "attention": False}),
     "+ fused AdamW": ({"fused": True}, {"vocab": False, "fuse_qkv": False, "dropout": False, "attention": False}),
     "+ train-vocabulary embedding rows (exact)": ({"fused": True}, {"fuse_qkv": False, "dropout": False, "attention": False}),
     "+ numpy dropout masks": ({"fused": True}, {"fuse_qkv": False, "attention": False}),
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--accuracy-seeds", type=int, default=0, help="also train full trials, all stand-ins on vs off, for these seeds")
     p.add_argument("--only", nargs="*", type=int, help="run only these rows of the table (0-based)")
     p.add_argument("--profile", action="store_true", help="also print where a step's time goes (torch profiler, all stand-ins on)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the CPU has AMX/AVX512-BF16, else fp32 (as llrd-search's train.precision)")
     args = p.parse_args()
 
     from llrd_search import fastpath
@@ -60,6 +63,8 @@ def main() -> None:
     order = tr.batch_order(task.train.lengths, 32, np.random.default_rng(0), True)[: args.batches]
     batches = [task.train.batch(idx, objective.pad_id) for idx in order]
     cpu = torch.device("cpu")
+    dtype = tr.pick_precision(args.precision, cpu)
+    print(f"precision: {'bf16 autocast' if dtype else 'fp32'}; CPU: {cpu_name()}")
 
     def run(adamw: dict, fast: dict, profile: bool = False) -> float:
         model = tr.fresh_model(objective.template, 0).train()
@@ -81,7 +86,7 @@ def main() -> None:
                 if profile:
                     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     prof.__enter__()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -125,6 +130,13 @@ CATEGORIES = {
     "other elementwise (dropout, residual, scaling, masks)": ("aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::ge", "aten::where",
                                                             "aten::masked_fill_", "aten::sum", "aten::fill_", "aten::div_", "aten::index_select"),
 }
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def print_profile(prof, wall: float, steps: int, examples: int) -> None:

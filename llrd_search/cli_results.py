@@ -37,20 +37,24 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
         progress = Progress(budget, done, best_value(study))
         storage.engine.dispose()
         try:
-            if args.workers <= 1:
-                from .confirm import retry_hook
-                from .objective import Objective
-                from .worker import run_worker
+            from .confirm import retry_hook
+            from .objective import Objective
+            from .worker import run_worker
 
-                hook = retry_hook(args.storage, name)
+            hook = retry_hook(args.storage, name)
 
-                def on_end(st: Any, trial: Any) -> None:
-                    hook(st, trial)
+            def on_end(st: Any, trial: Any) -> None:
+                hook(st, trial)
+                if args.workers <= 1:  # with more, a monitor thread prints every worker's trials
                     progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
 
+            def worker() -> None:
                 run_worker(args.storage, name, objective_factory=lambda spec: Objective(spec, on_step=progress.step), on_trial_end=on_end)
+
+            if args.workers <= 1:
+                worker()
             else:
-                run_local_workers(args.storage, name, args.workers, threads, progress)
+                run_local_workers(args.storage, name, args.workers, threads, progress, in_process=worker)
         finally:
             progress.close()
 

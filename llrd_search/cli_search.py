@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .exceptions import LLRDSearchError
@@ -166,15 +168,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             run_worker(url, spec.study.name, objective_factory=lambda _spec: objective, on_trial_end=on_end)
         else:
-            del objective  # workers load their own copy; free the parent's memory
-            run_local_workers(url, spec.study.name, args.workers, threads, progress)
+            from .worker import run_worker
+
+            objective.on_step = progress.step
+            run_local_workers(
+                url, spec.study.name, args.workers, threads, progress,
+                in_process=lambda: run_worker(url, spec.study.name, objective_factory=lambda _spec: objective),
+            )
     finally:
         progress.close()
     return _summary(url, spec.study.name)
 
 
-def run_local_workers(url: str, name: str, workers: int, threads: int, progress: Progress) -> None:
-    from .storage import open_storage, shareable_url
+def run_local_workers(
+    url: str, name: str, workers: int, threads: int, progress: Progress, in_process: Callable[[], Any] | None = None
+) -> None:
+    """``workers`` workers on this machine. With ``in_process``, worker 0 is that call, run here
+    with what this process already loaded (no second start-up: ~4 s of import and model load), and
+    ``workers - 1`` child processes join it; without, all are children. Finished trials of every
+    worker are printed by a thread that polls the storage."""
+    from .storage import shareable_url
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
@@ -183,46 +196,92 @@ def run_local_workers(url: str, name: str, workers: int, threads: int, progress:
         from sqlalchemy.engine import make_url
 
         env["PGPASSWORD"] = str(make_url(url).password)
+    first = 1 if in_process is not None else 0
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
             env=env,
         )
-        for i in range(workers)
+        for i in range(first, workers)
     ]
-    storage = open_storage(url)
-    seen: set[int] = set()
+    monitor = _TrialMonitor(url, name, progress)
     try:
-        import optuna
-
-        study = optuna.load_study(study_name=name, storage=storage)
+        if in_process is not None:
+            in_process()
         while any(p.poll() is None for p in procs):
-            time.sleep(2)
-            trials = study.get_trials(deepcopy=False)
-            for t in trials:
-                if t.state.is_finished() and t.number not in seen:
-                    seen.add(t.number)
-                    progress.update(sum(x.state.name in ("COMPLETE", "PRUNED") for x in trials), best_value(study), trial_line(t))
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        # Ctrl-C reached the workers too, but `kill PID` / SIGTERM reached only us: pass it on, then
+        # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
         # give them time to mark their trials FAIL (a second signal is harmless: they defer it).
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs, wait=30)
+        raise
+    except BaseException:
+        _stop(procs, wait=30)  # e.g. worker 0 stopped after repeated failures: the others would too
         raise
     finally:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        storage.engine.dispose()
+        monitor.stop()
     failed = [p.returncode for p in procs if p.returncode]
     if failed:
         raise LLRDSearchError(f"{len(failed)} of {workers} workers exited with an error (see their messages above)")
+
+
+def _stop(procs: list[subprocess.Popen], wait: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+class _TrialMonitor:
+    """Prints every newly finished trial of the study (all workers') from a background thread."""
+
+    def __init__(self, url: str, name: str, progress: Progress, every: float = 2.0):
+        import threading
+
+        self.url, self.name, self.progress, self.every = url, name, progress, every
+        self.seen: set[int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="llrd-trial-monitor")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import optuna
+
+        from .storage import open_storage
+
+        storage = open_storage(self.url)
+        try:
+            study = optuna.load_study(study_name=self.name, storage=storage)
+            self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+            while True:
+                stopping = self._stop.wait(self.every)
+                try:
+                    self._poll(study)
+                except Exception as err:  # a storage hiccup: the workers ride it out, so do we
+                    logging.getLogger(__name__).debug("progress poll failed: %s", err)
+                if stopping:
+                    return
+        finally:
+            storage.engine.dispose()
+
+    def _poll(self, study: Any) -> None:
+        assert self.seen is not None
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(x.state.name in ("COMPLETE", "PRUNED") for x in trials)
+        for t in sorted((t for t in trials if t.state.is_finished() and t.number not in self.seen), key=lambda t: t.number):
+            self.seen.add(t.number)
+            self.progress.update(finished, best_value(study), trial_line(t))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def _summary(url: str, name: str) -> int:

@@ -93,6 +93,18 @@ def test_pick_precision(monkeypatch):
     assert pick_precision("auto", CPU) is None
 
 
+def test_forced_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="llrd_search.train"):
+        assert pick_precision("bf16", CPU) is torch.bfloat16  # the user asked: honoured, with a warning
+    assert "train.precision = 'bf16'" in caplog.text and "fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="llrd_search.train"):
+        pick_precision("bf16", CPU)
+    assert caplog.text == ""
+
+
 def test_make_optimizer_is_fused_on_cpu():
     p = torch.nn.Parameter(torch.zeros(3))
     assert tr.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True

@@ -306,7 +306,8 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
 def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_study, tmp_path, small):
     name = "four"
     url = f"sqlite:///{tmp_path / 'four.db'}"
-    proc = spawn(["run", str(write_study(name=name, n_trials=8, data=small)), "--workers", "4", "--storage", url], tmp_path / "run.log")
+    # Slow trials: worker 0 runs in `run` itself and would otherwise finish all 8 before the children start.
+    proc = spawn(["run", str(write_study(name=name, n_trials=8, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "4", "--storage", url], tmp_path / "run.log")
     assert finish([proc], 300) == [0]
     log = (tmp_path / "run.log").read_text()
     assert "locked" not in log.lower()
@@ -317,6 +318,7 @@ def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_st
     assert len({tuple(sorted(t.params.items())) for t in all_trials}) == 8
     workers = {t.user_attrs["worker"] for t in all_trials}
     assert len(workers) > 1  # the trials really were spread over processes
+    assert sum(line.startswith("[") and " trial " in line for line in log.splitlines()) == 8  # every worker's trials printed once
 
 
 def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp_path, capsys, small):
@@ -344,10 +346,11 @@ def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp
 def test_sigterm_on_run_with_workers_stops_the_children(write_study, tmp_path, small):
     name = "term"
     url = f"sqlite:///{tmp_path / 'term.db'}"
-    proc = spawn(["run", str(write_study(name=name, n_trials=4, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "2", "--storage", url], tmp_path / "run.log")
+    proc = spawn(["run", str(write_study(name=name, n_trials=20, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "3", "--storage", url], tmp_path / "run.log")
     try:
+        # worker 0 runs in the `run` process itself: --workers 3 starts two children
         children = wait_for(lambda: psutil.Process(proc.pid).children(recursive=True) if len(psutil.Process(proc.pid).children()) == 2 else None, 60, "2 children")
-        wait_for(lambda: running_trial_of(url, name, [c.pid for c in children]), 120, "a running trial")
+        wait_for(lambda: running_trial_of(url, name, [c.pid for c in children]), 120, "a running trial in a child")
         proc.send_signal(signal.SIGTERM)  # only the parent: as `kill PID`, Slurm or Kubernetes would
         assert proc.wait(timeout=30) == 130
     finally:
