@@ -21,7 +21,7 @@ log = logging.getLogger("llrd_search")
 EPILOGS = {
     "run": """example:
   llrd-search run studies/sst2-minilm.toml
-  llrd-search run studies/sst2-minilm.toml --workers 2 --storage sqlite:///sst2.db""",
+  llrd-search run studies/sst2-minilm.toml --workers 1 --threads 2 --storage sqlite:///sst2.db""",
     "create": """example:
   llrd-search create studies/sst2-minilm.toml --storage postgresql+psycopg://user:pass@db:5432/llrd""",
     "worker": """example (one per GPU or machine, all with the same URL):
@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "Create or resume a study and run trials until its budget is spent.")
     p.add_argument("study_file", metavar="STUDY.toml")
     p.add_argument("--storage", metavar="URL", help=storage_help)
-    p.add_argument("--workers", type=int, default=1, metavar="K", help="local worker processes (default 1)")
+    p.add_argument(
+        "--workers", type=int, metavar="K",
+        help="local worker processes (default: $LLRD_SEARCH_WORKERS, else on a CPU one per core with 1 thread each, "
+        "at most 8 and as many as memory holds; 1 with a GPU)",
+    )
     p.add_argument("--n-trials", type=int, metavar="N", help="study-wide budget, overriding study.n_trials")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
 

@@ -19,7 +19,22 @@ from .exceptions import LLRDSearchError
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int:
-    return threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    from .train import usable_cores
+
+    return threads or max(1, usable_cores() // max(1, workers))
+
+
+def choose_workers(args: argparse.Namespace, objective: Any, remaining: int) -> int:
+    """--workers, else $LLRD_SEARCH_WORKERS, else one per core within memory (train.auto_workers)."""
+    from .train import auto_workers, workers_from_env
+
+    if args.workers:
+        return args.workers
+    env = workers_from_env()
+    if env:
+        return env
+    n_params = sum(p.numel() for p in objective.template.model.parameters())
+    return auto_workers(n_params, cuda=objective.device.type == "cuda", remaining=remaining)
 
 
 def _storage_url(args: argparse.Namespace, spec: Any) -> str:
@@ -150,31 +165,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .train import set_threads
 
     spec = load_spec(args.study_file)
-    threads = threads_per_worker(args.workers, args.threads)
-    set_threads(threads)
     objective = _preflight(spec)
     study, url, _ = _create(args, spec)
     budget = int(study.user_attrs["llrd:n_trials"])
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    workers = choose_workers(args, objective, budget - done)
+    threads = threads_per_worker(workers, args.threads)
+    set_threads(threads)
+    if budget > done:
+        print(f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)} on {objective.device.type}", file=sys.stderr)
     progress = Progress(budget, done, best_value(study))
+    objective.on_step = progress.step
     try:
-        if args.workers <= 1:
-            from .worker import run_worker
+        from .worker import run_worker
 
-            objective.on_step = progress.step
+        if workers <= 1:
 
             def on_end(st: Any, trial: Any) -> None:
                 progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
 
             run_worker(url, spec.study.name, objective_factory=lambda _spec: objective, on_trial_end=on_end)
         else:
-            from .worker import run_worker
-
-            objective.on_step = progress.step
-            run_local_workers(
-                url, spec.study.name, args.workers, threads, progress,
-                in_process=lambda: run_worker(url, spec.study.name, objective_factory=lambda _spec: objective),
-            )
+            in_process = lambda: run_worker(url, spec.study.name, objective_factory=lambda _spec: objective)  # noqa: E731
+            run_local_workers(url, spec.study.name, workers, threads, progress, in_process=in_process)
     finally:
         progress.close()
     return _summary(url, spec.study.name)

@@ -110,10 +110,15 @@ class _Signals:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
+        # Remembered even when raised: Python drops an exception raised while a GC or weakref
+        # callback runs ("Exception ignored in ..."), and the next check() must still see it.
+        self._pending = signum
         if self._depth:
-            self._pending = signum
             return
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    def clear(self) -> None:
+        self._pending = None
 
     @contextlib.contextmanager
     def deferred(self, *, raise_pending: bool = True) -> Iterator[None]:
@@ -168,7 +173,7 @@ def run_worker(
         # Data, tokenizer and model load once, before any trial: a setup error is one clear error,
         # not a string of failed trials.
         objective = (objective_factory or _default_objective)(spec)
-        with _Signals() as signals:
+        with _Signals() as signals, _step_checks(objective, signals):
             while True:
                 # Waiting for the lock can be interrupted; once it is held, a signal is held until the
                 # trial is inside the try below, whose KeyboardInterrupt branch marks it FAIL.
@@ -204,6 +209,7 @@ def run_worker(
                         _finish(study, trial, TrialState.PRUNED, wall_seconds=round(time.perf_counter() - t0, 3))
                     last_error, repeats = None, 0
                 except KeyboardInterrupt:
+                    signals.clear()  # this is that signal: raised below, after the trial is marked
                     with signals.deferred():
                         _finish(study, trial, TrialState.FAIL, fail_reason=INTERRUPTED)
                     raise
@@ -239,6 +245,27 @@ def run_worker(
     finally:
         storage.remove_session()
         storage.engine.dispose()
+
+
+@contextlib.contextmanager
+def _step_checks(objective: Any, signals: _Signals) -> Iterator[None]:
+    """Check for a held signal at every training step of an objective with an ``on_step`` hook, so
+    a signal whose KeyboardInterrupt Python dropped still stops the trial at its next step."""
+    if not hasattr(objective, "on_step"):
+        yield
+        return
+    original = objective.on_step
+
+    def hook(step: int, total: int) -> None:
+        signals.check()
+        if original is not None:
+            original(step, total)
+
+    objective.on_step = hook
+    try:
+        yield
+    finally:
+        objective.on_step = original
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None, **attrs: Any) -> bool:

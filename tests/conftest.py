@@ -89,6 +89,9 @@ def toy_data_dir(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # One tokenization cache per test session, never the user's ~/.cache.
     monkeypatch.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.getbasetemp() / "llrd-cache"))
+    # `run` defaults to one worker process per core; tests of tiny trials run one worker in-process
+    # unless they ask for more (test_workers.py tests the default itself).
+    monkeypatch.setenv("LLRD_SEARCH_WORKERS", "1")
 
 
 def study_toml(model: Path | str, data: Path | str, *, name: str = "toy", n_trials: int = 2, extra: str = "", **sections: dict) -> str:
