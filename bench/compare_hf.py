@@ -272,45 +272,8 @@ def final_accs(runs: list[dict]) -> list[float]:
     return [r["evals"][-1][1] for r in runs]
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_ours_fixed":
-        return ours_fixed(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--trials", type=int, default=12, help="trials per search (default 12)")
-    p.add_argument("--train-limit", type=int, default=2000, help="SST-2 train sentences (default 2000)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seeds", type=int, default=4, help="seeds per side for the fixed-config accuracy check (0 skips it)")
-    p.add_argument("--no-hyperband", action="store_true", help="skip the pruned search")
-    p.add_argument("--workers", type=int, help="worker processes for the parallel runs (default: one per core, 1 thread each)")
-    p.add_argument("--json", help="write all raw results here")
-    args = p.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="compare-hf-"))
-    data = work / "data"
-    write_slice(data, args.train_limit, seed=0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LLRD_SEARCH_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONPATH": str(REPO)}
-    import torch
-    from transformers import AutoTokenizer
-
-    from llrd_search.train import resolve_model_path
-
-    print(f"load before: {load()}  cpu: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    peak = matmul_peak()
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
-    import pandas as pd
-
-    texts = pd.read_csv(data / "train.csv")["text"].tolist()
-    lengths = np.array([len(x) for x in tok(texts, truncation=True, max_length=args.max_length)["input_ids"]])
-    flops = flops_per_example(resolve_model_path(MODEL), lengths)
-    top = "bf16" if peak["bf16"] else "fp32"  # the precision llrd-search trains in here (train.precision = "auto")
-    bf16 = f"bf16 {peak['bf16']:.0f} GFLOP/s" if peak["bf16"] else "bf16 not native on this CPU (llrd-search trains in fp32)"
-    print(f"cpu: {cpu_name()}\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, {bf16}; {flops / 1e9:.2f} GFLOP per train example "
-          f"(mean {lengths.mean():.1f} tokens) -> {top} ceiling {peak[top] * 1e9 / flops:.0f} examples/s", flush=True)
-    raw: dict = {"args": vars(args), "peak": peak, "flops_per_example": flops, "loads": {"before": load()}}
-
+def searches(args: argparse.Namespace, data: Path, work: Path, env: dict, raw: dict, flops: float, peak: dict, top: str, texts: list) -> None:
+    """Phases 1-4: the peer's search, ours with one and with K workers, ours with Hyperband."""
     cores = os.cpu_count() or 1
     k = args.workers or cores
     print(f"[1/5] peer: Trainer.hyperparameter_search, {args.trials} trials (load {load()})", flush=True)
@@ -344,6 +307,51 @@ def main() -> None:
         said = f"{hit:.0f} s = 1/{peer['total_s'] / hit:.1f} of the peer's {peer['total_s']:.0f} s" if hit else "not reached"
         close = f"{near:.0f} s = 1/{peer['total_s'] / near:.1f}" if near else "not reached"
         print(f"Hyperband search reaches the peer's best ({target:.4f}): {said} (target <= 1/5); within 0.5 points: {close}")
+
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_ours_fixed":
+        return ours_fixed(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--trials", type=int, default=12, help="trials per search (default 12)")
+    p.add_argument("--train-limit", type=int, default=2000, help="SST-2 train sentences (default 2000)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seeds", type=int, default=4, help="seeds per side for the fixed-config accuracy check (0 skips it)")
+    p.add_argument("--no-hyperband", action="store_true", help="skip the pruned search")
+    p.add_argument("--workers", type=int, help="worker processes for the parallel runs (default: one per core, 1 thread each)")
+    p.add_argument("--json", help="write all raw results here")
+    p.add_argument("--fixed-only", action="store_true", help="only the fixed-config accuracy check (--seeds per side)")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="compare-hf-"))
+    data = work / "data"
+    write_slice(data, args.train_limit, seed=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "LLRD_SEARCH_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONPATH": str(REPO)}
+    import torch
+    from transformers import AutoTokenizer
+
+    from llrd_search.train import resolve_model_path
+
+    print(f"load before: {load()}  cpu: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    peak = matmul_peak()
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+    import pandas as pd
+
+    texts = pd.read_csv(data / "train.csv")["text"].tolist()
+    lengths = np.array([len(x) for x in tok(texts, truncation=True, max_length=args.max_length)["input_ids"]])
+    flops = flops_per_example(resolve_model_path(MODEL), lengths)
+    top = "bf16" if peak["bf16"] else "fp32"  # the precision llrd-search trains in here (train.precision = "auto")
+    bf16 = f"bf16 {peak['bf16']:.0f} GFLOP/s" if peak["bf16"] else "bf16 not native on this CPU (llrd-search trains in fp32)"
+    print(f"cpu: {cpu_name()}\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, {bf16}; {flops / 1e9:.2f} GFLOP per train example "
+          f"(mean {lengths.mean():.1f} tokens) -> {top} ceiling {peak[top] * 1e9 / flops:.0f} examples/s", flush=True)
+    raw: dict = {"args": vars(args), "peak": peak, "flops_per_example": flops, "loads": {"before": load()}}
+
+    if not args.fixed_only:
+        searches(args, data, work, env, raw, flops, peak, top, texts)
 
     if args.seeds:
         print(f"\n[5/5] fixed config {FIXED}, seeds 0..{args.seeds - 1} each side (load {load()})", flush=True)

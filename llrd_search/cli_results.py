@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .cli_search import Progress, best_value, run_local_workers, threads_per_worker, trial_line
+from .cli_search import Progress, best_value
 from .exceptions import LLRDSearchError
+from .local_workers import run_local_workers, threads_per_worker
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -45,8 +46,8 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
 
             def on_end(st: Any, trial: Any) -> None:
                 hook(st, trial)
-                if args.workers <= 1:  # with more, a monitor thread prints every worker's trials
-                    progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
+                if args.workers <= 1:  # with more, a monitor thread reports every worker's trials
+                    progress.trial(st, trial)
 
             def worker() -> None:
                 run_worker(args.storage, name, objective_factory=lambda spec: Objective(spec, on_step=progress.step), on_trial_end=on_end)
@@ -54,7 +55,7 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
             if args.workers <= 1:
                 worker()
             else:
-                run_local_workers(args.storage, name, args.workers, threads, progress, in_process=worker)
+                run_local_workers(args.storage, name, args.workers, threads, progress.trial, in_process=worker)
         finally:
             progress.close()
 

@@ -4,37 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-from .exceptions import LLRDSearchError
-
 # --------------------------------------------------------------------------- helpers
-
-
-def threads_per_worker(workers: int, threads: int | None) -> int:
-    from .train import usable_cores
-
-    return threads or max(1, usable_cores() // max(1, workers))
-
-
-def choose_workers(args: argparse.Namespace, objective: Any, remaining: int) -> int:
-    """--workers, else $LLRD_SEARCH_WORKERS, else one per core within memory (train.auto_workers)."""
-    from .train import auto_workers, workers_from_env
-
-    if args.workers:
-        return args.workers
-    env = workers_from_env()
-    if env:
-        return env
-    n_params = sum(p.numel() for p in objective.template.model.parameters())
-    return auto_workers(n_params, cuda=objective.device.type == "cuda", remaining=remaining)
 
 
 def _storage_url(args: argparse.Namespace, spec: Any) -> str:
@@ -112,6 +86,11 @@ class Progress:
             eta = rate * max(0, self.total - done)
             print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
+    def trial(self, study: Any, trial: Any) -> None:
+        """Report a finished trial of ``study`` (any worker's)."""
+        finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        self.update(finished, best_value(study), trial_line(trial))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -161,6 +140,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .local_workers import choose_workers, run_local_workers, threads_per_worker
     from .spec import load_spec
     from .train import set_threads
 
@@ -169,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     study, url, _ = _create(args, spec)
     budget = int(study.user_attrs["llrd:n_trials"])
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-    workers = choose_workers(args, objective, budget - done)
+    workers = choose_workers(args.workers, objective, budget - done)
     threads = threads_per_worker(workers, args.threads)
     set_threads(threads)
     if budget > done:
@@ -180,121 +160,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .worker import run_worker
 
         if workers <= 1:
-
-            def on_end(st: Any, trial: Any) -> None:
-                progress.update(sum(t.state.name in ("COMPLETE", "PRUNED") for t in st.get_trials(deepcopy=False)), best_value(st), trial_line(trial))
-
-            run_worker(url, spec.study.name, objective_factory=lambda _spec: objective, on_trial_end=on_end)
+            run_worker(url, spec.study.name, objective_factory=lambda _spec: objective, on_trial_end=progress.trial)
         else:
             in_process = lambda: run_worker(url, spec.study.name, objective_factory=lambda _spec: objective)  # noqa: E731
-            run_local_workers(url, spec.study.name, workers, threads, progress, in_process=in_process)
+            run_local_workers(url, spec.study.name, workers, threads, progress.trial, in_process=in_process)
     finally:
         progress.close()
     return _summary(url, spec.study.name)
-
-
-def run_local_workers(
-    url: str, name: str, workers: int, threads: int, progress: Progress, in_process: Callable[[], Any] | None = None
-) -> None:
-    """``workers`` workers on this machine. With ``in_process``, worker 0 is that call, run here
-    with what this process already loaded (no second start-up: ~4 s of import and model load), and
-    ``workers - 1`` child processes join it; without, all are children. Finished trials of every
-    worker are printed by a thread that polls the storage."""
-    from .storage import shareable_url
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
-    child_url, has_password = shareable_url(url)
-    if has_password:
-        from sqlalchemy.engine import make_url
-
-        env["PGPASSWORD"] = str(make_url(url).password)
-    first = 1 if in_process is not None else 0
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
-            env=env,
-        )
-        for i in range(first, workers)
-    ]
-    monitor = _TrialMonitor(url, name, progress)
-    try:
-        if in_process is not None:
-            in_process()
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
-        # give them time to mark their trials FAIL (a second signal is harmless: they defer it).
-        _stop(procs, wait=30)
-        raise
-    except BaseException:
-        _stop(procs, wait=30)  # e.g. worker 0 stopped after repeated failures: the others would too
-        raise
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        monitor.stop()
-    failed = [p.returncode for p in procs if p.returncode]
-    if failed:
-        raise LLRDSearchError(f"{len(failed)} of {workers} workers exited with an error (see their messages above)")
-
-
-def _stop(procs: list[subprocess.Popen], wait: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-class _TrialMonitor:
-    """Prints every newly finished trial of the study (all workers') from a background thread."""
-
-    def __init__(self, url: str, name: str, progress: Progress, every: float = 2.0):
-        import threading
-
-        self.url, self.name, self.progress, self.every = url, name, progress, every
-        self.seen: set[int] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="llrd-trial-monitor")
-        self._thread.start()
-
-    def _run(self) -> None:
-        import optuna
-
-        from .storage import open_storage
-
-        storage = open_storage(self.url)
-        try:
-            study = optuna.load_study(study_name=self.name, storage=storage)
-            self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-            while True:
-                stopping = self._stop.wait(self.every)
-                try:
-                    self._poll(study)
-                except Exception as err:  # a storage hiccup: the workers ride it out, so do we
-                    logging.getLogger(__name__).debug("progress poll failed: %s", err)
-                if stopping:
-                    return
-        finally:
-            storage.engine.dispose()
-
-    def _poll(self, study: Any) -> None:
-        assert self.seen is not None
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(x.state.name in ("COMPLETE", "PRUNED") for x in trials)
-        for t in sorted((t for t in trials if t.state.is_finished() and t.number not in self.seen), key=lambda t: t.number):
-            self.seen.add(t.number)
-            self.progress.update(finished, best_value(study), trial_line(t))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 def _summary(url: str, name: str) -> int:

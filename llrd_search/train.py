@@ -157,62 +157,6 @@ def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-WORKERS_ENV = "LLRD_SEARCH_WORKERS"
-MAX_AUTO_WORKERS = 8
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset, cgroups' cpusets, Slurm's binding
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def available_memory() -> int | None:
-    """Bytes a new process could take without swapping (Linux MemAvailable), or None if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def worker_memory(n_params: int) -> int:
-    """What one worker holds at its peak: the template and the trial copy, gradients and AdamW's two
-    moments (~6 fp32 copies of the weights), plus ~1.5 GB of torch runtime, data and activations
-    (a MiniLM worker peaked at ~2 GB here)."""
-    return 6 * 4 * n_params + 1_500_000_000
-
-
-def auto_workers(n_params: int, *, cuda: bool, remaining: int, cores: int | None = None, memory: int | None = None) -> int:
-    """The default of ``run --workers``: one single-threaded worker per core on a CPU, because the
-    kernels of one small-batch step use one core better than two (2 workers x 1 thread trained
-    25-31 % more examples/s than 1 x 2 threads on both CPUs in docs/performance.md). Bounded by
-    memory, by the trials left (a worker with nothing to do only costs its start-up) and by
-    MAX_AUTO_WORKERS (TPE learns less when many trials run at once). One on a GPU machine: start one
-    ``worker`` per GPU instead (docs/distributed.md)."""
-    if cuda:
-        return 1
-    cores = usable_cores() if cores is None else cores
-    memory = available_memory() if memory is None else memory
-    by_memory = max(1, int(0.8 * memory) // worker_memory(n_params)) if memory else cores
-    return max(1, min(cores, by_memory, max(1, remaining), MAX_AUTO_WORKERS))
-
-
-def workers_from_env() -> int | None:
-    """``LLRD_SEARCH_WORKERS``, the default for ``--workers`` when set (e.g. 1 in a job script)."""
-    raw = os.environ.get(WORKERS_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        from .exceptions import LLRDSearchError
-
-        raise LLRDSearchError(f"{WORKERS_ENV}: must be a whole number >= 1 (got '{raw}'); unset it for one worker per core")
-    return int(raw)
-
-
 def set_threads(n: int | None) -> None:
     """Intra-op threads; K local workers get cores // K each so they do not oversubscribe."""
     if n:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from llrd_search import local_workers as lw
 from llrd_search import train as tr
 from llrd_search.data import load_task_data
 from llrd_search.exceptions import LLRDSearchError, TrainingError
@@ -110,26 +111,26 @@ GB = 1_000_000_000
 
 def test_auto_workers_one_per_core_within_memory_trials_and_cap():
     minilm = 22_700_000  # worker_memory: 24 B/param + 1.5 GB = 2.04 GB
-    assert tr.worker_memory(minilm) == 24 * minilm + 1_500_000_000
-    assert tr.auto_workers(minilm, cuda=False, remaining=12, cores=2, memory=24 * GB) == 2
-    assert tr.auto_workers(minilm, cuda=False, remaining=12, cores=64, memory=512 * GB) == tr.MAX_AUTO_WORKERS
-    assert tr.auto_workers(minilm, cuda=False, remaining=12, cores=16, memory=8 * GB) == 3  # 6.4 GB usable / 2.04
-    assert tr.auto_workers(minilm, cuda=False, remaining=1, cores=16, memory=64 * GB) == 1
-    assert tr.auto_workers(minilm, cuda=False, remaining=0, cores=16, memory=64 * GB) == 1
-    assert tr.auto_workers(minilm, cuda=False, remaining=12, cores=16, memory=1 * GB) == 1
-    assert tr.auto_workers(minilm, cuda=True, remaining=12, cores=16, memory=64 * GB) == 1
-    assert tr.auto_workers(335_000_000, cuda=False, remaining=12, cores=16, memory=32 * GB) == 2  # RoBERTa-large: 9.5 GB each
+    assert lw.worker_memory(minilm) == 24 * minilm + 1_500_000_000
+    assert lw.auto_workers(minilm, cuda=False, remaining=12, cores=2, memory=24 * GB) == 2
+    assert lw.auto_workers(minilm, cuda=False, remaining=12, cores=64, memory=512 * GB) == lw.MAX_AUTO_WORKERS
+    assert lw.auto_workers(minilm, cuda=False, remaining=12, cores=16, memory=8 * GB) == 3  # 6.4 GB usable / 2.04
+    assert lw.auto_workers(minilm, cuda=False, remaining=1, cores=16, memory=64 * GB) == 1
+    assert lw.auto_workers(minilm, cuda=False, remaining=0, cores=16, memory=64 * GB) == 1
+    assert lw.auto_workers(minilm, cuda=False, remaining=12, cores=16, memory=1 * GB) == 1
+    assert lw.auto_workers(minilm, cuda=True, remaining=12, cores=16, memory=64 * GB) == 1
+    assert lw.auto_workers(335_000_000, cuda=False, remaining=12, cores=16, memory=32 * GB) == 2  # RoBERTa-large: 9.5 GB each
 
 
 def test_workers_env(monkeypatch):
     monkeypatch.setenv("LLRD_SEARCH_WORKERS", "3")
-    assert tr.workers_from_env() == 3
+    assert lw.workers_from_env() == 3
     monkeypatch.setenv("LLRD_SEARCH_WORKERS", "")
-    assert tr.workers_from_env() is None
+    assert lw.workers_from_env() is None
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("LLRD_SEARCH_WORKERS", bad)
         with pytest.raises(LLRDSearchError, match=f"LLRD_SEARCH_WORKERS: must be a whole number >= 1 \\(got '{bad}'\\)"):
-            tr.workers_from_env()
+            lw.workers_from_env()
 
 
 def test_make_optimizer_is_fused_on_cpu():

@@ -374,10 +374,10 @@ def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp
 
 
 def test_run_defaults_to_one_single_threaded_worker_per_core(write_study, tmp_path, small, monkeypatch, capsys):
-    import llrd_search.train as tr
+    import llrd_search.local_workers as lw
 
     monkeypatch.delenv("LLRD_SEARCH_WORKERS")
-    monkeypatch.setattr(tr, "usable_cores", lambda: 2)
+    monkeypatch.setattr(lw, "usable_cores", lambda: 2)
     name = "auto"
     url = f"sqlite:///{tmp_path / 'auto.db'}"
     assert main(["run", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small)), "--storage", url]) == 0
