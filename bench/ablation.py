@@ -45,6 +45,8 @@ def main() -> None:
                    help="auto: bf16 autocast where the CPU has AMX/AVX512-BF16, else fp32 (as llrd-search's train.precision)")
     args = p.parse_args()
 
+    from compare_hf import cpu_name  # bench/ is on sys.path when this script runs
+
     from llrd_search import fastpath
     from llrd_search import train as tr
     from llrd_search.objective import Objective
@@ -130,13 +132,6 @@ CATEGORIES = {
     "other elementwise (dropout, residual, scaling, masks)": ("aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::ge", "aten::where",
                                                             "aten::masked_fill_", "aten::sum", "aten::fill_", "aten::div_", "aten::index_select"),
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def print_profile(prof, wall: float, steps: int, examples: int) -> None:

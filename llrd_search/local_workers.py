@@ -122,13 +122,11 @@ def run_local_workers(
             in_process()
         while any(p.poll() is None for p in procs):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
-        # give them time to mark their trials FAIL (a second signal is harmless: they defer it).
-        _stop(procs, wait=30)
-        raise
     except BaseException:
-        _stop(procs, wait=30)  # e.g. worker 0 stopped after repeated failures: the others would too
+        # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
+        # give them time to mark their trials FAIL (a second signal is harmless: they defer it). The
+        # same when worker 0 stopped on an error (e.g. repeated failures): the others would too.
+        _stop(procs, wait=30)
         raise
     finally:
         for p in procs:
