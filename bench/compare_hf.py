@@ -54,10 +54,14 @@ def load() -> str:
 def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 1.0) -> dict[str, float | None]:
     """Best GFLOP/s of an n x n matmul over ``sizes``, fp32 and bf16. bf16 only where the CPU runs it
     natively (AMX / AVX512-BF16): elsewhere torch's bf16 matmul is a slow fallback (0.3 GFLOP/s on
-    an AVX2 EPYC), llrd-search trains in fp32 there, and the bf16 peak is reported as None."""
+    an AVX2 EPYC), llrd-search trains in fp32 there, and the bf16 peak is reported as None.
+    On a CUDA machine: the GPU's peaks (fp32 without TF32, bf16), measured the same way."""
     import torch
 
     from llrd_search.train import cpu_has_fast_bf16
+
+    if torch.cuda.is_available():
+        return gpu_matmul_peak()
 
     out: dict[str, float | None] = {"bf16": None}
     kinds = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if cpu_has_fast_bf16() else (("fp32", torch.float32),)
@@ -75,6 +79,31 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 1.
     return out
 
 
+def gpu_matmul_peak(n: int = 8192, reps: int = 10) -> dict[str, float | None]:
+    """The GPU's dense matmul peaks in GFLOP/s (fp32 with TF32 off, as torch's default; bf16)."""
+    import torch
+
+    out: dict[str, float | None] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        out[name] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def device_name() -> str:
+    """The GPU's name on a CUDA machine, else the CPU's."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+
+
 def flops_per_example(model_path: str, lengths: np.ndarray) -> float:
     """Training FLOPs of one example: 6 x non-embedding params x tokens, plus attention scores
     (QK^T and AV: 4 T^2 d per layer forward, x3 with backward). Real tokens only, no padding."""
@@ -90,19 +119,19 @@ def flops_per_example(model_path: str, lengths: np.ndarray) -> float:
 # --------------------------------------------------------------------------- the two sides
 
 
-def write_slice(folder: Path, train_limit: int, seed: int) -> None:
+def write_slice(folder: Path, train_limit: int, seed: int, source: Path = SST2) -> None:
     """The same stratified train slice for both sides, as CSV; the full validation split."""
     import pandas as pd
 
     from llrd_search.data import stratified_indices
 
-    train = pd.read_csv(SST2 / "train.csv")
+    train = pd.read_csv(source / "train.csv")
     if 0 < train_limit < len(train):
         idx = stratified_indices(train["label"].to_numpy(), train_limit / len(train), seed)[:train_limit]
         train = train.iloc[idx]
     folder.mkdir(parents=True, exist_ok=True)
     train.to_csv(folder / "train.csv", index=False)
-    pd.read_csv(SST2 / "validation.csv").to_csv(folder / "validation.csv", index=False)
+    pd.read_csv(source / "validation.csv").to_csv(folder / "validation.csv", index=False)
 
 
 def study_toml(path: Path, data: Path, args: argparse.Namespace, *, name: str, pruner: str, evals: int) -> Path:
@@ -115,7 +144,7 @@ sampler = "tpe"
 pruner = "{pruner}"
 storage = "sqlite:///{path.with_suffix('.db')}"
 [model]
-name = "{MODEL}"
+name = "{args.model}"
 max_length = {args.max_length}
 [data]
 path = "{data}"
@@ -158,10 +187,12 @@ def run_peer(data: Path, args: argparse.Namespace, json_out: Path, env: dict, ex
     from llrd_search.train import resolve_model_path
 
     t0 = time.time()
-    cmd = [sys.executable, str(REPO / "bench" / "hf_peer.py"), "--data", str(data), "--model", resolve_model_path(MODEL),
+    cmd = [sys.executable, str(REPO / "bench" / "hf_peer.py"), "--data", str(data), "--model", resolve_model_path(args.model),
            "--json", str(json_out), "--spawn", str(t0), "--trials", str(args.trials), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--space", json.dumps(SPACE),
            "--enqueue", json.dumps(PAPER_POINTS), "--startup", str(min(10, max(2, args.trials // 3))), *extra]
+    if args.cuda:
+        cmd.append("--bf16")  # on a GPU a Trainer user turns bf16 on (TrainingArguments(bf16=True)); we train in bf16 there too
     with open(json_out.with_suffix(".log"), "w") as log:
             subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     return {"workers": 1, **json.loads(json_out.read_text())}
@@ -171,7 +202,7 @@ def peer_seeds(data: Path, args: argparse.Namespace, work: Path, env: dict) -> d
     """The peer on FIXED for seeds 0..S-1: one single-threaded process per core, seeds split."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = max(1, min(os.cpu_count() or 1, args.seeds))
+    cores = 1 if args.cuda else max(1, min(os.cpu_count() or 1, args.seeds))
     share = [list(range(args.seeds))[i::cores] for i in range(cores)]
     jobs = [(i, s) for i, s in enumerate(share) if s]
     one = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cores))}
@@ -275,7 +306,7 @@ def final_accs(runs: list[dict]) -> list[float]:
 def searches(args: argparse.Namespace, data: Path, work: Path, env: dict, raw: dict, flops: float, peak: dict, top: str, texts: list) -> None:
     """Phases 1-4: the peer's search, ours with one and with K workers, ours with Hyperband."""
     cores = os.cpu_count() or 1
-    k = args.workers or cores
+    k = args.workers or (1 if args.cuda else cores)  # one GPU: one worker, as `llrd-search run` chooses
     print(f"[1/5] peer: Trainer.hyperparameter_search, {args.trials} trials (load {load()})", flush=True)
     raw["peer"] = normalize_peer(run_peer(data, args, work / "peer.json", env, ["--storage", f"sqlite:///{work / 'peer.db'}"]), len(texts), args.epochs)
     rows = {"HF Trainer (peer)": summarize(raw["peer"], flops, peak)}
@@ -324,11 +355,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="worker processes for the parallel runs (default: one per core, 1 thread each)")
     p.add_argument("--json", help="write all raw results here")
     p.add_argument("--fixed-only", action="store_true", help="only the fixed-config accuracy check (--seeds per side)")
+    p.add_argument("--model", default=MODEL, help="hub id or model directory (default: the packaged MiniLM)")
+    p.add_argument("--data", type=Path, default=SST2, help="folder with SST-2's train.csv and validation.csv")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="compare-hf-"))
     data = work / "data"
-    write_slice(data, args.train_limit, seed=0)
+    write_slice(data, args.train_limit, seed=0, source=args.data)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "LLRD_SEARCH_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONPATH": str(REPO)}
     import torch
@@ -336,19 +369,23 @@ def main() -> None:
 
     from llrd_search.train import resolve_model_path
 
+    args.cuda = torch.cuda.is_available()
+
     print(f"load before: {load()}  cpu: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peak = matmul_peak()
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     import pandas as pd
 
     texts = pd.read_csv(data / "train.csv")["text"].tolist()
     lengths = np.array([len(x) for x in tok(texts, truncation=True, max_length=args.max_length)["input_ids"]])
-    flops = flops_per_example(resolve_model_path(MODEL), lengths)
+    flops = flops_per_example(resolve_model_path(args.model), lengths)
     top = "bf16" if peak["bf16"] else "fp32"  # the precision llrd-search trains in here (train.precision = "auto")
     bf16 = f"bf16 {peak['bf16']:.0f} GFLOP/s" if peak["bf16"] else "bf16 not native on this CPU (llrd-search trains in fp32)"
-    print(f"cpu: {cpu_name()}\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, {bf16}; {flops / 1e9:.2f} GFLOP per train example "
+    if args.cuda:
+        top = "bf16"  # precision = "auto" trains in bf16 on a GPU
+    print(f"device: {device_name()}\nmatmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, {bf16}; {flops / 1e9:.2f} GFLOP per train example "
           f"(mean {lengths.mean():.1f} tokens) -> {top} ceiling {peak[top] * 1e9 / flops:.0f} examples/s", flush=True)
-    raw: dict = {"args": vars(args), "peak": peak, "flops_per_example": flops, "loads": {"before": load()}}
+    raw: dict = {"device": device_name(), "args": {**vars(args), "data": str(args.data)}, "peak": peak, "flops_per_example": flops, "loads": {"before": load()}}
 
     if not args.fixed_only:
         searches(args, data, work, env, raw, flops, peak, top, texts)

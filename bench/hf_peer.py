@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--space", required=True, help="JSON {name: [low, high, log]}")
     p.add_argument("--fixed", help="JSON params: train this one config for each of --seeds instead of searching")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): what a Trainer user sets on a GPU")
     p.add_argument("--first-seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             report_to="none",
             disable_tqdm=True,
             seed=seed,
+            bf16=args.bf16,
         )
 
     # ---- timing hooks ---------------------------------------------------------------------------
