@@ -194,7 +194,9 @@ def run_peer(data: Path, args: argparse.Namespace, json_out: Path, env: dict, ex
     if args.cuda:
         cmd.append("--bf16")  # on a GPU a Trainer user turns bf16 on (TrainingArguments(bf16=True)); we train in bf16 there too
     with open(json_out.with_suffix(".log"), "w") as log:
-            subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"the peer failed (exit {done.returncode}); the end of {json_out.with_suffix('.log')}:\n" + json_out.with_suffix(".log").read_text()[-3000:])
     return {"workers": 1, **json.loads(json_out.read_text())}
 
 
@@ -363,7 +365,8 @@ def main() -> None:
     data = work / "data"
     write_slice(data, args.train_limit, seed=0, source=args.data)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LLRD_SEARCH_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-cache"), "PYTHONPATH": str(REPO)}
+           "LLRD_SEARCH_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-cache"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     import torch
     from transformers import AutoTokenizer
 
