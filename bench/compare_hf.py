@@ -313,15 +313,19 @@ def searches(args: argparse.Namespace, data: Path, work: Path, env: dict, raw: d
     raw["peer"] = normalize_peer(run_peer(data, args, work / "peer.json", env, ["--storage", f"sqlite:///{work / 'peer.db'}"]), len(texts), args.epochs)
     rows = {"HF Trainer (peer)": summarize(raw["peer"], flops, peak)}
     rows["HF Trainer (peer)"]["workers"] = f"1 x {raw['peer']['threads']}"
+    print(table({"HF Trainer (peer)": rows["HF Trainer (peer)"]}), flush=True)
     runs = [("ours", 1, "none", 2, "llrd-search run"), (f"ours_{k}w", k, "none", 2, f"llrd-search run --workers {k}")]
     if not args.no_hyperband:
         runs.append(("ours_hb", k, "hyperband", 3, f"llrd-search run --workers {k}, Hyperband, 3 evals/epoch"))
-    for i, (name, workers, pruner, evals, label) in enumerate(runs if k > 1 else [r for r in runs if r[1] == 1 or r[2] != "none"], 2):
+    if k == 1:  # "--workers 1" is the first run again
+        runs = [r for r in runs if r[0] != f"ours_{k}w"]
+    for i, (name, workers, pruner, evals, label) in enumerate(runs, 2):
         print(f"[{i}/5] {label}: {args.trials} trials (load {load()})", flush=True)
         toml = study_toml(work / f"{name}.toml", data, args, name=name, pruner=pruner, evals=evals)
         raw[name] = normalize_ours(run_ours(toml, env, workers), args.batch_size, len(texts))
         rows[label] = summarize(raw[name], flops, peak)
         rows[label]["workers"] = f"{workers} x {max(1, cores // workers)}"
+        print(table({label: rows[label]}), flush=True)  # each phase as it ends: a run cut short keeps what it measured
     raw["loads"]["after_searches"] = load()
 
     print()
