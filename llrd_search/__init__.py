@@ -19,6 +19,8 @@ _LAZY = {
     "load_config": "llrd_search.export",
     "StudySpec": "llrd_search.spec",
     "LLRDSearchError": "llrd_search.exceptions",
+    "suggest_param_groups": "llrd_search.user_objective",
+    "trial_seed": "llrd_search.user_objective",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -25,7 +25,9 @@ EPILOGS = {
     "create": """example:
   llrd-search create studies/sst2-minilm.toml --storage postgresql+psycopg://user:pass@db:5432/llrd""",
     "worker": """example (one per GPU or machine, all with the same URL):
-  llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm""",
+  llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm
+with your own training code (a function(trial) -> float in my_training.py, in the current directory):
+  llrd-search worker --storage sqlite:///trec.db --study trec-minilm --objective my_training:objective""",
     "status": """example:
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format json""",
@@ -53,6 +55,11 @@ from another machine, tunnel instead of --host 0.0.0.0:  ssh -L 8080:127.0.0.1:8
 
 
 
+
+OBJECTIVE_HELP = (
+    "your own objective, package.module:function taking an Optuna trial and returning the metric to maximize "
+    "(imported from the current directory; default: the study's train.objective, else the built-in loop)"
+)
 
 # --------------------------------------------------------------------------- parser
 
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
     p.add_argument("--study", required=True, metavar="NAME", help="study name")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's choice)")
+    p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
@@ -122,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="W", help="local worker processes (default 1)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
     p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)
 
     p = add("export", cmd_export, "Write the best configuration (after confirmation when it exists) as JSON or YAML.")
     p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")

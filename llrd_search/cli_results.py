@@ -39,7 +39,7 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
         storage.engine.dispose()
         try:
             from .confirm import retry_hook
-            from .objective import Objective
+            from .user_objective import pick_objective
             from .worker import run_worker
 
             hook = retry_hook(args.storage, name)
@@ -50,12 +50,12 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
                     progress.trial(st, trial)
 
             def worker() -> None:
-                run_worker(args.storage, name, objective_factory=lambda spec: Objective(spec, on_step=progress.step), on_trial_end=on_end)
+                run_worker(args.storage, name, objective_factory=lambda spec: pick_objective(spec, args.objective, on_step=progress.step), on_trial_end=on_end)
 
             if args.workers <= 1:
                 worker()
             else:
-                run_local_workers(args.storage, name, args.workers, threads, progress.trial, in_process=worker)
+                run_local_workers(args.storage, name, args.workers, threads, progress.trial, in_process=worker, objective=args.objective)
         finally:
             progress.close()
 
@@ -73,6 +73,10 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     for key in ("top", "seeds"):
         if getattr(args, key) < 1:
             raise LLRDSearchError(f"--{key}: must be >= 1 (got {getattr(args, key)})")
+    if args.objective:  # a bad path fails before the linked study is made
+        from .user_objective import load_objective
+
+        load_objective(args.objective, "--objective")
     threads = threads_per_worker(args.workers, args.threads)
     set_threads(threads)
     plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads))

@@ -40,6 +40,10 @@ def _preflight(spec: Any) -> Any:
         build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
     except ModelError as err:
         raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
+    if spec.train.objective:  # a study naming a broken objective is not created
+        from .user_objective import load_objective
+
+        load_objective(spec.train.objective, "train.objective")
     return objective
 
 
@@ -149,13 +153,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     study, url, _ = _create(args, spec)
     budget = int(study.user_attrs["llrd:n_trials"])
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-    workers = choose_workers(args.workers, objective, budget - done)
+    if spec.train.objective:
+        # The user's training code picks its own threads and device: one worker unless asked.
+        from .local_workers import workers_from_env
+        from .user_objective import load_objective
+
+        workers = args.workers or workers_from_env() or 1
+        objective = load_objective(spec.train.objective, "train.objective")
+    else:
+        workers = choose_workers(args.workers, objective, budget - done)
     threads = threads_per_worker(workers, args.threads)
     set_threads(threads)
     if budget > done:
-        print(f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)} on {objective.device.type}", file=sys.stderr)
+        where = f" on {objective.device.type}" if hasattr(objective, "device") else f" running {spec.train.objective}"
+        print(f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}{where}", file=sys.stderr)
     progress = Progress(budget, done, best_value(study))
-    objective.on_step = progress.step
+    if hasattr(objective, "on_step"):
+        objective.on_step = progress.step
     try:
         from .worker import run_worker
 
@@ -188,9 +202,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import run_worker
 
     set_threads(args.threads)
+    factory = None
+    if args.objective:
+        from .user_objective import load_objective
+
+        user = load_objective(args.objective, "--objective")  # a bad path fails before joining the study
+        factory = lambda _spec: user  # noqa: E731
     # Quiet children of `run --workers K`: the parent already prints each finished trial.
     on_end = None if args.quiet else (lambda _s, t: print(trial_line(t), file=sys.stderr, flush=True))
-    n = run_worker(args.storage, args.study, worker_index=args.worker_index, on_trial_end=on_end)
+    n = run_worker(args.storage, args.study, worker_index=args.worker_index, objective_factory=factory, on_trial_end=on_end)
     if not args.quiet:
         print(f"worker done: ran {n} trials; the study's budget is spent", file=sys.stderr)
     return 0

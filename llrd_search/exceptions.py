@@ -66,3 +66,9 @@ class RepeatedFailureError(LLRDSearchError):
     """A worker saw the same error on several trials in a row and stopped instead of burning the budget."""
 
     exit_code = 4
+
+
+class ObjectiveError(LLRDSearchError):
+    """A user objective (``--objective`` / ``train.objective``) cannot be imported or called."""
+
+    exit_code = 2

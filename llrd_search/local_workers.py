@@ -93,12 +93,19 @@ def choose_workers(requested: int | None, objective: Any, remaining: int) -> int
 
 
 def run_local_workers(
-    url: str, name: str, workers: int, threads: int, on_trial: Callable[[Any, Any], None], in_process: Callable[[], Any] | None = None
+    url: str,
+    name: str,
+    workers: int,
+    threads: int,
+    on_trial: Callable[[Any, Any], None],
+    in_process: Callable[[], Any] | None = None,
+    objective: str | None = None,
 ) -> None:
     """``workers`` workers on this machine. With ``in_process``, worker 0 is that call, run here
     with what this process already loaded (no second start-up: ~4 s of import and model load), and
     ``workers - 1`` child processes join it; without, all are children. Finished trials of every
-    worker go to ``on_trial(study, trial)`` from a thread that polls the storage."""
+    worker go to ``on_trial(study, trial)`` from a thread that polls the storage. ``objective``
+    (``module:function``) is passed on to the children as ``--objective``."""
     from .storage import shareable_url
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -111,7 +118,8 @@ def run_local_workers(
     first = 1 if in_process is not None else 0
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"],
+            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
+            + (["--objective", objective] if objective else []),
             env=env,
         )
         for i in range(first, workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -134,6 +135,16 @@ class TrainSection(_Section):
     # Sort examples by length inside shuffled mega-batches: much less padding, same randomness
     # at the batch level (~1.8x faster on SST-2 here).
     length_bucketing: bool = True
+    # The default objective of this study's workers, "package.module:function" (imported from the
+    # worker's current directory); unset: the built-in loop. `worker --objective` overrides it.
+    objective: str | None = None
+
+    @field_validator("objective")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"'{value}' must look like package.module:function (e.g. my_training:objective)")
+        return value
 
 
 class SpaceSection(_Section):

@@ -287,6 +287,6 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
 
 
 def _default_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:
-    from .objective import Objective
+    from .user_objective import pick_objective
 
-    return Objective(spec)
+    return pick_objective(spec)  # the study's train.objective, else the built-in loop
