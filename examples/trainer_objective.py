@@ -53,9 +53,9 @@ def compute_metrics(pred):
 
 def objective(trial) -> float:
     model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=len(labels))
-    args = TrainingArguments(
+    args = TrainingArguments(  # (transformers 5: warmup_steps < 1 is a ratio of the total steps)
         output_dir=f"/tmp/trec-trial-{trial.number}", num_train_epochs=3, per_device_train_batch_size=32,
-        warmup_ratio=0.1, eval_strategy="epoch", save_strategy="no", report_to=[], seed=trial_seed(trial),
+        warmup_steps=0.1, eval_strategy="epoch", save_strategy="no", report_to=[], seed=trial_seed(trial),
     )
     optimizer = torch.optim.AdamW(suggest_param_groups(trial, model, weight_decay=0.01))  # <- llrd-search
     pruning = PruningCallback(trial, metric="eval_f1")  # <- llrd-search

@@ -7,11 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import optuna
 import pytest
-import torch
 from conftest import REPO
 from optuna.trial import TrialState
 
@@ -55,6 +53,18 @@ def objective(trial):
 def _cli(*args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-m", "llrd_search", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def _main(*args: str, cwd) -> int:
+    """The CLI in this process (no interpreter start-up): for commands whose own process adds nothing."""
+    from llrd_search.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return main(list(args))
+    finally:
+        os.chdir(old)
 
 
 def _tiny_classifier(model_dir, n_labels: int = 2):
@@ -129,7 +139,7 @@ def test_load_objective_errors_name_the_source_and_the_problem(tmp_path, monkeyp
 def test_worker_with_a_bad_objective_is_one_line_and_runs_nothing(write_study, tmp_path):
     study_file = write_study()
     url = f"sqlite:///{tmp_path / 's.db'}"
-    assert _cli("create", str(study_file), "--storage", url, cwd=tmp_path).returncode == 0
+    assert _main("create", str(study_file), "--storage", url, cwd=tmp_path) == 0
     r = _cli("worker", "--storage", url, "--study", "toy", "--objective", "nowhere_xyz:objective", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["Error: --objective: module 'nowhere_xyz' not found "
@@ -142,10 +152,10 @@ def test_spec_objective_must_be_module_colon_function(write_study):
         load_spec(write_study(train={"objective": "plain"}))
 
 
-def test_create_refuses_a_study_whose_objective_does_not_import(write_study, tmp_path):
+def test_create_refuses_a_study_whose_objective_does_not_import(write_study, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    r = _cli("create", str(write_study(train={"objective": "nowhere_xyz:objective"})), "--storage", url, cwd=tmp_path)
-    assert r.returncode == 2 and "train.objective: module 'nowhere_xyz' not found" in r.stderr
+    assert _main("create", str(write_study(train={"objective": "nowhere_xyz:objective"})), "--storage", url, cwd=tmp_path) == 2
+    assert "Error: train.objective: module 'nowhere_xyz' not found" in capsys.readouterr().err
     assert "toy" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
 
 
@@ -167,16 +177,14 @@ def _assert_budget_with_llrd_attrs(url: str, name: str, n: int) -> list:
 def test_plain_pytorch_loop_through_worker_objective(write_study, tiny_model_dir, tmp_path):
     (tmp_path / "plainloop.py").write_text(PLAIN_LOOP)
     url = f"sqlite:///{tmp_path / 's.db'}"
-    assert _cli("create", str(write_study(n_trials=3, study={"pruner": "median"})), "--storage", url, cwd=tmp_path).returncode == 0
+    assert _main("create", str(write_study(n_trials=3, study={"pruner": "median"})), "--storage", url, cwd=tmp_path) == 0
     r = _cli("worker", "--storage", url, "--study", "toy", "--objective", "plainloop:objective", cwd=tmp_path, PLAIN_MODEL=str(tiny_model_dir))
     assert r.returncode == 0, r.stderr
     trials = _assert_budget_with_llrd_attrs(url, "toy", 3)
     assert all(t.intermediate_values for t in trials if t.state == TrialState.COMPLETE)
-    r = _cli("report", "--storage", url, "--study", "toy", "--out", str(tmp_path / "report"))
-    assert r.returncode == 0, r.stderr
+    assert _main("report", "--storage", url, "--study", "toy", "--out", str(tmp_path / "report"), cwd=tmp_path) == 0
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
-    r = _cli("export", "--storage", url, "--study", "toy", "--out", str(tmp_path / "best.json"))
-    assert r.returncode == 0, r.stderr
+    assert _main("export", "--storage", url, "--study", "toy", "--out", str(tmp_path / "best.json"), cwd=tmp_path) == 0
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
     assert json.loads((tmp_path / "best.json").read_text())["base_lr"] == best.params["base_lr"]
 
