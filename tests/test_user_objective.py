@@ -187,6 +187,14 @@ def test_plain_pytorch_loop_through_worker_objective(write_study, tiny_model_dir
     assert _main("export", "--storage", url, "--study", "toy", "--out", str(tmp_path / "best.json"), cwd=tmp_path) == 0
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
     assert json.loads((tmp_path / "best.json").read_text())["base_lr"] == best.params["base_lr"]
+    os.environ["PLAIN_MODEL"] = str(tiny_model_dir)  # confirm runs the objective in this process
+    try:
+        assert _main("confirm", "--storage", url, "--study", "toy", "--top", "1", "--seeds", "2", "--objective", "plainloop:objective", cwd=tmp_path) == 0
+    finally:
+        del os.environ["PLAIN_MODEL"]
+    runs = [t for t in load_study(open_storage(url), "toy.confirm").get_trials() if t.state == TrialState.COMPLETE]
+    assert len(runs) == 2 and all(t.params == best.params for t in runs)
+    assert len({t.user_attrs["seed"] for t in runs} | {best.user_attrs["seed"]}) == 3  # fresh seeds
 
 
 def test_study_file_objective_is_the_default_of_run(write_study, tiny_model_dir, tmp_path):
