@@ -118,10 +118,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
+    from .grid import cap_budget
     from .storage import create_study, mask_url, open_storage
 
     url = _storage_url(args, spec)
     storage = open_storage(url)
+    _budget, note = cap_budget(spec, args.n_trials or spec.study.n_trials)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     study, created = create_study(spec, storage, args.n_trials)
     word = "created" if created else "resumed"
     print(f"{word} study '{spec.study.name}' in {mask_url(url)}", file=sys.stderr)

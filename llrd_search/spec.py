@@ -202,7 +202,13 @@ class StudySpec(_Section):
         return self
 
     def initial_points(self) -> list[dict[str, float]]:
-        """Points enqueued at creation: paper points inside the space, then ``study.enqueue``; at most n_trials."""
+        """Points enqueued at creation: paper points inside the space, then ``study.enqueue``; at most n_trials.
+
+        None for a grid: the grid trains each of its points once, and an enqueued copy of one would
+        train it twice (Optuna's grid sampler does not count enqueued trials as visits).
+        """
+        if self.study.sampler == "grid":
+            return []
         points = [p for p in PAPER_POINTS if self.study.enqueue_paper_points and self.space.contains(p)]
         points += [p for p in self.study.enqueue if p not in points]
         return points[: self.study.n_trials]

@@ -184,8 +184,9 @@ def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.Base
     # Distinct seeds per worker: identical samplers in parallel would propose identical points.
     seed = spec.study.seed + 1000 * worker_index
     if spec.study.sampler == "grid":
-        grid = {k: list(getattr(spec.space, k)) for k in ("base_lr", "head_lr", "decay")}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        from .grid import FleetGridSampler
+
+        return FleetGridSampler(spec.space, grid_seed=spec.study.seed, worker_seed=seed)
     if spec.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)))
@@ -203,8 +204,12 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials: int | None = None) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists with the same spec. Returns (study, created)."""
+    from .grid import cap_budget
+
     name = spec.study.name
-    budget = n_trials or spec.study.n_trials
+    budget, note = cap_budget(spec, n_trials or spec.study.n_trials)
+    if note:
+        log.info("%s", note)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(spec), pruner=make_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:
