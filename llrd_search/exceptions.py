@@ -58,8 +58,18 @@ class StudyNotFoundError(StorageError):
     """No study with this name in the storage."""
 
 
+class NoCompleteTrialError(StorageError):
+    """The study exists but has no complete trial yet (export, confirm): wait for the search, like
+    for a storage that is not ready, hence the storage exit code."""
+
+
 class TrainingError(LLRDSearchError):
-    """A trial could not train (NaN loss, out of memory, ...). Ends that trial, not the worker."""
+    """A trial could not train (out of memory, ...). Ends that trial, not the worker."""
+
+
+class DivergedError(TrainingError):
+    """The training loss became non-finite or climbed far above its start (:mod:`divergence`).
+    In a search the trial ends PRUNED with the reason in its ``diverged`` user attr."""
 
 
 class RepeatedFailureError(LLRDSearchError):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import optuna
 
 from .data import TaskData, load_task_data
+from .exceptions import DivergedError
 from .param_groups import build_param_groups, group_table
 from .spec import Range, SpaceSection, StudySpec
 from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
@@ -84,18 +85,27 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} (accuracy {accuracy:.4f})")
 
         overhead = time.perf_counter() - t0
-        result = train_and_evaluate(
-            model,
-            self.task,
-            groups,
-            self.spec.train,
-            seed=seed,
-            pad_id=self.pad_id,
-            device=self.device,
-            dtype=self.dtype,
-            on_eval=on_eval,
-            on_step=self.on_step,
-        )
+        try:
+            result = train_and_evaluate(
+                model,
+                self.task,
+                groups,
+                self.spec.train,
+                seed=seed,
+                pad_id=self.pad_id,
+                device=self.device,
+                dtype=self.dtype,
+                on_eval=on_eval,
+                on_step=self.on_step,
+            )
+        except DivergedError as err:
+            # PRUNED, not FAIL: the point was tried and is bad (its LRs are too high). It uses its
+            # slot of the budget (a FAIL would be refilled), TPE learns to avoid the region (it
+            # ignores FAIL trials), and a search space reaching into diverging LRs does not trip
+            # the worker's repeated-failure stop. The reason stays in the trial.
+            trial.set_user_attr("diverged", str(err))
+            trial.set_user_attr("evals", evals)
+            raise optuna.TrialPruned(f"diverged: {err}") from None
         trial.set_user_attr("evals", evals)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("best_step", result.best_step)

@@ -25,6 +25,7 @@ import torch
 
 from . import fastpath
 from .data import Encoded, TaskData
+from .divergence import DivergenceGuard
 from .exceptions import ModelError, TrainingError
 from .spec import PACKAGED_MINILM, ModelSection, TrainSection
 
@@ -236,13 +237,9 @@ class TrainResult:
     evals: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _check_losses(losses: list[torch.Tensor], first_step: int) -> None:
-    """Raise on the first non-finite loss; one device sync for many steps."""
-    stacked = torch.stack(losses)
-    bad = (~torch.isfinite(stacked)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise TrainingError(f"loss became {float(stacked[i])} at step {first_step + i} (learning rate too high?)")
+def _check_losses(losses: list[torch.Tensor], first_step: int, guard: DivergenceGuard) -> None:
+    """Hand the losses to the divergence guard (it raises); one device sync for many steps."""
+    guard.update(torch.stack(losses).float().tolist(), first_step)
     losses.clear()
 
 
@@ -263,7 +260,7 @@ def train_and_evaluate(
     """Fine-tune ``model`` with the LLRD ``groups``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``on_eval(step, accuracy)`` may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
-    is not finite raises :class:`TrainingError` naming the step. The training-time stand-ins of
+    is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
     :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``{"vocab": False}``.
     """
     torch.manual_seed(seed)
@@ -281,6 +278,7 @@ def train_and_evaluate(
     params = [p for g in groups for p in g["params"]]
     # On CPU a finiteness check is free; on a GPU it is a sync, so check in chunks of steps.
     check_every = 1 if device.type == "cpu" else 32
+    guard = DivergenceGuard(getattr(getattr(model, "config", None), "num_labels", 2))
 
     evals: list[tuple[int, float]] = []
     losses: list[torch.Tensor] = []
@@ -294,7 +292,7 @@ def train_and_evaluate(
                     loss = model(**batch).loss
                 losses.append(loss.detach())
                 if len(losses) >= check_every or i in eval_every:
-                    _check_losses(losses, step + 1 - len(losses))
+                    _check_losses(losses, step + 1 - len(losses), guard)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
                 before_step()
