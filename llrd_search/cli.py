@@ -54,7 +54,17 @@ from another machine, tunnel instead of --host 0.0.0.0:  ssh -L 8080:127.0.0.1:8
 }
 
 
-
+# What a Ctrl-C / SIGTERM left behind, per command: only run, worker and confirm run trials.
+INTERRUPTED = {
+    "run": "running trials were marked FAIL; run the same command again to resume",
+    "worker": "its running trial was marked FAIL; run the same command again to resume",
+    "confirm": "running confirmation runs were marked FAIL; run the same command again to resume",
+    "create": "no trial had started; run the same command again to finish creating the study",
+    "report": "the report may be incomplete; run the same command again to write it",
+    "export": "nothing was exported; run the same command again",
+    "train": "training stopped before the model was saved; run the same command again (with --force if --out is not empty)",
+}
+INTERRUPTED_DEFAULT = "nothing was changed"
 
 OBJECTIVE_HELP = (
     "your own objective, package.module:function taking an Optuna trial and returning the metric to maximize "
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {_one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted: running trials were marked FAIL; run the same command again to resume", file=sys.stderr)
+        print(f"interrupted: {INTERRUPTED.get(args.command, INTERRUPTED_DEFAULT)}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:

@@ -54,6 +54,7 @@ class Progress:
         self.total, self.done, self.best = total, done, best
         self.t0 = time.time()
         self.start_done = done
+        self.reported: set[int] = set()
         self.bar = None
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -91,9 +92,17 @@ class Progress:
             print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def trial(self, study: Any, trial: Any) -> None:
-        """Report a finished trial of ``study`` (any worker's)."""
-        finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-        self.update(finished, best_value(study), trial_line(trial))
+        """Report a finished trial of ``study`` (any worker's), each exactly once.
+
+        The count is this object's own: one more for each COMPLETE or PRUNED trial reported. Read
+        from the storage instead, two trials finishing between two reports both printed the count
+        after the second (``[9/12]`` twice)."""
+        if trial.number in self.reported:
+            return
+        self.reported.add(trial.number)
+        if trial.state.name in ("COMPLETE", "PRUNED"):
+            self.done += 1
+        self.update(self.done, best_value(study), trial_line(trial))
 
     def close(self) -> None:
         if self.bar is not None:

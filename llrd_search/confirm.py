@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .exceptions import LLRDSearchError, StorageError, StudyNotFoundError
+from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
 from .spec import StudySpec
 from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
 
@@ -134,7 +134,7 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
         want_k, want_s = max(top, old["top"] if old else 0), max(seeds, old["seeds"] if old else 0)
         chosen = top_trials(trials, want_k, keep)
         if not chosen:
-            raise StudyNotFoundError(f"--study: '{study_name}' has no complete trial yet; run the search first")
+            raise NoCompleteTrialError(f"--study: '{study_name}' has no complete trial yet; run the search first")
         note = ""
         if old and (top < old["top"] or seeds < old["seeds"]):
             note = f"'{name}' already holds top {old['top']} x {old['seeds']} seeds; kept those (runs are never discarded)"

@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .exceptions import DataError, LLRDSearchError, ModelError, SpecError
+from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
 from .storage import load_study, mask_url, open_storage, spec_of
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ def choose(study: optuna.Study, summary: list[dict] | None) -> tuple[optuna.tria
         return trials[confirmed[0]["source_trial"]], confirmed[0]
     complete = [t for t in trials.values() if t.state == TrialState.COMPLETE and t.value is not None]
     if not complete:
-        raise LLRDSearchError(f"--study: '{study.study_name}' has no complete trial to export yet; run the search first")
+        raise NoCompleteTrialError(f"--study: '{study.study_name}' has no complete trial yet; run the search first")
     return max(complete, key=lambda t: (t.value, -t.number)), None
 
 

@@ -116,16 +116,13 @@ def run_local_workers(
 
         env["PGPASSWORD"] = str(make_url(url).password)
     first = 1 if in_process is not None else 0
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "llrd_search", "worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
-            + (["--objective", objective] if objective else []),
-            env=env,
-        )
-        for i in range(first, workers)
-    ]
-    monitor = _TrialMonitor(url, name, on_trial)
+    monitor = _TrialMonitor(url, name, on_trial)  # before any worker starts: it reports every trial they finish
+    procs: list[subprocess.Popen] = []
     try:
+        for i in range(first, workers):
+            argv = ["worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
+            argv += ["--objective", objective] if objective else []
+            procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env=env))
         if in_process is not None:
             in_process()
         while any(p.poll() is None for p in procs):
@@ -158,37 +155,38 @@ def _stop(procs: list[subprocess.Popen], wait: float) -> None:
 
 
 class _TrialMonitor:
-    """Calls ``on_trial(study, trial)`` once for every newly finished trial, whichever worker ran it."""
+    """Calls ``on_trial(study, trial)`` once for every trial that finishes after it was made,
+    whichever worker ran it, in trial-number order within each poll."""
 
     def __init__(self, url: str, name: str, on_trial: Callable[[Any, Any], None], every: float = 2.0):
-        self.url, self.name, self.on_trial, self.every = url, name, on_trial, every
-        self.seen: set[int] | None = None
+        import optuna
+
+        from .storage import open_storage
+
+        self.on_trial, self.every = on_trial, every
+        # The snapshot is taken here, not in the thread: a trial finishing before the thread first
+        # ran would be in it and never reported.
+        self._storage = open_storage(url)
+        self._study = optuna.load_study(study_name=name, storage=self._storage)
+        self.seen = {t.number for t in self._study.get_trials(deepcopy=False) if t.state.is_finished()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="llrd-trial-monitor")
         self._thread.start()
 
     def _run(self) -> None:
-        import optuna
-
-        from .storage import open_storage
-
-        storage = open_storage(self.url)
         try:
-            study = optuna.load_study(study_name=self.name, storage=storage)
-            self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
             while True:
                 stopping = self._stop.wait(self.every)
                 try:
-                    self._poll(study)
+                    self._poll(self._study)
                 except Exception as err:  # a storage hiccup: the workers ride it out, so do we
                     log.debug("trial poll failed: %s", err)
                 if stopping:
                     return
         finally:
-            storage.engine.dispose()
+            self._storage.engine.dispose()
 
     def _poll(self, study: Any) -> None:
-        assert self.seen is not None
         for t in sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.seen), key=lambda t: t.number):
             self.seen.add(t.number)
             self.on_trial(study, t)

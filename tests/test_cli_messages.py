@@ -1,0 +1,53 @@
+"""What the CLI says after Ctrl-C, and one exit code for "no complete trial" (issue 12.8)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llrd_search import cli_search, report
+from llrd_search.cli import main
+from llrd_search.exceptions import NoCompleteTrialError
+from llrd_search.spec import load_spec
+from llrd_search.storage import create_study, open_storage
+
+
+def _interrupt(*_a, **_kw):
+    raise KeyboardInterrupt
+
+
+def _empty_study(write_study, tmp_path):
+    path = write_study(n_trials=2)
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    create_study(load_spec(path), open_storage(url))
+    return url
+
+
+def test_ctrl_c_during_create_does_not_claim_trials_were_marked(write_study, monkeypatch, capsys):
+    monkeypatch.setattr(cli_search, "_preflight", _interrupt)
+    assert main(["create", str(write_study())]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted: no trial had started; run the same command again to finish creating the study"
+
+
+def test_ctrl_c_during_report_says_the_report_may_be_incomplete(write_study, tmp_path, monkeypatch, capsys):
+    url = _empty_study(write_study, tmp_path)
+    monkeypatch.setattr(report, "write_report", _interrupt)
+    assert main(["report", "--storage", url, "--study", "toy", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted: the report may be incomplete; run the same command again to write it"
+
+
+def test_ctrl_c_during_run_still_says_trials_were_marked(write_study, monkeypatch, capsys):
+    from llrd_search import worker
+
+    monkeypatch.setattr(worker, "run_worker", _interrupt)
+    assert main(["run", str(write_study())]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted: running trials were marked FAIL; run the same command again to resume")
+
+
+@pytest.mark.parametrize("command", [["export"], ["confirm", "--top", "1", "--seeds", "1"]])
+def test_no_complete_trial_is_one_error_with_one_exit_code(command, write_study, tmp_path, capsys):
+    url = _empty_study(write_study, tmp_path)
+    code = main([*command[:1], "--storage", url, "--study", "toy", *command[1:]])
+    assert code == NoCompleteTrialError.exit_code == 3  # export said 1, confirm 3
+    assert capsys.readouterr().err.strip() == "Error: --study: 'toy' has no complete trial yet; run the search first"
