@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .cli_search import Progress, best_value
@@ -112,21 +115,38 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _check_writable(out: Path) -> None:
+    """``--out FILE`` names a file we can write: not a folder, in an existing folder that takes files."""
+    if out.is_dir():
+        raise LLRDSearchError(f"--out: {out} is a folder; pass a file name, e.g. {out / 'best.json'}")
+    if not out.parent.is_dir():
+        raise LLRDSearchError(f"--out: folder {out.parent} does not exist")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise LLRDSearchError(f"--out: cannot write {out}: it is read-only; pick a writable path")
+    try:  # the folder's permissions and a read-only mount only show when we try
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".llrd-write-check-")
+    except OSError as err:
+        raise LLRDSearchError(f"--out: cannot write {out}: {err.strerror} (folder {out.parent}); pick a writable path") from None
+    os.close(fd)
+    os.unlink(probe)
 
+
+def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_config, render
 
     fmt = args.format or ("yaml" if args.out and Path(args.out).suffix in (".yaml", ".yml") else "json")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_writable(out)  # before the export loads the model: fail in a second, not a minute
     config = export_config(args.storage, args.study)
     text = render(config, fmt)
-    if not args.out:
+    if out is None:
         sys.stdout.write(text)
         return 0
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise LLRDSearchError(f"--out: folder {out.parent} does not exist")
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise LLRDSearchError(f"--out: cannot write {out}: {err.strerror}; pick a writable path") from None
     extra = f", confirmed {config['confirmed']['mean']:.4f} ± {config['confirmed']['std']:.4f}" if config["confirmed"] else ""
     print(f"wrote {out}: trial {config['trial']} ({_lrs(config)}), validation accuracy {config['validation_accuracy']:.4f}{extra}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -35,6 +36,11 @@ def _preflight(spec: Any) -> Any:
     from .param_groups import build_param_groups
     from .train import fresh_model
 
+    if spec.model.trust_remote_code:
+        logging.getLogger("llrd_search").warning(
+            "model.trust_remote_code = true: every worker runs Python code from the repository of '%s' "
+            "when it loads the model; use it only for a repository you trust", spec.model.name
+        )
     objective = Objective(spec)
     try:
         build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)

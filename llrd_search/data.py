@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .exceptions import DataError
+from .labels import clean_labels, label_mapping
 from .spec import DataSection
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,10 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
         digest = hashlib.sha256()
         splits = {}
         for split, f in wanted.items():
-            digest.update(split.encode() + f.read_bytes())
+            content = f.read_bytes()
+            digest.update(split.encode() + content)
+            if f.suffix != ".parquet":
+                _check_utf8(content, f)
             try:
                 splits[split] = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
             except Exception as err:  # pyarrow / csv parser errors: name the file
@@ -138,6 +143,17 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
         raise DataError(f"data.path: cannot load dataset '{data.path}' from the hub or a local folder: {err}") from None
     fp = hashlib.sha256(json.dumps({k: v._fingerprint for k, v in dd.items()}, sort_keys=True).encode())
     return dict(dd), fp.hexdigest()
+
+
+def _check_utf8(content: bytes, f: Path) -> None:
+    """Text split files must be UTF-8; the parser's own error hides the cause behind a generic line."""
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"data.path: {f} is not UTF-8 (byte 0x{content[err.start]:02x} at offset {err.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {f} > utf8{f.suffix} and rename that to {f.name}"
+        ) from None
 
 
 def _column(ds: Any, name: str, split: str, key: str) -> list:
@@ -237,14 +253,6 @@ def _load(path: Path, fingerprint: str) -> TaskData:
     )
 
 
-def label_mapping(train_labels: list) -> dict[int, str]:
-    """id → label name. Ints 0..K-1 keep their ids; anything else is sorted and numbered."""
-    values = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) and values == list(range(len(values))):
-        return {int(v): str(v) for v in values}
-    return {i: str(v) for i, v in enumerate(values)}
-
-
 def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int, use_cache: bool = True) -> TaskData:
     """Load, split, limit and tokenize the data; reuse the on-disk cache when the inputs match."""
     raw, content_hash = load_raw_splits(data)
@@ -254,29 +262,41 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
         "tokenizer": _tokenizer_id(tokenizer),
         "max_length": max_length,
         "seed": seed,
-        "version": 1,
+        "version": 2,  # 2: integral float labels map to int classes
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir() / "tokenized" / f"{fingerprint}.npz"
     if use_cache and path.exists():
-        log.info("tokenized data from cache %s", path)
-        return _load(path, fingerprint)
+        try:
+            task = _load(path, fingerprint)
+            log.info("tokenized data from cache %s", path)
+            return task
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+            # Truncated (disk full, killed copy) or foreign file: the cache is only a shortcut, rebuild it.
+            log.warning("tokenized-data cache file %s is unreadable (%s: %s); rebuilding it", path, type(err).__name__, err)
+            path.unlink(missing_ok=True)
 
     train = raw[data.train_split]
     if len(train) == 0:
         raise DataError(f"data.path: the {data.train_split} split is empty")
-    train_labels = _column(train, data.label, data.train_split, "label")
+    sources = _split_files(Path(data.path)) if Path(data.path).is_dir() else {}
+
+    def labels_of(ds: Any, split: str) -> list:
+        return clean_labels(_column(ds, data.label, split, "label"), split, data.label, sources.get(split))
+
+    train_labels = labels_of(train, data.train_split)
     id2label = label_mapping(train_labels)
     label2id = {v: k for k, v in id2label.items()}
     if len(id2label) < 2:
-        raise DataError(f"data.label: the {data.train_split} split has a single label ({id2label[0]}); need at least 2 classes")
+        raise DataError(f"data.label: the {data.train_split} split has a single label ({train_labels[0]!r}); need at least 2 classes")
 
     def to_ids(values: list, split: str) -> np.ndarray:
-        unseen = sorted({str(v) for v in values} - set(label2id))
+        unseen = sorted({str(v): v for v in values if str(v) not in label2id}.items())
         if unseen:
+            known = ", ".join(repr(v) for v in sorted(set(train_labels), key=str)[:10])
             raise DataError(
-                f"data.label: {split} has label(s) {', '.join(unseen[:5])} never seen in {data.train_split} "
-                "(the model cannot learn them; fix the labels or the split)"
+                f"data.label: {split} has label(s) {', '.join(repr(v) for _, v in unseen[:5])} never seen in {data.train_split} "
+                f"(which has {known}; the model cannot learn them; fix the labels or the split)"
             )
         return np.array([label2id[str(v)] for v in values], dtype=np.int64)
 
@@ -296,7 +316,7 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
         split_name = data.train_split if rows is not None else getattr(data, f"{name}_split")
         texts = _column(ds, data.text, split_name, "text")
         pairs = _column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
-        labels = y_train if rows is not None else to_ids(_column(ds, data.label, split_name, "label"), split_name)
+        labels = y_train if rows is not None else to_ids(labels_of(ds, split_name), split_name)
         if rows is None:
             rows = np.arange(len(labels))
         limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)

@@ -65,7 +65,8 @@ def choose(study: optuna.Study, summary: list[dict] | None) -> tuple[optuna.tria
 
 def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[int, str], int]:
     """The LR group table, id2label and L, computed on the study's real (pretrained) model."""
-    from .data import label_mapping, load_raw_splits
+    from .data import load_raw_splits
+    from .labels import clean_labels, label_mapping
     from .param_groups import build_param_groups, count_layers, group_table
     from .train import load_template
 
@@ -73,7 +74,7 @@ def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[i
     train = raw[spec.data.train_split]
     if spec.data.label not in train.column_names:
         raise DataError(f"data.label: column '{spec.data.label}' not in the {spec.data.train_split} split")
-    id2label = label_mapping(train[spec.data.label])
+    id2label = label_mapping(clean_labels(train[spec.data.label], spec.data.train_split, spec.data.label))
     template = load_template(spec.model, id2label)
     groups = build_param_groups(template.model, weight_decay=spec.train.weight_decay, **{p: params[p] for p in PARAMS})
     return group_table(groups), id2label, count_layers(template.model)
@@ -200,8 +201,8 @@ class LLRDConfig:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(str(path), ["file not found (export one with: llrd-search export --storage URL --study NAME --out best.json)"])
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8-sig")
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -215,23 +216,53 @@ def _read(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problems(doc: dict[str, Any]) -> list[str]:
+    """Every problem of an export document, each as ``"key: message"`` (a hand-edited file must not
+    reach the library as a traceback)."""
+    problems = [f"{k}: required key is missing" for k in ("base_lr", "head_lr", "decay", "groups", "model", "train", "data") if k not in doc]
+    for key in ("base_lr", "head_lr"):
+        if key in doc and not (_number(doc[key]) and doc[key] > 0):
+            problems.append(f"{key}: must be a number > 0 (got {doc[key]!r})")
+    if "decay" in doc and not (_number(doc["decay"]) and 0 < doc["decay"] <= 1):
+        problems.append(f"decay: must lie in (0, 1] (got {doc['decay']!r})")
+    groups = doc.get("groups")
+    if "groups" in doc:
+        if not (isinstance(groups, list) and all(isinstance(g, dict) and {"name", "lr", "n_params"} <= set(g) for g in groups)):
+            problems.append("groups: must be a list of {name, lr, n_params}")
+        else:
+            for i, g in enumerate(groups):
+                if not (_number(g["lr"]) and g["lr"] > 0):
+                    problems.append(f"groups[{i}].lr: must be a number > 0 (got {g['lr']!r})")
+                if not (isinstance(g["n_params"], int) and not isinstance(g["n_params"], bool) and g["n_params"] >= 0):
+                    problems.append(f"groups[{i}].n_params: must be a whole number >= 0 (got {g['n_params']!r})")
+    for key in ("model", "data", "train"):
+        if key in doc and not isinstance(doc[key], dict):
+            problems.append(f"{key}: must be a mapping of settings (got {doc[key]!r})")
+    if isinstance(doc.get("model"), dict) and not doc["model"].get("name"):
+        problems.append("model.name: required key is missing")
+    if isinstance(doc.get("train"), dict) and "weight_decay" in doc["train"] and not _number(doc["train"]["weight_decay"]):
+        problems.append(f"train.weight_decay: must be a number (got {doc['train']['weight_decay']!r})")
+    if "seed" in doc and not (isinstance(doc["seed"], int) and not isinstance(doc["seed"], bool)):
+        problems.append(f"seed: must be a whole number (got {doc['seed']!r})")
+    if doc.get("id2label") is not None and not isinstance(doc["id2label"], dict):
+        problems.append(f"id2label: must be a mapping of class id to label (got {doc['id2label']!r})")
+    elif isinstance(doc.get("id2label"), dict) and not all(str(k).lstrip("-").isdigit() for k in doc["id2label"]):
+        problems.append(f"id2label: keys must be class ids 0, 1, ... (got {list(doc['id2label'])!r})")
+    return problems
+
+
 def load_config(path: str | Path) -> LLRDConfig:
     """Read an exported config (.json, .yaml or .yml) and check its LLRD numbers and group table."""
     path = Path(path)
     doc = _read(path)
-    problems = [f"{k}: required key is missing" for k in ("base_lr", "head_lr", "decay", "groups", "model", "train", "data") if k not in doc]
-    for key in ("base_lr", "head_lr"):
-        if key in doc and not (isinstance(doc[key], (int, float)) and doc[key] > 0):
-            problems.append(f"{key}: must be a number > 0 (got {doc[key]!r})")
-    if "decay" in doc and not (isinstance(doc["decay"], (int, float)) and 0 < doc["decay"] <= 1):
-        problems.append(f"decay: must lie in (0, 1] (got {doc['decay']!r})")
-    groups = doc.get("groups")
-    if "groups" in doc and not (isinstance(groups, list) and all(isinstance(g, dict) and {"name", "lr", "n_params"} <= set(g) for g in groups)):
-        problems.append("groups: must be a list of {name, lr, n_params}")
-    if "model" in doc and not (isinstance(doc["model"], dict) and doc["model"].get("name")):
-        problems.append("model.name: required key is missing")
+    problems = _problems(doc)
     if problems:
         raise SpecError(str(path), problems)
+    groups = doc["groups"]
     return LLRDConfig(
         base_lr=float(doc["base_lr"]),
         head_lr=float(doc["head_lr"]),

@@ -11,6 +11,8 @@ import base64
 import html
 import logging
 import math
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,6 +267,12 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LLRDSearchError(f"--out: cannot create folder {out}: {err.strerror}") from None
+    try:  # a read-only folder or mount only shows when we try; find out before the plots are drawn
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".llrd-write-check-")
+    except OSError as err:
+        raise LLRDSearchError(f"--out: cannot write into folder {out}: {err.strerror}; pick a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
     storage = open_storage(storage_url)
     try:
         study = load_study(storage, study_name)

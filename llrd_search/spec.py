@@ -294,8 +294,16 @@ def load_spec(path: str | Path) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), ["file not found (pass the path of a study .toml file, e.g. studies/sst2-minilm.toml)"])
+    content = path.read_bytes()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM (Windows editors add one) is dropped instead of failing as a TOML error.
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            str(path), [f"not UTF-8 text (byte 0x{content[err.start]:02x} at offset {err.start}); save the file as UTF-8"]
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(str(path), [f"TOML syntax error: {err}"]) from None
     return parse_spec(data, source=str(path), base_dir=path.resolve().parent)

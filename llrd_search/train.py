@@ -68,10 +68,41 @@ def load_tokenizer(spec: ModelSection) -> Any:
             f"model.name: '{spec.name}' is a folder but not a saved model (no config.json in it); "
             "point it at a folder written by save_pretrained(), or use a hub id"
         )
+    check_max_length(spec, path)  # the tokenizer is read first everywhere: fail before tokenizing
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as err:
         raise ModelError(f"model.name: cannot load a tokenizer from '{spec.name}': {_first_line(err)}") from None
+
+
+# RoBERTa's scheme: position ids start after the padding id, so pad_token_id + 1 slots never hold a token.
+_PADDED_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "ibert", "mpnet", "roberta-prelayernorm", "xmod"}
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input a model's absolute position embeddings take; None when it has none."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(config, "position_biased_input", True) is False:
+        return None  # relative positions only (DeBERTa-v2/v3): no table to run off the end of
+    if getattr(config, "model_type", "") in _PADDED_POSITIONS:
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def check_max_length(spec: ModelSection, path: str) -> None:
+    """``model.max_length`` must fit the model's position table, or every trial fails on its longest batch."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except Exception:
+        return  # the model load that follows names the problem
+    limit = position_limit(config)
+    if limit is not None and spec.max_length > limit:
+        raise ModelError(
+            f"model.max_length: {spec.max_length} is above the {limit} positions of '{spec.name}' "
+            f"(max_position_embeddings in its config); set model.max_length = {limit} or less"
+        )
 
 
 def load_template(spec: ModelSection, id2label: dict[int, str], tokenizer: Any | None = None) -> ModelTemplate:

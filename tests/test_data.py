@@ -111,3 +111,30 @@ def test_real_trec_string_labels(tokenizer):
     task = load_task_data(DataSection(path=str(SHARED_DATA / "trec"), train_limit=300), tokenizer, 32, seed=0)
     assert task.id2label == {0: "ABBR", 1: "DESC", 2: "ENTY", 3: "HUM", 4: "LOC", 5: "NUM"}
     assert task.validation_from_train and len(task.validation) == 546 and len(task.test) == 500
+
+
+def test_integral_float_labels_are_int_classes(tmp_path, tokenizer):
+    # pandas reads a label column written as 1.0 / 0.0 (or an int column with a gap) as float
+    folder = write_toy_dataset(tmp_path / "d", n_train=20, n_val=10, labels=("0.0", "1.0"))
+    task = load_task_data(DataSection(path=str(folder)), tokenizer, 32, seed=0)
+    assert task.id2label == {0: "0", 1: "1"}
+    # non-integral floats stay what they are: classes named by their value
+    folder = write_toy_dataset(tmp_path / "h", n_train=20, n_val=10, labels=("0.5", "1.5"))
+    assert load_task_data(DataSection(path=str(folder)), tokenizer, 32, seed=0).id2label == {0: "0.5", 1: "1.5"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk", "empty"])
+def test_unreadable_cache_file_is_rebuilt_with_a_warning(toy_data_dir, tokenizer, tmp_path, monkeypatch, caplog, damage):
+    monkeypatch.setenv("LLRD_SEARCH_CACHE", str(tmp_path / "cache"))
+    task = load_task_data(DataSection(path=str(toy_data_dir)), tokenizer, 32, seed=0)
+    (path,) = (tmp_path / "cache" / "tokenized").glob("*.npz")
+    good = path.read_bytes()
+    path.write_bytes({"truncated": good[: len(good) // 2], "junk": b"not a zip file at all", "empty": b""}[damage])
+    with caplog.at_level("WARNING", logger="llrd_search"):
+        again = load_task_data(DataSection(path=str(toy_data_dir)), tokenizer, 32, seed=0)
+    assert np.array_equal(again.train.ids, task.train.ids) and again.id2label == task.id2label
+    assert any(str(path) in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llrd_search"):
+        load_task_data(DataSection(path=str(toy_data_dir)), tokenizer, 32, seed=0)
+    assert not caplog.records  # rebuilt in place: the next load is a clean cache hit
