@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -134,8 +136,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
     from .grid import cap_budget
-    from .storage import create_study, mask_url, open_storage
+    from .storage import create_study, mask_url, open_storage, shareable_url
 
+    if spec.study.storage and shareable_url(spec.study.storage)[1]:
+        # Never stored in the study (see storage.stored_spec_json), but study files get shared and committed.
+        log.warning("%s: study.storage holds a password; put it in PGPASSWORD or ~/.pgpass instead", args.study_file)
     url = _storage_url(args, spec)
     storage = open_storage(url)
     _budget, note = cap_budget(spec, args.n_trials or spec.study.n_trials)

@@ -29,6 +29,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from .exceptions import StorageError
+
 log = logging.getLogger(__name__)
 
 # How long a worker rides out an unreachable storage before giving up: a PostgreSQL restart takes
@@ -38,7 +40,10 @@ RETRY_STATS = {"retries": 0}  # process-wide count, read by bench/storage_load.p
 
 
 def is_transient(err: BaseException | None) -> bool:
-    """A lost connection, a restarting server, "too many clients", a locked SQLite file, a pool timeout."""
+    """A lost connection, a restarting server, "too many clients", a locked SQLite file, a pool timeout.
+    Not a read-only SQLite file: waiting does not make it writable."""
+    if is_read_only(err):
+        return False
     while err is not None:
         if isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
             return True
@@ -46,6 +51,23 @@ def is_transient(err: BaseException | None) -> bool:
             return True
         err = err.__cause__
     return False
+
+
+def is_read_only(err: BaseException | None) -> bool:
+    """SQLite's "attempt to write a readonly database" (the file, or its folder, is not writable)."""
+    while err is not None:
+        if "readonly database" in str(getattr(err, "orig", None) or err):
+            return True
+        err = err.__cause__
+    return False
+
+
+def read_only_message(url: str) -> str:
+    path = make_url(url).database
+    return (
+        f"--storage: SQLite file {path} is read-only, and llrd-search writes to it even to read it "
+        f"(WAL journal, heartbeats): make it and its folder writable (chmod u+w {path}) or copy it to a writable folder"
+    )
 
 
 def _root_name(err: BaseException) -> str:
@@ -100,7 +122,12 @@ def _with_retries(cls: type) -> type:
 
         def bind(f: Callable[..., Any]) -> Callable[..., Any]:
             def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-                return retrying(functools.partial(f, self), lambda: self.retry_seconds)(*args, **kwargs)
+                try:
+                    return retrying(functools.partial(f, self), lambda: self.retry_seconds)(*args, **kwargs)
+                except Exception as err:
+                    if is_read_only(err):
+                        raise StorageError(read_only_message(self.url)) from err
+                    raise
 
             return functools.wraps(f)(call)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,9 +21,18 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
-from .resilience import RETRY_SECONDS, RETRY_STATS, ResilientRDBStorage, is_transient, retry_stale_trial
+from .resilience import (
+    RETRY_SECONDS,
+    RETRY_STATS,
+    ResilientRDBStorage,
+    count_states,
+    is_transient,
+    read_only_message,
+    retry_stale_trial,
+)
 from .resilience import budget_lock as budget_lock  # re-exported: workers import it from here
 from .resilience import fail_stale as fail_stale
+from .sampling import TrialSeededSampler
 from .spec import PAPER_POINTS, StudySpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -96,10 +106,8 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        folder = Path(parsed.database).parent
-        if not folder.is_dir():
-            raise StorageError(f"--storage: folder {folder} for the SQLite file does not exist")
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
     heartbeat: dict[str, Any] = {}
     if spec is not None:
         heartbeat = {
@@ -119,6 +127,27 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
         raise StorageError(f"--storage: cannot open {_where(url)}: {_reason(err, url)}{_hint(err, url)}") from None
     return storage
+
+
+def _check_sqlite_file(url: str, database: str | None, mode: object) -> None:
+    """Refuse, at once, a SQLite database that workers cannot share or llrd-search cannot write:
+    otherwise the first write fails like an outage and is retried for minutes."""
+    if not database or database == ":memory:" or mode == "memory":
+        raise StorageError(
+            f"--storage: '{url}' is an in-memory SQLite database: it vanishes when this process exits "
+            "and no worker can reach it; use a file, e.g. sqlite:///study.db"
+        )
+    path = Path(database)
+    if not path.parent.is_dir():
+        raise StorageError(f"--storage: folder {path.parent} for the SQLite file does not exist")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise StorageError(read_only_message(url))
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"--storage: folder {path.parent} is not writable, and SQLite keeps its journal "
+            f"({path.name}-wal, {path.name}-shm) and llrd-search its lock file there: "
+            "make the folder writable or put the database in another folder"
+        )
 
 
 def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool) -> ResilientRDBStorage:
@@ -181,8 +210,13 @@ def spec_of(study: optuna.Study) -> StudySpec:
 
 
 def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    # Distinct seeds per worker: identical samplers in parallel would propose identical points.
-    seed = spec.study.seed + 1000 * worker_index
+    """The study's sampler, seeded per trial from (study.seed, trial number) (see :mod:`sampling`):
+    workers started with the same command still sample different points, and trial i gets the same
+    random point whichever worker runs it. ``worker_index`` is accepted for old callers and unused."""
+    return TrialSeededSampler(lambda seed: _base_sampler(spec, seed), spec.study.seed)
+
+
+def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.study.sampler == "grid":
         from .grid import FleetGridSampler
 
@@ -203,7 +237,11 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials: int | None = None) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it when it exists with the same spec. Returns (study, created)."""
+    """Create the study, or load it when it exists with the same spec. Returns (study, created).
+
+    The spec is written last, under the study's lock: a study with a spec is complete, and one
+    left without it by an interrupted create (no trial run, nothing foreign) is completed here.
+    """
     from .grid import cap_budget
 
     name = spec.study.name
@@ -211,32 +249,76 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     if note:
         log.info("%s", note)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(spec), pruner=make_pruner(spec))
+        study, new = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(spec), pruner=make_pruner(spec)), True
     except optuna.exceptions.DuplicatedStudyError:
-        study = load_study(storage, name)
-        stored = json.loads(study.user_attrs.get(SPEC_ATTR, "null"))
-        if stored is None:
-            raise StudyConflictError(f"study.name: a study '{name}' exists in the storage but was not made by llrd-search; pick another name") from None
-        old = parse_spec(stored).identity()
-        new = spec.identity()
-        if old != new:
-            diff = _diff(old, new)
-            raise StudyConflictError(
-                f"study.name: study '{name}' exists with a different spec ({diff}); "
-                "give the changed search a new study.name, or revert the change"
-            ) from None
-        if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
-            study.set_user_attr(BUDGET_ATTR, budget)
-        return study, False
+        study, new = load_study(storage, name), False
     except SQLAlchemyError as err:
         raise StorageError(f"--storage: cannot create the study in {_where(storage.url)}: {_reason(err, storage.url)}") from None
-    # The spec is written before any trial exists: a worker that sees the study sees its spec.
-    study.set_user_attr(SPEC_ATTR, spec.model_dump_json())
+    # A create running beside this one may be writing the same study: decide and write under its lock.
+    with budget_lock(storage, study._study_id):
+        attrs = study.user_attrs
+        if SPEC_ATTR in attrs:
+            _resume(spec, storage, study, json.loads(attrs[SPEC_ATTR]), budget)
+            return study, False
+        if not new:
+            _check_half_made(spec, study, attrs)
+            log.warning("study '%s' was left half-made by an interrupted create; completing it", name)
+        _complete(spec, study, budget)
+    return study, True
+
+
+def stored_spec_json(spec: StudySpec) -> str:
+    """The spec as stored in the study: without ``study.storage``, which says where the study lives
+    (known to whoever reads it) and may hold a password."""
+    return spec.model_dump_json(exclude={"study": {"storage"}})
+
+
+def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.Study, stored: dict[str, Any], budget: int) -> None:
+    name = spec.study.name
+    old = parse_spec(stored)
+    diff = _diff(old.identity(), spec.identity())
+    if diff:
+        raise StudyConflictError(
+            f"study.name: study '{name}' exists with a different spec ({diff}); give the changed search a new study.name, or revert the change"
+        )
+    counts = count_states(storage, study._study_id)
+    finished = counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED]
+    if budget < finished:
+        raise StudyConflictError(
+            f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
+            f"a budget never drops below the finished trials (pass --n-trials {finished} or more)"
+        )
+    if old.study.storage is not None:  # made by a version that stored the URL (maybe with a password)
+        study.set_user_attr(SPEC_ATTR, stored_spec_json(old))
+    if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
+        study.set_user_attr(BUDGET_ATTR, budget)
+
+
+def _check_half_made(spec: StudySpec, study: optuna.Study, attrs: dict[str, Any]) -> None:
+    """Raise unless ``study`` is what an interrupted :func:`create_study` of ``spec`` leaves."""
+    name = spec.study.name
+    ours = set(attrs) <= {FINGERPRINT_ATTR, BUDGET_ATTR} and all(
+        t.state == optuna.trial.TrialState.WAITING and "llrd:enqueued" in t.user_attrs for t in study.get_trials(deepcopy=False)
+    )
+    if not ours:
+        raise StudyConflictError(f"study.name: a study '{name}' exists in the storage but was not made by llrd-search; pick another name")
+    if attrs.get(FINGERPRINT_ATTR, spec.fingerprint()) != spec.fingerprint():
+        raise StudyConflictError(
+            f"study.name: study '{name}' was left half-made by an interrupted create of a different spec; "
+            f"pick another name, or delete it first (optuna delete-study --study-name {name} --storage URL)"
+        )
+
+
+def _complete(spec: StudySpec, study: optuna.Study, budget: int) -> None:
+    """Write what a study needs, the spec last: workers (and :func:`create_study`) take a study
+    without a spec for unfinished, so an interruption anywhere here can be completed later."""
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(BUDGET_ATTR, budget)
+    queued = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
     for point in spec.initial_points()[:budget]:
-        study.enqueue_trial(point, user_attrs={"llrd:enqueued": _origin(point)})
-    return study, True
+        if point not in queued:
+            study.enqueue_trial(point, user_attrs={"llrd:enqueued": _origin(point)})
+    study.set_user_attr(SPEC_ATTR, stored_spec_json(spec))
 
 
 def _origin(point: dict[str, float]) -> str:
