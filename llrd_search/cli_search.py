@@ -118,12 +118,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
-    from .storage import create_study, mask_url, open_storage
+    from .arms import control_target, ensure_control_arm
+    from .storage import budget_lock, create_study, mask_url, open_storage
 
     url = _storage_url(args, spec)
     storage = open_storage(url)
     study, created = create_study(spec, storage, args.n_trials)
+    with budget_lock(storage, study._study_id):
+        control = ensure_control_arm(storage, study, spec)
     word = "created" if created else "resumed"
+    if control is not None:
+        total = int(study.user_attrs.get("llrd:n_trials", spec.study.n_trials))
+        print(f"control arm: {control_target(spec.study.control_fraction, total)} of {total} trials tune plain fine-tuning (ξ = 1) in study '{control.study_name}'", file=sys.stderr)
     print(f"{word} study '{spec.study.name}' in {mask_url(url)}", file=sys.stderr)
     return study, url, created
 
