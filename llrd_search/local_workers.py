@@ -170,12 +170,13 @@ class _TrialMonitor:
     def _run(self) -> None:
         import optuna
 
+        from .arms import arm_trials
         from .storage import open_storage
 
         storage = open_storage(self.url)
         try:
             study = optuna.load_study(study_name=self.name, storage=storage)
-            self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+            self.seen = {(arm, t.number) for arm, ts in arm_trials(study).items() for t in ts if t.state.is_finished()}
             while True:
                 stopping = self._stop.wait(self.every)
                 try:
@@ -188,9 +189,13 @@ class _TrialMonitor:
             storage.engine.dispose()
 
     def _poll(self, study: Any) -> None:
+        from .arms import arm_trials
+
         assert self.seen is not None
-        for t in sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.seen), key=lambda t: t.number):
-            self.seen.add(t.number)
+        # Both arms (the control arm's trials are numbered in their own study).
+        new = [(arm, t) for arm, ts in arm_trials(study).items() for t in ts if t.state.is_finished() and (arm, t.number) not in self.seen]
+        for arm, t in sorted(new, key=lambda x: (x[1].datetime_complete or x[1].datetime_start, x[0], x[1].number)):
+            self.seen.add((arm, t.number))
             self.on_trial(study, t)
 
     def stop(self) -> None:
