@@ -109,6 +109,7 @@ def test_three_workers_keep_the_arms_at_their_share(write_study, tmp_path):
     assert out == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the "killed" thread's SystemExit
 def test_a_killed_workers_control_trial_is_retried_in_its_arm(write_study, tmp_path, capsys):
     url = _arms_study(write_study, tmp_path, "killarm", 6, 0.34)
     died: list[int] = []
@@ -128,7 +129,8 @@ def test_a_killed_workers_control_trial_is_retried_in_its_arm(write_study, tmp_p
 
 
 def test_paper_control_point_goes_to_the_control_arm(write_study, tmp_path):
-    path = write_study(name="paper", n_trials=4, study={"control_fraction": 0.25, "enqueue": [{"base_lr": 2e-4, "head_lr": 2e-3, "decay": 1.0}]})
+    path = write_study(name="paper", n_trials=4, study={"control_fraction": 0.25})
+    path.write_text(path.read_text().replace("[study]\n", "[study]\nenqueue = [{ base_lr = 2e-4, head_lr = 2e-3, decay = 1.0 }]\n"))
     spec = load_spec(path)
     assert spec.initial_points() == [] and spec.control_points() == [{"base_lr": 2e-4, "head_lr": 2e-3, "decay": 1.0}]
     url = f"sqlite:///{tmp_path / 'paper.db'}"

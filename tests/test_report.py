@@ -20,7 +20,6 @@ from llrd_search.report import (
     TrialInfo,
     best_decay_interval,
     compute_seconds,
-    llrd_gain,
     lr_profile,
     state_counts,
     two_proportion_z,
@@ -87,18 +86,7 @@ def test_best_decay_interval_from_confirmation_seeds():
     assert (iv["low"], iv["high"], iv["best_decay"]) == (0.85, 0.95, 0.85)
     assert iv["members"] == [7, 3]
     assert iv["compared"] == 3
-    assert confirm.t95(4.7) == 2.776 and confirm.t95(500) == pytest.approx(1.96, abs=1e-3)
-
-
-def test_llrd_gain_against_control():
-    trials = [T(0, 0.90, 0.80), T(1, 0.88, 1.0), T(2, 0.86, 1.0), T(3, 0.95, 1.0, state="PRUNED"), T(4, 0.85, 0.6)]
-    gain = llrd_gain(trials)
-    assert (gain["llrd_trial"], gain["control_trial"]) == (0, 1)
-    assert gain["gain"] == pytest.approx(0.02)
-    assert gain["z"] == pytest.approx(two_proportion_z(0.90, 1000, 0.88, 1000))
-    assert gain["p"] == pytest.approx(math.erfc(gain["z"] / math.sqrt(2)))
-    assert llrd_gain([T(0, 0.9, 0.8), T(1, 0.88, 0.95)]) is None  # no control trial
-    assert llrd_gain([T(0, 0.9, 1.0)]) is None  # no decayed trial
+    assert confirm.t95(4) == pytest.approx(2.776, abs=1e-3) and confirm.t95(500) == pytest.approx(1.96, abs=1e-3)
 
 
 def test_counts_and_compute_time():

@@ -328,7 +328,7 @@ def _freeze_a_running_trial(url: str, name: str, procs) -> tuple[int, optuna.tri
     """(pid, trial) of a worker stopped (SIGSTOP) while its trial is RUNNING: the kill that follows
     lands mid-trial wherever the worker was, because a frozen worker cannot finish the trial."""
     while True:
-        pid, _ = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 120, "a running trial")
+        pid, _ = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 300, "a running trial")  # start-up under load
         os.kill(pid, signal.SIGSTOP)
         found = running_trial_of(url, name, [pid])
         if found is not None:
