@@ -157,7 +157,7 @@ def test_report_of_mixed_study(make_study, tmp_path):
     out = tmp_path / "rep-out"
     written = report.write_report(url, name, out)
     stems = {"accuracy_vs_decay", "decay_lr_map", "lr_profile", "history", "learning_curves", "importance"}
-    assert set(written) == {"html", "summary"} | stems
+    assert set(written) == {"html", "summary", "summary_json"} | stems
     for path in written.values():
         assert path.is_file() and path.stat().st_size > 0
     for stem in stems:
@@ -172,7 +172,8 @@ def test_report_of_mixed_study(make_study, tmp_path):
     assert "total compute time: 3.1 min" in summary  # 6 × 30 s + 5 s
     # n = 60: everything within ~0.12 of 0.88 ties, 0.70 (z = 2.3) does not.
     assert "ξ ∈ **[0.600, 1.000]**" in summary
-    assert "Gain: **+8.00 points**" in summary and "within validation noise" in summary
+    # No control arm here: no gain is claimed and no p-value is given across learning rates.
+    assert "has no control arm" in summary and "Gain" not in summary and "p = " not in summary
     assert "two-proportion z-test" in summary
 
 
@@ -184,7 +185,7 @@ def test_report_of_single_trial(make_study, tmp_path):
     assert "needs ≥ 2 complete trials" in written["html"].read_text()
     assert "importance" not in written and "decay_lr_map" not in written
     assert {"accuracy_vs_decay", "lr_profile", "history", "learning_curves"} <= set(written)
-    assert "Not available: the study needs a complete trial at ξ = 1" in summary
+    assert "has no control arm" in summary
     assert "ξ ∈ **[0.900, 0.900]**" in summary
 
 
@@ -199,7 +200,7 @@ def test_report_without_complete_trials(make_study, tmp_path, caplog):
     assert "1 pruned" in summary and "1 failed" in summary
     assert "no reason recorded" in summary
     assert not (out / "history.png").exists()  # a stale figure from an earlier report is removed
-    assert set(written) == {"html", "summary", "accuracy_vs_decay", "learning_curves"}
+    assert set(written) == {"html", "summary", "summary_json", "accuracy_vs_decay", "learning_curves"}
     _no_network(written["html"].read_text())
     assert "no complete trial" in caplog.text
 
