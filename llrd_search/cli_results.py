@@ -70,7 +70,7 @@ def _lrs(p: dict[str, float]) -> str:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .confirm import run_confirmation, verdict
+    from .confirm import control_summary, paired_verdict, run_confirmation, verdict
     from .train import set_threads
 
     for key in ("top", "seeds"):
@@ -84,18 +84,24 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     set_threads(threads)
     plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads))
     v = verdict(summary)
+    control = control_summary(args.storage, args.study)
+    paired = paired_verdict(summary, control)
     if args.format == "json":
         # NaN (a configuration with no finished run) is not JSON: null instead.
-        clean = [{k: (None if isinstance(x, float) and x != x else x) for k, x in r.items()} for r in summary]
-        print(json.dumps({"study": plan.study_name, "configurations": clean, "verdict": v}, indent=2))
+        def clean(r: dict) -> dict:
+            return {k: (None if isinstance(x, float) and x != x else x) for k, x in r.items()}
+
+        print(json.dumps({"study": plan.study_name, "configurations": [clean(r) for r in summary], "verdict": v,
+                          "control": clean(control) if control else None, "llrd_vs_control": paired}, indent=2))
         return 0 if v else 1
     if plan.note:
         print(f"note: {plan.note}", file=sys.stderr)
     print(f"confirmation of '{args.study}': {len(plan.sources)} configuration(s) x {plan.seeds} seed(s), runs in study '{plan.study_name}'")
-    for r in summary:
+    for r in [*summary, *([control] if control else [])]:
         conf = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] else "no finished run"
         failed = f", {r['n_failed']} failed" if r["n_failed"] else ""
-        print(f"  trial {r['source_trial']:>4}  {_lrs(r['params'])}  search {r['search_accuracy']:.4f}  confirmed {conf}{failed}")
+        label = f"control {r['source_trial']:>2}" if r["arm"] == "control" else f"trial {r['source_trial']:>4}"
+        print(f"  {label}  {_lrs(r['params'])}  search {r['search_accuracy']:.4f}  confirmed {conf}{failed}")
     if v is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
@@ -112,6 +118,10 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         )
     else:
         print(f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) exceeds the 95 % Welch threshold ({v['noise']:.4f}): unlikely to be noise")
+    if paired is not None:
+        print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired['control']} of the control arm): {paired['text']}")
+    elif control is None:
+        print("no control arm to compare with (the search has control_fraction = 0, or its control arm has no complete trial)")
     return 0
 
 

@@ -27,7 +27,8 @@ def trial_line(t: Any) -> str:
     extra = f" ({t.user_attrs.get('fail_reason')})" if t.state.name == "FAIL" else ""
     secs = t.user_attrs.get("wall_seconds")
     took = f" in {secs:.0f}s" if secs else ""
-    return f"trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
+    arm = "control " if t.user_attrs.get("llrd:arm") == "control" else ""
+    return f"{arm}trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
 
 
 def _preflight(spec: Any) -> Any:
@@ -62,7 +63,7 @@ class Progress:
         self.total, self.done, self.best = total, done, best
         self.t0 = time.time()
         self.start_done = done
-        self.reported: set[int] = set()
+        self.reported: set[tuple[str, int]] = set()
         self.bar = None
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -100,14 +101,17 @@ class Progress:
             print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def trial(self, study: Any, trial: Any) -> None:
-        """Report a finished trial of ``study`` (any worker's), each exactly once.
+        """Report a finished trial of ``study`` (either arm, any worker's), each exactly once.
 
         The count is this object's own: one more for each COMPLETE or PRUNED trial reported. Read
         from the storage instead, two trials finishing between two reports both printed the count
-        after the second (``[9/12]`` twice)."""
-        if trial.number in self.reported:
+        after the second (``[9/12]`` twice). Trials are keyed by arm: each arm numbers its own."""
+        from .arms import arm_of
+
+        key = (arm_of(trial), trial.number)
+        if key in self.reported:
             return
-        self.reported.add(trial.number)
+        self.reported.add(key)
         if trial.state.name in ("COMPLETE", "PRUNED"):
             self.done += 1
         self.update(self.done, best_value(study), trial_line(trial))
@@ -135,8 +139,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
+    from .arms import control_target, ensure_control_arm
     from .grid import cap_budget
-    from .storage import create_study, mask_url, open_storage, shareable_url
+    from .storage import budget_lock, create_study, mask_url, open_storage, shareable_url
 
     if spec.study.storage and shareable_url(spec.study.storage)[1]:
         # Never stored in the study (see storage.stored_spec_json), but study files get shared and committed.
@@ -147,7 +152,12 @@ def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
     if note:
         print(f"note: {note}", file=sys.stderr)
     study, created = create_study(spec, storage, args.n_trials)
+    with budget_lock(storage, study._study_id):
+        control = ensure_control_arm(storage, study, spec)
     word = "created" if created else "resumed"
+    if control is not None:
+        total = int(study.user_attrs.get("llrd:n_trials", spec.study.n_trials))
+        print(f"control arm: {control_target(spec.study.control_fraction, total)} of {total} trials tune plain fine-tuning (ξ = 1) in study '{control.study_name}'", file=sys.stderr)
     print(f"{word} study '{spec.study.name}' in {mask_url(url)}", file=sys.stderr)
     return study, url, created
 
@@ -176,7 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     objective = _preflight(spec)
     study, url, _ = _create(args, spec)
     budget = int(study.user_attrs["llrd:n_trials"])
-    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    from .arms import arm_trials
+
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for ts in arm_trials(study).values() for t in ts)
     if spec.train.objective:
         # The user's training code picks its own threads and device: one worker unless asked.
         from .local_workers import workers_from_env
@@ -218,6 +230,14 @@ def _summary(url: str, name: str) -> int:
         return 1
     best = max(complete, key=lambda t: t.value)
     print(f"best: trial {best.number} accuracy {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
+    from .arms import load_control
+
+    control = load_control(study)
+    done = [t for t in control.get_trials(deepcopy=False) if t.state.name == "COMPLETE"] if control is not None else []
+    if done:
+        c = max(done, key=lambda t: t.value)
+        print(f"best of the control arm (ξ = 1): trial {c.number} accuracy {c.value:.4f} base_lr={c.params['base_lr']:.3g} head_lr={c.params['head_lr']:.3g} "
+              "(unconfirmed: run `llrd-search confirm` for the paired verdict)")
     return 0
 
 
@@ -241,6 +261,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def status_data(url: str, name: str) -> dict[str, Any]:
+    """Counts by state (``states``: the LLRD arm; ``arms``: each arm's), budget, best, running trials."""
+    from .arms import arm_of, arm_trials
     from .storage import BUDGET_ATTR, load_study, mask_url, open_storage
 
     storage = open_storage(url)
@@ -252,18 +274,29 @@ def status_data(url: str, name: str) -> dict[str, Any]:
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = max(complete, key=lambda t: t.value) if complete else None
     seconds = sum(t.user_attrs.get("wall_seconds", 0) for t in trials)
+    arms = {}
+    for arm, arm_trials_ in arm_trials(study).items():
+        by_state: dict[str, int] = {}
+        for t in arm_trials_:
+            by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+        arms[arm] = {"finished": by_state.get("COMPLETE", 0) + by_state.get("PRUNED", 0), "states": by_state}
+    if "control" in arms:  # the budget is study-wide: the parent's counts alone are the LLRD arm's
+        control_trials = arm_trials(study)["control"]
+        seconds += sum(t.user_attrs.get("wall_seconds", 0) for t in control_trials)
+        trials = trials + [t for t in control_trials if t.state.name == "RUNNING"]
     storage.engine.dispose()
     return {
         "study": name,
         "storage": mask_url(url),
         "budget": int(study.user_attrs.get(BUDGET_ATTR, 0)),
-        "finished": counts.get("COMPLETE", 0) + counts.get("PRUNED", 0),
+        "finished": sum(a["finished"] for a in arms.values()),
         "states": counts,
+        "arms": arms,
         "compute_seconds": round(seconds, 1),
         "best": None
         if best is None
         else {"trial": best.number, "accuracy": best.value, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
-        "running": [{"trial": t.number, "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
+        "running": [{"trial": t.number, "arm": arm_of(t), "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
     }
 
 
@@ -277,8 +310,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     table = Table(title=f"study {data['study']}  ({data['storage']})", show_header=False)
     table.add_row("finished / budget", f"{data['finished']} / {data['budget']}")
-    for state, n in sorted(data["states"].items()):
-        table.add_row(state.lower(), str(n))
+    for arm, a in data["arms"].items():
+        label = "" if len(data["arms"]) == 1 else f"{arm} arm: "
+        for state, n in sorted(a["states"].items()):
+            table.add_row(f"{label}{state.lower()}", str(n))
     table.add_row("compute", f"{data['compute_seconds'] / 60:.1f} min")
     if data["best"]:
         b = data["best"]
@@ -286,6 +321,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row("best", f"trial {b['trial']}: accuracy {b['accuracy']:.4f}")
         table.add_row("best params", f"base_lr {p['base_lr']:.3g}, head_lr {p['head_lr']:.3g}, decay {p['decay']:.3f}")
     for r in data["running"]:
-        table.add_row(f"running #{r['trial']}", str(r["worker"]))
+        table.add_row(f"running #{r['trial']} ({r['arm']})", str(r["worker"]))
     Console().print(table)
     return 0

@@ -16,6 +16,11 @@ Every confirmation run is an enqueued trial tagged ``llrd:confirm_of`` (the sour
 worker only runs queued ones; a trial that fails is replaced by :func:`top_up` (up to S failures
 per configuration). A trial without the tag (a worker that sampled after a failure) is ignored.
 
+Paired seeds: run i of every configuration trains with the same seed (``llrd:seed`` on the queued
+trial, ``seed + offset + i``), so the same data order and head initialisation. When the search has
+a control arm (``NAME.control``), its best trial is re-run with those seeds too (source key
+``control:N``), and :func:`paired_verdict` compares the confirmed winner with it seed by seed.
+
 Running ``confirm`` again continues where it stopped. Asking for more (a larger K or S) extends the
 linked study; asking for less never discards runs: the stored K and S are kept.
 """
@@ -23,7 +28,6 @@ linked study; asking for less never discards runs: the stored K and S are kept.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,32 +35,22 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .arms import ARM_ATTR, CONTROL, LLRD, load_control
 from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
-from .spec import StudySpec
+from .objective import SEED_ATTR
+from .spec import Range, SpaceSection, StudySpec
+from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
 from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
 
-SEED_OFFSET = 100_000
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
-# Two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+__all__ = ["t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
 
 
 def t95(df: float) -> float:
-    """Two-sided 95 % t quantile; a fractional df rounds down (the conservative side)."""
-    return T95[max(1, int(df)) - 1] if df < len(T95) + 1 else Z95
+    """Two-sided 95 % Student-t quantile (scipy.stats)."""
+    return t_quantile(df)
 
-
-def welch_threshold(a: dict, b: dict) -> float | None:
-    """Smallest difference of seed means that Welch's t-test calls real at 95 %, for two
-    confirmation rows (``mean``, ``std``, ``n``). None when either has fewer than 2 runs."""
-    if a["n"] < 2 or b["n"] < 2:
-        return None
-    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
-    if va + vb == 0:
-        return 0.0
-    df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
-    return t95(df) * math.sqrt(va + vb)
+SEED_OFFSET = 100_000
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile (the report's binomial interval)
 SUFFIX = ".confirm"
 META_ATTR = "llrd:confirm"
 SOURCE_ATTR = "llrd:confirm_of"
@@ -111,7 +105,19 @@ def _confirm_spec(spec: StudySpec, name: str, budget: int) -> StudySpec:
     copy.study.trial_seed_offset = spec.study.trial_seed_offset + SEED_OFFSET
     copy.study.enqueue_paper_points = False
     copy.study.enqueue = []
+    copy.study.control_fraction = 0.0
+    # Only queued points run here (the control's ξ = 1, a swept ξ): a space that holds them all.
+    copy.space = SpaceSection(base_lr=Range(low=1e-12, high=10.0, log=True), head_lr=Range(low=1e-12, high=10.0, log=True),
+                              decay=Range(low=1e-6, high=1.0))
     return copy
+
+
+def _control_best(source: optuna.Study) -> FrozenTrial | None:
+    control = load_control(source)
+    if control is None:
+        return None
+    done = [t for t in control.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
 def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
@@ -151,7 +157,20 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
             "sources": [t.number for t in chosen],
             "params": {str(t.number): t.params for t in chosen},
             "search_accuracy": {str(t.number): t.value for t in chosen},
+            "seed_base": spec.study.seed + spec.study.trial_seed_offset + SEED_OFFSET,
         }
+        # The control arm's best, re-run with the same seeds: kept once chosen (its runs are paired).
+        old_control = [k for k in (old or {}).get("sources", []) if str(k).startswith(CONTROL + ":")]
+        control = _control_best(source)
+        if old_control:
+            meta["sources"].append(old_control[0])
+            meta["params"][old_control[0]] = old["params"][old_control[0]]
+            meta["search_accuracy"][old_control[0]] = old["search_accuracy"][old_control[0]]
+        elif control is not None:
+            key = f"{CONTROL}:{control.number}"
+            meta["sources"].append(key)
+            meta["params"][key] = control.params
+            meta["search_accuracy"][key] = control.value
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
         return Plan(study_name, name, meta["sources"], want_s, created, note)
@@ -192,9 +211,16 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
             mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
             active = sum(t.state in _ACTIVE for t in mine)
             failed = sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine)
-            next_rep = max((int(t.user_attrs.get(REP_ATTR, -1)) for t in mine), default=-1) + 1
-            for i in range(max(0, seeds - active) if failed < seeds else 0):
-                attrs = {SOURCE_ATTR: src, REP_ATTR: next_rep + i, "llrd:enqueued": "confirm"}
+            if failed >= seeds:
+                continue
+            # A failed run is replaced by one with its own seed: run i stays paired across configurations.
+            held = {int(t.user_attrs.get(REP_ATTR, -1)) for t in mine if t.state in _ACTIVE}
+            missing = [rep for rep in range(seeds) if rep not in held][: max(0, seeds - active)]
+            for rep in missing:
+                attrs = {SOURCE_ATTR: src, REP_ATTR: rep, "llrd:enqueued": "confirm",
+                         ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
+                if "seed_base" in meta:
+                    attrs[SEED_ATTR] = meta["seed_base"] + rep
                 linked.enqueue_trial(meta["params"][str(src)], user_attrs=attrs)
                 added += 1
         trials = linked.get_trials(deepcopy=False)
@@ -219,44 +245,84 @@ def retry_hook(url: str, study_name: str) -> Callable[[optuna.Study, FrozenTrial
     return hook
 
 
-def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    """One dict per confirmed configuration, best mean first; None when ``study_name`` has no
-    linked confirmation study.
-
-    Keys: ``source_trial``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per finished
-    run), ``mean``, ``std`` (sample std; 0.0 with one run), ``n``, ``search_accuracy`` (the source
-    trial's value) and ``n_failed``. A configuration whose runs all failed comes last with NaN mean.
-    """
-    own = isinstance(storage, str)
-    store = open_storage(storage) if own else storage
-    try:
-        meta = _meta(store, confirm_name(study_name), strict=False)
-        if meta is None:
-            return None
-        trials = load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
-    finally:
-        if own:
-            store.engine.dispose()
+def _all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    meta = _meta(store, confirm_name(study_name), strict=False)
+    if meta is None:
+        return None
+    trials = load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
     rows = []
     for src in meta["sources"]:
-        mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
-        accs = [float(t.value) for t in sorted(mine, key=lambda t: t.number) if t.state == TrialState.COMPLETE and t.value is not None]
-        n = len(accs)
-        mean = sum(accs) / n if n else math.nan
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else (0.0 if n else math.nan)
+        mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
+        by_rep = {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in mine if t.state == TrialState.COMPLETE and t.value is not None}
+        accs = [float(t.value) for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
+        mean, std = mean_std(accs)
+        arm = CONTROL if str(src).startswith(CONTROL + ":") else LLRD
         rows.append(
             {
-                "source_trial": src,
+                "source_trial": int(str(src).rsplit(":", 1)[-1]),
+                "arm": arm,
                 "params": {p: meta["params"][str(src)][p] for p in PARAMS},
                 "accuracies": accs,
+                "by_seed": by_rep,
                 "mean": mean,
                 "std": std,
-                "n": n,
+                "n": len(accs),
                 "search_accuracy": meta["search_accuracy"][str(src)],
                 "n_failed": sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine),
             }
         )
-    return sorted(rows, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+    return rows
+
+
+def _rows(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    own = isinstance(storage, str)
+    store = open_storage(storage) if own else storage
+    try:
+        return _all_rows(store, study_name)
+    finally:
+        if own:
+            store.engine.dispose()
+
+
+def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    """One dict per confirmed LLRD-arm configuration, best mean first; None when ``study_name`` has
+    no linked confirmation study.
+
+    Keys: ``source_trial``, ``arm``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per
+    finished run), ``by_seed`` (run index → accuracy: the pairing), ``mean``, ``std`` (sample std;
+    0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value) and ``n_failed``. A
+    configuration whose runs all failed comes last with NaN mean. The control arm's row:
+    :func:`control_summary`.
+    """
+    rows = _rows(storage, study_name)
+    if rows is None:
+        return None
+    llrd = [r for r in rows if r["arm"] == LLRD]
+    return sorted(llrd, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+
+
+def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
+    """The confirmed control-arm configuration (same keys as a :func:`confirmation_summary` row;
+    ``source_trial`` numbers a trial of ``NAME.control``), or None when none was confirmed."""
+    return next((r for r in _rows(storage, study_name) or [] if r["arm"] == CONTROL), None)
+
+
+def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
+    """Does LLRD help? The confirmed winner (best mean) minus the confirmed control, seed by seed.
+
+    Returns ``{"winner", "control", "gain", "ci95", "n_seeds", "p", "confirmed", "text"}`` (gain and
+    CI in accuracy units, over the seeds both finished); ``confirmed`` is False, and ``ci95`` None,
+    with fewer than two paired seeds. None when either side has no finished run.
+    """
+    winner = next((r for r in summary if r["n"] > 0), None)
+    if winner is None or control is None or control["n"] == 0:
+        return None
+    seeds = sorted(set(winner["by_seed"]) & set(control["by_seed"]))
+    if not seeds:
+        return None
+    d = paired_difference([winner["by_seed"][i] for i in seeds], [control["by_seed"][i] for i in seeds])
+    return {"winner": winner["source_trial"], "control": control["source_trial"], "gain": d["mean"], "ci95": d["ci"],
+            "n_seeds": d["n"], "p": d["p"], "confirmed": d["ci"] is not None, "text": verdict_text(d["mean"], d["ci"], d["n"])}
 
 
 def verdict(summary: list[dict]) -> dict[str, Any] | None:

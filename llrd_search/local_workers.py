@@ -168,7 +168,9 @@ class _TrialMonitor:
         # ran would be in it and never reported.
         self._storage = open_storage(url)
         self._study = optuna.load_study(study_name=name, storage=self._storage)
-        self.seen = {t.number for t in self._study.get_trials(deepcopy=False) if t.state.is_finished()}
+        from .arms import arm_trials
+
+        self.seen = {(arm, t.number) for arm, ts in arm_trials(self._study).items() for t in ts if t.state.is_finished()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="llrd-trial-monitor")
         self._thread.start()
@@ -187,8 +189,12 @@ class _TrialMonitor:
             self._storage.engine.dispose()
 
     def _poll(self, study: Any) -> None:
-        for t in sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.seen), key=lambda t: t.number):
-            self.seen.add(t.number)
+        from .arms import arm_trials
+
+        # Both arms (the control arm's trials are numbered in their own study).
+        new = [(arm, t) for arm, ts in arm_trials(study).items() for t in ts if t.state.is_finished() and (arm, t.number) not in self.seen]
+        for arm, t in sorted(new, key=lambda x: (x[1].datetime_complete or x[1].datetime_start, x[0], x[1].number)):
+            self.seen.add((arm, t.number))
             self.on_trial(study, t)
 
     def stop(self) -> None:

@@ -12,26 +12,36 @@ from collections.abc import Callable
 
 import optuna
 
+from .arms import distributions
 from .data import TaskData, load_task_data
 from .exceptions import DivergedError
 from .param_groups import build_param_groups, group_table
-from .spec import Range, SpaceSection, StudySpec
+from .spec import SpaceSection, StudySpec
 from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
 PARAMS = ("base_lr", "head_lr", "decay")
+# A confirmation run's training seed, set when it is queued: run i of every configuration trains
+# with the same seed, so configurations are compared on paired seeds.
+SEED_ATTR = "llrd:seed"
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:
-    """Sample the LLRD parameters; names are exactly ``base_lr``, ``head_lr``, ``decay``."""
+    """The LLRD parameters; names are exactly ``base_lr``, ``head_lr``, ``decay``.
+
+    A worker's trial already holds all three (sampled at ``ask``, in its arm's space: ξ = 1 in the
+    control arm), and they are returned as stored; a bare ``optimize`` trial samples them here.
+    """
+    stored = trial.params
     out = {}
-    for name in PARAMS:
-        dim = getattr(space, name)
-        if isinstance(dim, Range):
-            out[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    for name, dist in distributions(space).items():
+        if name in stored:
+            out[name] = stored[name]
+        elif isinstance(dist, optuna.distributions.FloatDistribution):
+            out[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
         else:
-            out[name] = trial.suggest_categorical(name, list(dim))
+            out[name] = trial.suggest_categorical(name, list(dist.choices))
     return out
 
 
@@ -64,7 +74,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
         params = suggest(trial, self.spec.space)
-        seed = self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number
+        seed = int(trial.user_attrs.get(SEED_ATTR, self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number))
         model = fresh_model(self.template, seed)
         groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)
         trial.set_user_attr("lr_groups", group_table(groups))

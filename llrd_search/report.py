@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 import math
 import os
@@ -19,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .confirm import Z95, welch_threshold
+from .arms import load_control
+from .confirm import Z95
 from .exceptions import LLRDSearchError
-from .plots import TrialInfo, is_control, lr_profile, param_importances, trial_infos
+from .plots import TrialInfo, lr_profile, param_importances, trial_infos
+from .stats import welch_threshold
 from .storage import close_storage, load_study, mask_url, open_storage, spec_of
+from .summary import arms_section, summary_data
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +108,6 @@ def best_decay_interval(trials: Sequence[TrialInfo], confirmation: list[dict] | 
             "members": sorted(t.number for t in members), "compared": sum(bool(t.n_validation) for t in complete)}
 
 
-def llrd_gain(trials: Sequence[TrialInfo]) -> dict | None:
-    """Best trial with ξ < 1 against the best ξ = 1 control; None unless the study has both."""
-    complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
-    llrd = best_trial([t for t in complete if not is_control(t)])
-    control = best_trial([t for t in complete if is_control(t)])
-    if llrd is None or control is None:
-        return None
-    out: dict[str, Any] = {"llrd_trial": llrd.number, "llrd_accuracy": llrd.value, "llrd_decay": llrd.params["decay"],
-                           "control_trial": control.number, "control_accuracy": control.value, "gain": llrd.value - control.value,
-                           "z": None, "p": None}
-    if llrd.n_validation and control.n_validation:
-        out["z"] = two_proportion_z(llrd.value, llrd.n_validation, control.value, control.n_validation)
-        out["p"] = p_value(out["z"])
-    return out
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -149,7 +137,7 @@ def _model_layers(spec: Any) -> int | None:
 
 
 def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo], confirmation: list[dict] | None,
-                     interval: dict | None, missing: dict[str, str]) -> list[str]:
+                     interval: dict | None, missing: dict[str, str], arms: dict | None = None) -> list[str]:
     """The summary as Markdown sections (without the figure list)."""
     counts = state_counts(trials)
     best = best_trial(trials)
@@ -174,7 +162,8 @@ def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo]
         sections.append(f"## Best trial\n\nTrial {best.number}: validation accuracy **{best.value:.4f}** with base LR "
                         f"{_lr(best.params['base_lr'])}, head LR {_lr(best.params['head_lr'])}, ξ = {best.params['decay']:.3f}.")
         sections.append(_interval_section(interval))
-        sections.append(_gain_section(llrd_gain(trials)))
+        arms = arms or {}
+        sections.append(arms_section(best, arms.get("control"), arms.get("paired"), bool(arms.get("has_arm"))))
         ranked = sorted((t for t in trials if t.state == "COMPLETE"), key=lambda t: -t.value)[:10]
         rows = [f"| {t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |" for t in ranked]
         sections.append("## Top complete trials\n\n| trial | accuracy | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
@@ -202,18 +191,6 @@ def _interval_section(iv: dict | None) -> str:
                    "would be wider with it (`llrd-search confirm` measures it by re-running the top configurations with several "
                    "seeds). In the other direction, all trials are scored on the same examples, which makes this unpaired test "
                    "somewhat conservative. Picking the best of many trials also flatters its accuracy (winner's curse).")
-
-
-def _gain_section(gain: dict | None) -> str:
-    text = "## LLRD vs the no-decay control (ξ = 1)\n\n"
-    if gain is None:
-        return text + "Not available: the study needs a complete trial at ξ = 1 and one at ξ < 1."
-    text += (f"Best ξ < 1 (trial {gain['llrd_trial']}, ξ = {gain['llrd_decay']:.3f}): {gain['llrd_accuracy']:.4f}; best ξ = 1 "
-             f"(trial {gain['control_trial']}): {gain['control_accuracy']:.4f}. Gain: **{100 * gain['gain']:+.2f} points**")
-    if gain["p"] is None:
-        return text + "."
-    verdict = "significant" if gain["p"] < 0.05 else "within validation noise"
-    return text + f" (two-proportion z = {gain['z']:.2f}, p = {gain['p']:.3f}: {verdict} at 95 %)."
 
 
 def _mean_std(c: dict) -> str:
@@ -282,6 +259,11 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
             spec = None  # an Optuna study made elsewhere: report it all the same, minus the spec lines
         trials = trial_infos(study)
         confirmation = _confirmation(storage, study_name)
+        control_study = load_control(study)
+        control = best_trial(trial_infos(control_study)) if control_study is not None else None
+        from .confirm import control_summary, paired_verdict
+
+        paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None
         importances, importance_why = param_importances(study, trials)
     finally:
         close_storage(storage)
@@ -308,8 +290,11 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     figures = {stem: p for stem, p in paths.items() if stem not in missing_now}
     for stem in missing_now:
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
-    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now)
+    arms = {"control": control, "paired": paired, "has_arm": control_study is not None}
+    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms)
+    data = summary_data(best, control, confirmation, paired, interval)
+    (out / "summary.json").write_text(json.dumps({"study": study_name, **data}, indent=2) + "\n", encoding="utf-8")
     plot_list = "## Plots\n\n" + "\n\n".join(f"![{FIGURES[s]}]({p.name})" for s, p in figures.items())
     (out / "summary.md").write_text("\n\n".join([*sections, plot_list]) + "\n", encoding="utf-8")
     (out / "report.html").write_text(render_html(f"LLRD search report: {study_name}", sections, figures, missing_now), encoding="utf-8")
-    return {"html": out / "report.html", "summary": out / "summary.md", **figures}
+    return {"html": out / "report.html", "summary": out / "summary.md", "summary_json": out / "summary.json", **figures}

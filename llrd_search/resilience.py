@@ -256,6 +256,27 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[
     """
     url = make_url(storage.url)
     backend = url.get_backend_name()
+    # Re-entrant per thread: creating the control arm (or a half-made study's spec) takes the lock
+    # inside a section that already holds it. SQLite's lock is one file per database, and a second
+    # flock on it from the same thread would wait for itself forever.
+    token = (url.database, study_id) if backend == "postgresql" else (url.database, None)
+    held = _HELD.__dict__.setdefault("tokens", set())
+    if token in held:
+        yield
+        return
+    held.add(token)
+    try:
+        with _acquired(storage, url, backend, study_id):
+            yield
+    finally:
+        held.discard(token)
+
+
+_HELD = threading.local()
+
+
+@contextlib.contextmanager
+def _acquired(storage: optuna.storages.RDBStorage, url: Any, backend: str, study_id: int) -> Iterator[None]:
     if backend == "postgresql":
         key = zlib.crc32(f"llrd-search:{study_id}".encode())
         conn = retrying(lambda: _locked_connection(storage.engine, key), lambda: getattr(storage, "retry_seconds", 0.0))()

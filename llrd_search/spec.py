@@ -92,6 +92,9 @@ class StudySection(_Section):
     # they lie in the space, then your own (e.g. the config you use today, as a baseline).
     enqueue_paper_points: bool = True
     enqueue: list[dict[Literal["base_lr", "head_lr", "decay"], float]] = []
+    # Share of the budget that tunes plain fine-tuning (decay = 1 exactly) over the same base_lr and
+    # head_lr space, in the linked study NAME.control: the LR-matched control LLRD is judged against.
+    control_fraction: float = Field(default=0.25, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _grace(self) -> StudySection:
@@ -201,17 +204,30 @@ class StudySpec(_Section):
                 raise ValueError(f"study.enqueue.{i}: {point} lies outside [space]; widen the space or drop the point")
         return self
 
-    def initial_points(self) -> list[dict[str, float]]:
-        """Points enqueued at creation: paper points inside the space, then ``study.enqueue``; at most n_trials.
+    @property
+    def has_control_arm(self) -> bool:
+        """Whether a share of the budget goes to the ξ = 1 arm (never for a grid: it lists its ξ values)."""
+        return self.study.control_fraction > 0 and self.study.sampler != "grid"
 
-        None for a grid: the grid trains each of its points once, and an enqueued copy of one would
-        train it twice (Optuna's grid sampler does not count enqueued trials as visits).
-        """
+    def _points(self) -> list[dict[str, float]]:
+        # None for a grid: the grid trains each of its points once, and an enqueued copy of one would
+        # train it twice (Optuna's grid sampler does not count enqueued trials as visits).
         if self.study.sampler == "grid":
             return []
         points = [p for p in PAPER_POINTS if self.study.enqueue_paper_points and self.space.contains(p)]
-        points += [p for p in self.study.enqueue if p not in points]
+        return points + [p for p in self.study.enqueue if p not in points]
+
+    def initial_points(self) -> list[dict[str, float]]:
+        """Points enqueued at creation in the LLRD arm: paper points inside the space, then
+        ``study.enqueue``; at most n_trials. With a control arm, ξ = 1 points go there instead."""
+        points = [p for p in self._points() if not (self.has_control_arm and p["decay"] == 1.0)]
         return points[: self.study.n_trials]
+
+    def control_points(self) -> list[dict[str, float]]:
+        """Points enqueued at creation in the control arm: the ξ = 1 ones (the paper's control)."""
+        if not self.has_control_arm:
+            return []
+        return [p for p in self._points() if p["decay"] == 1.0]
 
     def identity(self) -> dict[str, Any]:
         """The spec as stored in the study, minus what may change between runs of the same study.

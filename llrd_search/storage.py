@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
+from .pruners import GuardedHyperbandPruner, GuardedMedianPruner
 from .resilience import (
     RETRY_SECONDS,
     RETRY_STATS,
@@ -229,10 +230,11 @@ def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     # Intermediate steps are evaluation indices (1, 2, ...), so resources are "evaluations".
     n_evals = spec.train.epochs * spec.train.evals_per_epoch
+    # Guarded: nothing is pruned until the study (each arm) has a COMPLETE trial, so no arm ends empty.
     if spec.study.pruner == "hyperband" and n_evals >= 3:
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
+        return GuardedHyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
     if spec.study.pruner in ("median", "hyperband"):
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+        return GuardedMedianPruner(n_startup_trials=4, n_warmup_steps=1)
     return optuna.pruners.NopPruner()
 
 

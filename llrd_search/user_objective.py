@@ -91,7 +91,8 @@ def trial_seed(trial: optuna.Trial) -> int:
     trial_seed_offset + trial.number``): distinct per trial, and fresh in ``confirm``'s re-runs,
     which differ from the search only by this seed. Recorded in the trial's ``seed`` user attr."""
     study = _stored_spec(trial).study
-    seed = study.seed + study.trial_seed_offset + trial.number
+    # A confirm run carries its paired seed (the same for run i of every configuration).
+    seed = int(trial.user_attrs.get("llrd:seed", study.seed + study.trial_seed_offset + trial.number))
     trial.set_user_attr("seed", seed)
     return seed
 

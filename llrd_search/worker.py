@@ -30,6 +30,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from .arms import (
+    ARM_ATTR,
+    CONTROL,
+    LLRD,
+    choose_arm,
+    control_spec,
+    control_target,
+    distributions,
+    ensure_control_arm,
+    parent_name,
+)
 from .exceptions import RepeatedFailureError
 from .resilience import count_states, rdb_of
 from .spec import StudySpec
@@ -159,6 +170,7 @@ def run_worker(
     """
     bootstrap = open_storage(storage_url)
     try:
+        study_name = parent_name(bootstrap, study_name)  # a worker pointed at NAME.control joins NAME
         spec = spec_of(load_study(bootstrap, study_name))
     finally:
         bootstrap.engine.dispose()
@@ -170,6 +182,10 @@ def run_worker(
     last_reap = -float("inf")
     try:
         study = load_study(storage, study_name, spec, worker_index)
+        with budget_lock(storage, study._study_id):
+            control = ensure_control_arm(storage, study, spec, worker_index)
+        arms = {LLRD: study, **({CONTROL: control} if control is not None else {})}
+        spaces = {LLRD: distributions(spec.space), CONTROL: distributions(control_spec(spec, 1).space) if control else {}}
         # Data, tokenizer and model load once, before any trial: a setup error is one clear error,
         # not a string of failed trials.
         objective = (objective_factory or _default_objective)(spec)
@@ -183,18 +199,34 @@ def run_worker(
                         # Staleness takes grace_period seconds to arise: reaping once per heartbeat
                         # interval is as good as on every ask, and keeps the locked section short.
                         if time.monotonic() - last_reap >= spec.study.heartbeat_interval:
-                            fail_stale(study)
+                            for arm_study in arms.values():
+                                fail_stale(arm_study)
                             last_reap = time.monotonic()
-                        budget = budget_of(study, int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials)))
-                        trial = study.ask() if budget.waiting or budget.open_slots > 0 else None
+                        total = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
+                        budgets = {arm: budget_of(s, total) for arm, s in arms.items()}
+                        arm = choose_arm(
+                            {a: b.finished + b.running + b.waiting for a, b in budgets.items()},
+                            {a: b.waiting for a, b in budgets.items()},
+                            total,
+                            control_target(spec.study.control_fraction, total) if control is not None else 0,
+                        )
+                        running = sum(b.running for b in budgets.values())
+                        trial = None
+                        if arm is not None:
+                            # Every parameter is sampled (and stored) here, before the trial can be
+                            # seen running: a worker killed at any later moment leaves a trial whose
+                            # retry has all of them.
+                            trial = arms[arm].ask(spaces[arm])
+                            if ARM_ATTR not in trial.user_attrs:  # a queued run may carry its own
+                                trial.set_user_attr(ARM_ATTR, arm)
                     # A trial with no heartbeat yet is never reaped early (fail_stale), so the first
                     # beat can be written after the lock is released.
                     heartbeat = _Heartbeat(storage, trial._trial_id, spec.study.heartbeat_interval) if trial else None
                 if trial is None or heartbeat is None:  # (heartbeat is None exactly when trial is)
                     signals.check()
-                    if budget.running == 0:
+                    if running == 0:
                         return ran
-                    log.info("budget taken; waiting for %d running trial(s) to finish or go stale", budget.running)
+                    log.info("budget taken; waiting for %d running trial(s) to finish or go stale", running)
                     time.sleep(poll)
                     continue
                 ran += 1
@@ -206,18 +238,18 @@ def run_worker(
                     value = objective(trial)
                 except optuna.TrialPruned:
                     with signals.deferred():
-                        _finish(study, trial, TrialState.PRUNED, wall_seconds=round(time.perf_counter() - t0, 3))
+                        _finish(arms[arm], trial, TrialState.PRUNED, wall_seconds=round(time.perf_counter() - t0, 3))
                     last_error, repeats = None, 0
                 except KeyboardInterrupt:
                     signals.clear()  # this is that signal: raised below, after the trial is marked
                     with signals.deferred():
-                        _finish(study, trial, TrialState.FAIL, fail_reason=INTERRUPTED)
+                        _finish(arms[arm], trial, TrialState.FAIL, fail_reason=INTERRUPTED)
                     raise
                 except Exception as err:
                     reason = f"{type(err).__name__}: {err}".strip()
                     with signals.deferred():
                         told = _finish(
-                            study,
+                            arms[arm],
                             trial,
                             TrialState.FAIL,
                             fail_reason=reason[:2000],
@@ -236,7 +268,7 @@ def run_worker(
                         ) from err
                 else:
                     with signals.deferred():
-                        _finish(study, trial, TrialState.COMPLETE, value, wall_seconds=round(time.perf_counter() - t0, 3))
+                        _finish(arms[arm], trial, TrialState.COMPLETE, value, wall_seconds=round(time.perf_counter() - t0, 3))
                     last_error, repeats = None, 0
                 finally:
                     heartbeat.stop()

@@ -97,7 +97,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def study_toml(model: Path | str, data: Path | str, *, name: str = "toy", n_trials: int = 2, extra: str = "", **sections: dict) -> str:
     """A study file's text for the tiny model; ``sections`` override keys, e.g. train={"epochs": 2}."""
     base = {
-        "study": {"name": name, "n_trials": n_trials, "seed": 0, "sampler": "random", "pruner": "none", "heartbeat_interval": 1, "grace_period": 3},
+        "study": {"name": name, "n_trials": n_trials, "seed": 0, "sampler": "random", "pruner": "none", "heartbeat_interval": 1, "grace_period": 3,
+                  # One arm unless a test asks for the control arm (tests/test_arms.py): counts stay simple.
+                  "control_fraction": 0.0},
         "model": {"name": str(model), "max_length": 32},
         "data": {"path": str(data)},
         "train": {"epochs": 1, "batch_size": 16, "evals_per_epoch": 1, "precision": "fp32"},

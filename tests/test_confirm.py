@@ -66,7 +66,7 @@ def test_verdict_flags_a_lead_within_noise():
     ]
     v = confirm.verdict(rows)
     assert v["winner"] == 1 and v["runner_up"] == 2
-    assert v["noise"] == pytest.approx(2.776 * math.sqrt(2 * 0.02**2 / 3))  # Welch: df = 4
+    assert v["noise"] == pytest.approx(2.7764451 * math.sqrt(2 * 0.02**2 / 3))  # Welch: df = 4
     assert v["within_noise"] is True
     rows[1]["mean"] = 0.80
     assert confirm.verdict(rows)["within_noise"] is False
@@ -129,10 +129,12 @@ def test_failed_run_is_replaced_and_untagged_trials_are_ignored(searched):
     assert first.user_attrs["llrd:confirm_of"] == plan.sources[0]
     first.set_user_attr("fail_reason", "TrainingError: loss became nan")
     linked.tell(first, state=TrialState.FAIL)
-    assert confirm.top_up(storage, linked) == 1  # replaced with a new repetition
+    assert confirm.top_up(storage, linked) == 1  # replaced, with the failed run's own seed (pairing)
     assert confirm.top_up(storage, linked) == 0  # idempotent
-    reps = sorted(t.user_attrs["llrd:confirm_rep"] for t in linked.get_trials() if t.state == TrialState.WAITING)
-    assert reps == [1, 2]
+    waiting = [t for t in linked.get_trials() if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["llrd:confirm_rep"] for t in waiting) == [0, 1]
+    replaced = next(t for t in waiting if t.user_attrs["llrd:confirm_rep"] == first.user_attrs["llrd:confirm_rep"])
+    assert replaced.user_attrs["llrd:seed"] == first.user_attrs["llrd:seed"]
     # a trial with no confirmation tag (a sampler point) never counts
     linked.add_trial(optuna.trial.create_trial(value=0.99, params=first.params, distributions=first.distributions))
     storage.engine.dispose()
@@ -166,7 +168,7 @@ def test_summary_is_sorted_by_mean_with_sample_std(searched):
     v = confirm.verdict(summary)
     assert v["winner"] == plan.sources[1] and v["lead"] == pytest.approx(0.2)
     # Two seeds each: Welch df = 2, so a lead must exceed 4.303 x SE (0.0707) = 0.304 to count.
-    assert v["noise"] == pytest.approx(4.303 * 0.0707107, rel=1e-5) and v["within_noise"] is True
+    assert v["noise"] == pytest.approx(4.3026527 * 0.0707107, rel=1e-5) and v["within_noise"] is True
 
 
 def test_in_process_failure_is_replaced_before_the_worker_asks_again(searched):

@@ -20,7 +20,6 @@ from llrd_search.report import (
     TrialInfo,
     best_decay_interval,
     compute_seconds,
-    llrd_gain,
     lr_profile,
     state_counts,
     two_proportion_z,
@@ -87,18 +86,7 @@ def test_best_decay_interval_from_confirmation_seeds():
     assert (iv["low"], iv["high"], iv["best_decay"]) == (0.85, 0.95, 0.85)
     assert iv["members"] == [7, 3]
     assert iv["compared"] == 3
-    assert confirm.t95(4.7) == 2.776 and confirm.t95(500) == pytest.approx(1.96, abs=1e-3)
-
-
-def test_llrd_gain_against_control():
-    trials = [T(0, 0.90, 0.80), T(1, 0.88, 1.0), T(2, 0.86, 1.0), T(3, 0.95, 1.0, state="PRUNED"), T(4, 0.85, 0.6)]
-    gain = llrd_gain(trials)
-    assert (gain["llrd_trial"], gain["control_trial"]) == (0, 1)
-    assert gain["gain"] == pytest.approx(0.02)
-    assert gain["z"] == pytest.approx(two_proportion_z(0.90, 1000, 0.88, 1000))
-    assert gain["p"] == pytest.approx(math.erfc(gain["z"] / math.sqrt(2)))
-    assert llrd_gain([T(0, 0.9, 0.8), T(1, 0.88, 0.95)]) is None  # no control trial
-    assert llrd_gain([T(0, 0.9, 1.0)]) is None  # no decayed trial
+    assert confirm.t95(4) == pytest.approx(2.776, abs=1e-3) and confirm.t95(500) == pytest.approx(1.9647, abs=1e-4)
 
 
 def test_counts_and_compute_time():
@@ -169,7 +157,7 @@ def test_report_of_mixed_study(make_study, tmp_path):
     out = tmp_path / "rep-out"
     written = report.write_report(url, name, out)
     stems = {"accuracy_vs_decay", "decay_lr_map", "lr_profile", "history", "learning_curves", "importance"}
-    assert set(written) == {"html", "summary"} | stems
+    assert set(written) == {"html", "summary", "summary_json"} | stems
     for path in written.values():
         assert path.is_file() and path.stat().st_size > 0
     for stem in stems:
@@ -184,7 +172,8 @@ def test_report_of_mixed_study(make_study, tmp_path):
     assert "total compute time: 3.1 min" in summary  # 6 × 30 s + 5 s
     # n = 60: everything within ~0.12 of 0.88 ties, 0.70 (z = 2.3) does not.
     assert "ξ ∈ **[0.600, 1.000]**" in summary
-    assert "Gain: **+8.00 points**" in summary and "within validation noise" in summary
+    # No control arm here: no gain is claimed and no p-value is given across learning rates.
+    assert "has no control arm" in summary and "Gain" not in summary and "p = " not in summary
     assert "two-proportion z-test" in summary
 
 
@@ -196,7 +185,7 @@ def test_report_of_single_trial(make_study, tmp_path):
     assert "needs ≥ 2 complete trials" in written["html"].read_text()
     assert "importance" not in written and "decay_lr_map" not in written
     assert {"accuracy_vs_decay", "lr_profile", "history", "learning_curves"} <= set(written)
-    assert "Not available: the study needs a complete trial at ξ = 1" in summary
+    assert "has no control arm" in summary
     assert "ξ ∈ **[0.900, 0.900]**" in summary
 
 
@@ -211,7 +200,7 @@ def test_report_without_complete_trials(make_study, tmp_path, caplog):
     assert "1 pruned" in summary and "1 failed" in summary
     assert "no reason recorded" in summary
     assert not (out / "history.png").exists()  # a stale figure from an earlier report is removed
-    assert set(written) == {"html", "summary", "accuracy_vs_decay", "learning_curves"}
+    assert set(written) == {"html", "summary", "summary_json", "accuracy_vs_decay", "learning_curves"}
     _no_network(written["html"].read_text())
     assert "no complete trial" in caplog.text
 

@@ -269,3 +269,25 @@ def test_budget_below_the_finished_trials_is_refused(capsys, write_study, tmp_pa
     _one_error(capsys, ["create", str(path), "--storage", url, "--n-trials", "1"], "--n-trials", "study.n_trials", "2")
     assert optuna.load_study(study_name="budget", storage=url).user_attrs["llrd:n_trials"] == 3
     assert main(["create", str(path), "--storage", url, "--n-trials", "2"]) == 0  # equal is fine: the study is done
+
+
+def test_budget_lock_is_reentrant_in_one_thread(tmp_path):
+    """Creating the control arm takes the lock inside a section that holds it: on SQLite (one lock
+    file per database) a second flock from the same thread used to wait for itself forever."""
+    import threading
+
+    from llrd_search.resilience import budget_lock
+    from llrd_search.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'lock.db'}")
+    done = threading.Event()
+
+    def nested() -> None:
+        with budget_lock(storage, 1), budget_lock(storage, 2):
+            done.set()
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert done.is_set()
+    storage.engine.dispose()

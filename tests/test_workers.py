@@ -307,13 +307,42 @@ def test_interrupt_during_ask_leaves_no_running_trial(write_study, tmp_path, mon
 # --------------------------------------------------------------------------- real worker processes
 
 
+def test_every_parameter_is_sampled_before_the_trial_runs(write_study, tmp_path):
+    # A worker killed at any moment of its trial must leave all three parameters for the retry.
+    url = f"sqlite:///{tmp_path / 'ask.db'}"
+    _create(write_study(name="ask", n_trials=3), url)
+    seen = []
+
+    def factory(spec):
+        def objective(trial):
+            seen.append(dict(trial.params))  # before the objective suggests anything
+            return 0.5
+
+        return objective
+
+    run_worker(url, "ask", objective_factory=factory, poll_seconds=0.1)
+    assert [set(p) for p in seen] == [{"base_lr", "head_lr", "decay"}] * 3
+
+
+def _freeze_a_running_trial(url: str, name: str, procs) -> tuple[int, optuna.trial.FrozenTrial]:
+    """(pid, trial) of a worker stopped (SIGSTOP) while its trial is RUNNING: the kill that follows
+    lands mid-trial wherever the worker was, because a frozen worker cannot finish the trial."""
+    while True:
+        pid, _ = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 300, "a running trial")  # start-up under load
+        os.kill(pid, signal.SIGSTOP)
+        found = running_trial_of(url, name, [pid])
+        if found is not None:
+            return found
+        os.kill(pid, signal.SIGCONT)  # it finished that trial meanwhile: try again
+
+
 def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path, small):
     name = "kill"
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     assert main(["create", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small)), "--storage", url]) == 0
     procs = [spawn(["worker", "--storage", url, "--study", name, "--worker-index", str(i), "--threads", "1"], tmp_path / f"w{i}.log") for i in range(3)]
     try:
-        pid, victim = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 120, "a running trial")
+        pid, victim = _freeze_a_running_trial(url, name, procs)
         os.kill(pid, signal.SIGKILL)
         survivors = [p for p in procs if p.pid != pid]
         assert finish(survivors, 240) == [0, 0]
@@ -327,6 +356,7 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
     killed = next(t for t in all_trials if t.number == victim.number)
     assert killed.state.name == "FAIL"
     assert killed.user_attrs["fail_reason"].startswith("worker lost")
+    assert set(killed.params) == {"base_lr", "head_lr", "decay"}
     (retry,) = [t for t in all_trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.state.name == "COMPLETE"
     assert retry.params == killed.params

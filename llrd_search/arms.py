@@ -1,0 +1,156 @@
+"""The two arms of a search: LLRD (ξ searched) and its LR-matched control (ξ = 1 exactly).
+
+A gain of LLRD is only a gain of the decay if the control had the same chance at the learning
+rates. So ``[study] control_fraction`` of the study-wide budget tunes plain fine-tuning over the
+same ``base_lr`` and ``head_lr`` space, with the same sampler, pruner, data and training, in a
+*linked study* ``NAME.control`` in the same storage:
+
+- its own sampler and pruner model only its own trials (TPE never mixes the arms; Hyperband
+  compares control trials with control trials);
+- Optuna's CLI (``optuna studies``), optuna-dashboard and ``status`` show both studies; every trial
+  of either arm carries the user attr ``llrd:arm`` and the control study ``llrd:arm_of`` (its parent);
+- ``decay`` is a real parameter of every control trial (a one-value categorical, 1.0), so exports,
+  reports and the dashboard show it;
+- the budget stays one number on the parent: under the parent's budget lock a worker counts both
+  arms' finished, running and waiting trials and asks in the arm that is behind its share
+  (:func:`choose_arm`, a pure function of those counts).
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from .exceptions import SpecError
+from .spec import Range, SpaceSection, StudySpec
+
+ARM_ATTR = "llrd:arm"
+PARENT_ATTR = "llrd:arm_of"
+CONTROL_SUFFIX = ".control"
+LLRD, CONTROL = "llrd", "control"
+
+
+def distributions(space: SpaceSection) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distributions of ``base_lr``, ``head_lr`` and ``decay``: what a worker passes to
+    ``study.ask`` so that all three are sampled (and stored) before the trial starts."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name in ("base_lr", "head_lr", "decay"):
+        dim = getattr(space, name)
+        if isinstance(dim, Range):
+            out[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+        else:
+            out[name] = optuna.distributions.CategoricalDistribution(list(dim))
+    return out
+
+
+def control_name(study_name: str) -> str:
+    return study_name + CONTROL_SUFFIX
+
+
+def arm_of(trial: optuna.Trial | FrozenTrial) -> str:
+    """``"llrd"`` or ``"control"``: the arm a (running or finished) trial belongs to.
+
+    Public: a user objective (or ``suggest_param_groups``) may ask it, e.g. to log the arm. Every
+    trial a worker asks gets the attr before training starts; older trials are LLRD-arm trials.
+    """
+    arm = trial.user_attrs.get(ARM_ATTR)
+    if arm is None and isinstance(trial, optuna.Trial):
+        arm = trial.study.user_attrs.get(ARM_ATTR)
+    return CONTROL if arm == CONTROL else LLRD
+
+
+def control_target(fraction: float, total: int) -> int:
+    """Control-arm trials out of a budget of ``total``: ``fraction * total`` rounded half up
+    (0.25 of 2 is 1, 0.34 of 6 is 2)."""
+    return int(fraction * total + 0.5 + 1e-9)
+
+
+def choose_arm(active: dict[str, int], waiting: dict[str, int], total: int, target: int) -> str | None:
+    """The arm whose next trial keeps both at their share, or None when the budget is taken.
+
+    ``active`` counts each arm's finished + running + waiting trials, ``waiting`` its queued ones
+    (enqueued points, retries of a dead worker's trial: they already hold their slot and run first),
+    ``total`` the study-wide budget and ``target`` the control arm's share of it. After m trials are
+    allocated the control arm holds round(target * m / total), so the arms stay at their share at
+    every moment, and exactly ``target`` when the budget is spent.
+    """
+    for arm in (LLRD, CONTROL):
+        if waiting.get(arm, 0):
+            return arm
+    allocated = active.get(LLRD, 0) + active.get(CONTROL, 0)
+    if allocated >= total:
+        return None
+    control = active.get(CONTROL, 0)
+    if control >= target:
+        return LLRD
+    if active.get(LLRD, 0) >= total - target:
+        return CONTROL
+    want = (2 * target * (allocated + 1) + total) // (2 * total)  # round half up, in integers
+    return CONTROL if control < want else LLRD
+
+
+def control_spec(spec: StudySpec, total: int) -> StudySpec:
+    """The control arm's spec: the parent's with ξ fixed to 1.0, its ξ = 1 enqueued points, no arm of its own."""
+    name = control_name(spec.study.name)
+    if len(name) > 128:
+        raise SpecError("study file", [f"study.name: '{spec.study.name}' is too long for its control arm '{name}' (121 characters at most, or control_fraction = 0)"])
+    copy = spec.model_copy(deep=True)
+    copy.study.name = name
+    copy.study.n_trials = max(1, control_target(spec.study.control_fraction, total))
+    copy.study.control_fraction = 0.0
+    copy.study.enqueue = spec.control_points()
+    copy.study.enqueue_paper_points = False
+    copy.space.decay = [1.0]
+    return copy
+
+
+def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study, spec: StudySpec, worker_index: int = 0) -> optuna.Study | None:
+    """Create (first call) or load the control arm of ``parent``; None when the spec has none.
+
+    Call under the parent's budget lock: whoever creates it enqueues its points, exactly once.
+    """
+    from .storage import BUDGET_ATTR, create_study, make_pruner, make_sampler
+
+    if not spec.has_control_arm:
+        return None
+    total = int(parent.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
+    cspec = control_spec(spec, total)
+    study, created = create_study(cspec, storage, cspec.study.n_trials)
+    if created or study.user_attrs.get(PARENT_ATTR) != parent.study_name:
+        study.set_user_attr(ARM_ATTR, CONTROL)
+        study.set_user_attr(PARENT_ATTR, parent.study_name)
+    if parent.user_attrs.get(ARM_ATTR) != LLRD:
+        parent.set_user_attr(ARM_ATTR, LLRD)
+        parent.set_user_attr("llrd:control_study", cspec.study.name)
+    # The worker's own sampler (seeded per worker, like the parent's) and the guarded pruner.
+    study.sampler = make_sampler(cspec, worker_index)
+    study.pruner = make_pruner(cspec)
+    return study
+
+
+def arm_trials(study: optuna.Study, states: tuple | None = None) -> dict[str, list[FrozenTrial]]:
+    """Each arm's trials of a parent study (``{"llrd": [...]}`` alone when it has no control arm)."""
+    out = {LLRD: study.get_trials(deepcopy=False, states=states)}
+    control = load_control(study)
+    if control is not None:
+        out[CONTROL] = control.get_trials(deepcopy=False, states=states)
+    return out
+
+
+def load_control(study: optuna.Study) -> optuna.Study | None:
+    """The control arm of ``study`` from the same storage, or None when it has none."""
+    name = control_name(study.study_name)
+    try:
+        study._storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return optuna.load_study(study_name=name, storage=study._storage)
+
+
+def parent_name(storage: optuna.storages.BaseStorage, study_name: str) -> str:
+    """The parent of a control arm (a worker pointed at ``NAME.control`` joins ``NAME``), else the name."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study_name))
+    except KeyError:
+        return study_name
+    return str(attrs.get(PARENT_ATTR) or study_name)

@@ -1,0 +1,79 @@
+"""Statistics for the report and ``confirm``: pure functions on plain numbers (scipy.stats quantiles).
+
+- :func:`paired_difference`: the LLRD-vs-control verdict, a paired t interval over seeds that ran
+  both configurations with the same seed (same data order and head initialisation);
+- :func:`welch_threshold`: the smallest difference of two seed means Welch's t-test calls real;
+- :func:`mean_std`: sample mean and standard deviation.
+
+Nothing here compares single trials at different learning rates: such a difference mixes the
+decay's effect with the learning rate's and the seed's, and no p-value can separate them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from scipy import stats as _st
+
+
+def t_quantile(df: float, level: float = 0.95) -> float:
+    """Two-sided Student-t quantile (``level`` = 0.95 gives 12.706 at df = 1, 1.96 as df → ∞)."""
+    return float(_st.t.ppf(0.5 + level / 2, df))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std); std is 0.0 for one value, both NaN for none."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """Mean of ``a[i] - b[i]`` with its paired-t confidence interval and two-sided p-value.
+
+    ``a`` and ``b`` are accuracies of two configurations trained with the same seeds, in seed order.
+    Returns ``{"mean", "ci": [lo, hi], "n", "std", "p"}``; ``ci`` and ``p`` are None with fewer than
+    two pairs (no spread to judge). Identical differences give a zero-width interval.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired samples must have equal length (got {len(a)} and {len(b)})")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    out = {"mean": mean, "ci": None, "n": n, "std": std, "p": None}
+    if n < 2:
+        return out
+    if std == 0:
+        out.update(ci=[mean, mean], p=0.0 if mean != 0 else 1.0)
+        return out
+    half = t_quantile(n - 1, level) * std / math.sqrt(n)
+    out.update(ci=[mean - half, mean + half], p=float(_st.ttest_rel(a, b).pvalue))
+    return out
+
+
+def welch_threshold(a: dict, b: dict, level: float = 0.95) -> float | None:
+    """Smallest difference of seed means that Welch's t-test calls real at ``level``, for two rows
+    with ``mean``, ``std`` and ``n``. None when either has fewer than 2 runs."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    if va + vb == 0:
+        return 0.0
+    df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
+    return t_quantile(df, level) * math.sqrt(va + vb)
+
+
+def verdict_text(gain: float, ci: list[float] | None, n: int) -> str:
+    """The one-sentence answer to "does LLRD help?" from a paired difference (accuracy units)."""
+    pts = f"{100 * gain:+.2f} points"
+    if ci is None:
+        return f"not enough paired seeds to judge: {pts} over {n} seed(s) (run confirm with --seeds 2 or more)"
+    lo, hi = (f"{100 * x:+.2f}" for x in ci)
+    if ci[0] > 0:
+        return f"LLRD helps by {pts} (95 % CI [{lo}, {hi}], {n} paired seeds)"
+    if ci[1] < 0:
+        return f"LLRD hurts here: {pts} (95 % CI [{lo}, {hi}] lies below 0, {n} paired seeds)"
+    return f"no evidence that LLRD helps here: {pts} (95 % CI [{lo}, {hi}] includes 0)"

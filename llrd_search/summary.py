@@ -1,0 +1,76 @@
+"""The answer of a study in words and in ``summary.json``: does LLRD help, and which ξ?
+
+Before ``confirm`` the only honest statement is the two arms' search bests, *unconfirmed*: single
+trials at different learning rates and seeds, so no p-value is given for their difference. After
+``confirm`` the verdict is the paired difference of the confirmed winner and the confirmed control
+over the seeds both ran (:func:`confirm.paired_verdict`). Pure functions over plain data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .plots import TrialInfo
+
+
+def _lr(x: float) -> str:
+    return f"{x:.2e}"
+
+
+def unconfirmed_text(best: TrialInfo | None, control: TrialInfo | None) -> str:
+    if best is None or control is None:
+        missing = "the LLRD arm" if best is None else "the control arm (ξ = 1)"
+        return f"unconfirmed: {missing} has no complete trial, so there is nothing to compare"
+    return (f"unconfirmed: search bests LLRD {best.value:.4f} (trial {best.number}, ξ = {best.params['decay']:.3f}) vs control "
+            f"{control.value:.4f} (trial {control.number} of the control arm), {100 * (best.value - control.value):+.2f} points; "
+            "single trials at different learning rates and seeds, not a measured gain: run `llrd-search confirm` for the paired verdict")
+
+
+def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, has_arm: bool) -> str:
+    """Markdown: the two arms and the verdict (confirmed or not)."""
+    text = "## Does LLRD help? LLRD arm vs the LR-matched control (ξ = 1)\n\n"
+    if not has_arm:
+        return text + ("This study has no control arm (`control_fraction = 0` or a grid), so nothing here tells LLRD's effect "
+                       "from the learning rates'. Set `[study] control_fraction` (e.g. 0.25) in a new study.")
+    rows = []
+    for arm, t in (("LLRD", best), ("control (ξ = 1)", control)):
+        rows.append(f"| {arm} | " + (f"{t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |"
+                                     if t else "– | no complete trial | | | |"))
+    table = "| arm | search best trial | accuracy | base LR | head LR | ξ |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+    if paired is None:
+        return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**"
+    return (text + table + f"\n\nConfirmed (confirm trial {paired['winner']} vs control trial {paired['control']}, paired seeds): "
+            f"**{paired['text']}**.")
+
+
+def _finite(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation: list[dict] | None, paired: dict | None,
+                 interval: dict | None, sweep: list[dict] | None = None) -> dict:
+    """What ``summary.json`` holds (see README: best, best_control, verdict, decay_interval, decay_sweep)."""
+    out: dict[str, Any] = {
+        "best": None,
+        "best_control": None,
+        "verdict": None,
+        "decay_interval": [interval["low"], interval["high"]] if interval else None,
+        "decay_interval_method": interval["method"] if interval else None,
+        "decay_sweep": [{k: _finite(r[k]) for k in ("decay", "mean", "std", "n")} for r in sweep or []],
+    }
+    if best is not None:
+        out["best"] = {"trial": best.number, "accuracy": best.value, **{p: best.params[p] for p in ("base_lr", "head_lr", "decay")}}
+        win = next((r for r in confirmation or [] if r["n"] > 0), None)
+        if win is not None:
+            out["best"]["confirmed"] = {"trial": win["source_trial"], "mean": win["mean"], "std": win["std"], "n": win["n"]}
+    if control is not None:
+        out["best_control"] = {"trial": control.number, "accuracy": control.value, "base_lr": control.params["base_lr"],
+                               "head_lr": control.params["head_lr"], "decay": control.params.get("decay", 1.0)}
+    if paired is not None:
+        out["verdict"] = {"gain": paired["gain"], "ci95": paired["ci95"], "n_seeds": paired["n_seeds"],
+                          "confirmed": paired["confirmed"], "text": paired["text"]}
+    else:
+        gain = best.value - control.value if best is not None and control is not None else None
+        out["verdict"] = {"gain": gain, "ci95": None, "n_seeds": 0, "confirmed": False, "text": unconfirmed_text(best, control)}
+    return out
