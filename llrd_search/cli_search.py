@@ -20,9 +20,9 @@ def _storage_url(args: argparse.Namespace, spec: Any) -> str:
     return args.storage or spec.study.storage or default_storage(args.study_file)
 
 
-def trial_line(t: Any) -> str:
+def trial_line(t: Any, metric: str = "acc") -> str:
     p = t.params
-    acc = f"acc={t.value:.4f}" if t.value is not None else "acc=-"
+    acc = f"{metric}={t.value:.4f}" if t.value is not None else f"{metric}=-"
     lr = f"base_lr={p.get('base_lr', float('nan')):.2e} head_lr={p.get('head_lr', float('nan')):.2e} decay={p.get('decay', float('nan')):.3f}"
     extra = f" ({t.user_attrs.get('fail_reason')})" if t.state.name == "FAIL" else ""
     secs = t.user_attrs.get("wall_seconds")
@@ -56,10 +56,10 @@ def _preflight(spec: Any) -> Any:
 
 
 class Progress:
-    """Trials done/total, best accuracy, ETA; a rich bar on a terminal, plain lines otherwise."""
+    """Trials done/total, best metric value, ETA; a rich bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, done: int, best: float | None):
-        self.total, self.done, self.best = total, done, best
+    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc"):
+        self.total, self.done, self.best, self.metric = total, done, best, metric
         self.t0 = time.time()
         self.start_done = done
         self.reported: set[int] = set()
@@ -82,7 +82,7 @@ class Progress:
             self.bar.start()
 
     def _best(self) -> str:
-        return f"best acc {self.best:.4f}" if self.best is not None else "best acc -"
+        return f"best {self.metric} {self.best:.4f}" if self.best is not None else f"best {self.metric} -"
 
     def step(self, step: int, total: int) -> None:
         if self.bar is not None:
@@ -110,7 +110,7 @@ class Progress:
         self.reported.add(trial.number)
         if trial.state.name in ("COMPLETE", "PRUNED"):
             self.done += 1
-        self.update(self.done, best_value(study), trial_line(trial))
+        self.update(self.done, best_value(study), trial_line(trial, self.metric))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -123,6 +123,10 @@ def best_value(study: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def _short(metric: str) -> str:
+    return "acc" if metric == "accuracy" else metric
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -169,6 +173,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .local_workers import choose_workers, run_local_workers, threads_per_worker
+    from .metrics import study_metric_name
     from .spec import load_spec
     from .train import set_threads
 
@@ -191,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if budget > done:
         where = f" on {objective.device.type}" if hasattr(objective, "device") else f" running {spec.train.objective}"
         print(f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}{where}", file=sys.stderr)
-    progress = Progress(budget, done, best_value(study))
+    progress = Progress(budget, done, best_value(study), _short(study_metric_name(study)))
     if hasattr(objective, "on_step"):
         objective.on_step = progress.step
     try:
@@ -208,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summary(url: str, name: str) -> int:
+    from .metrics import study_metric_name
     from .storage import load_study, open_storage
 
     study = load_study(open_storage(url), name)
@@ -217,7 +223,7 @@ def _summary(url: str, name: str) -> int:
         print("no trial completed", file=sys.stderr)
         return 1
     best = max(complete, key=lambda t: t.value)
-    print(f"best: trial {best.number} accuracy {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
+    print(f"best: trial {best.number} {study_metric_name(study)} {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
     return 0
 
 
@@ -241,10 +247,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def status_data(url: str, name: str) -> dict[str, Any]:
+    from .metrics import study_metric_name
     from .storage import BUDGET_ATTR, load_study, mask_url, open_storage
 
     storage = open_storage(url)
     study = load_study(storage, name)
+    metric = study_metric_name(study)
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
@@ -256,13 +264,15 @@ def status_data(url: str, name: str) -> dict[str, Any]:
     return {
         "study": name,
         "storage": mask_url(url),
+        "metric": metric,
         "budget": int(study.user_attrs.get(BUDGET_ATTR, 0)),
         "finished": counts.get("COMPLETE", 0) + counts.get("PRUNED", 0),
         "states": counts,
         "compute_seconds": round(seconds, 1),
         "best": None
         if best is None
-        else {"trial": best.number, "accuracy": best.value, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
+        # "accuracy" stays for scripts from before train.metric, and only holds an accuracy.
+        else {"trial": best.number, "value": best.value, "accuracy": best.value if metric == "accuracy" else None, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
         "running": [{"trial": t.number, "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
     }
 
@@ -283,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["best"]:
         b = data["best"]
         p = b["params"]
-        table.add_row("best", f"trial {b['trial']}: accuracy {b['accuracy']:.4f}")
+        table.add_row("best", f"trial {b['trial']}: {data['metric']} {b['value']:.4f}")
         table.add_row("best params", f"base_lr {p['base_lr']:.3g}, head_lr {p['head_lr']:.3g}, decay {p['decay']:.3f}")
     for r in data["running"]:
         table.add_row(f"running #{r['trial']}", str(r["worker"]))
