@@ -39,22 +39,23 @@ def check_metric(metric: str, num_labels: int) -> None:
         )
 
 
-def score(metric: str, predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
-    """``metric`` of ``predictions`` against ``labels`` (label ids 0..num_labels-1)."""
+def score(metric: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """``metric`` of ``predictions`` against ``labels`` (label ids; id 1 is f1's positive class)."""
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
     if metric == "accuracy":
         return float((predictions == labels).mean()) if len(labels) else 0.0
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    every_class = list(range(num_labels))
     with warnings.catch_warnings():
         # A class never predicted (common early in training) has F1 0: that is the score, not a problem.
         warnings.simplefilter("ignore")
         if metric == "f1":
             return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0))
         if metric == "f1_macro":
-            return float(f1_score(labels, predictions, labels=every_class, average="macro", zero_division=0))
+            # Over the classes in the labels or the predictions (scikit-learn's default): a class
+            # absent from a small validation split and never predicted does not count as F1 0.
+            return float(f1_score(labels, predictions, average="macro", zero_division=0))
         if metric == "mcc":
             return float(matthews_corrcoef(labels, predictions))
     raise DataError(f"train.metric: unknown metric '{metric}' (choose one of {', '.join(METRICS)})")

@@ -257,17 +257,16 @@ def evaluate(
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
-    predictions, n_classes = [], 0
+    predictions = []
     for i in range(0, len(order), batch_size):
         batch = _to(data.batch(order[i : i + batch_size], pad_id), device)
         batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
         predictions.append(logits.argmax(-1))  # stays on the device: no per-batch sync
-        n_classes = logits.shape[-1]
     model.train(was_training)
     predicted = torch.cat(predictions).cpu().numpy() if predictions else np.array([], dtype=np.int64)
-    return score(metric, predicted, data.labels[order], n_classes)
+    return score(metric, predicted, data.labels[order])
 
 
 @dataclass
