@@ -129,6 +129,19 @@ def _short(metric: str) -> str:
     return "acc" if metric == "accuracy" else metric
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from .scaffold import write_study
+
+    out, data, model = write_study(args.model, args.data, args.out, force=args.force)
+    validation = f"validation split '{data.validation_split}'" if data.validation_split else "no validation split (10 % of train carved out)"
+    splits = ", ".join(f"{name} {n}" for name, n in data.rows.items())
+    print(f"data: {splits} rows; text '{data.text}'{f' + {data.text_pair!r}' if data.text_pair else ''}, "
+          f"label '{data.label}' ({data.num_classes} classes); {validation}")
+    print(f"model: {model.model_type}, {model.layers} layers, {model.max_positions} positions")
+    print(f"wrote {out}; next: llrd-search run {out}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
