@@ -21,6 +21,7 @@ _LAZY = {
     "LLRDSearchError": "llrd_search.exceptions",
     "suggest_param_groups": "llrd_search.user_objective",
     "trial_seed": "llrd_search.user_objective",
+    "study_metric_name": "llrd_search.metrics",
 }
 
 __all__ = ["__version__", *_LAZY]
