@@ -102,22 +102,22 @@ def inspect_data(folder: str | Path) -> DataInfo:
 
 
 def inspect_model(name: str) -> tuple[ModelInfo, object]:
-    """Layer count and max positions from the model's config, and its tokenizer."""
+    """Layer count and usable positions from the model's config, and its tokenizer."""
     from transformers import AutoConfig
 
-    from .train import load_tokenizer, resolve_model_path
+    from .train import load_tokenizer, position_limit, resolve_model_path
 
-    tokenizer = load_tokenizer(ModelSection(name=name))
+    path = resolve_model_path(name)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        load_tokenizer(ModelSection(name=name))  # raises the usual "not a saved model" error
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name))
+        config = AutoConfig.from_pretrained(path)
     except Exception as err:
         raise ModelError(f"--model: cannot read the config of '{name}': {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or 0
-    positions = getattr(config, "max_position_embeddings", None) or 512
-    # RoBERTa-style models reserve pad_id + 1 positions; the tokenizer knows the usable length.
-    usable = getattr(tokenizer, "model_max_length", None)
-    if isinstance(usable, int) and 0 < usable < positions:
-        positions = usable
+    # RoBERTa-style models reserve pad_id + 1 positions; relative-position models have no table (8192: our cap).
+    positions = min(position_limit(config) or 8192, 8192)
+    tokenizer = load_tokenizer(ModelSection(name=name, max_length=positions))
     return ModelInfo(name=name, model_type=str(getattr(config, "model_type", "?")), layers=int(layers), max_positions=int(positions)), tokenizer
 
 
