@@ -22,6 +22,7 @@ _LAZY = {
     "suggest_param_groups": "llrd_search.user_objective",
     "trial_seed": "llrd_search.user_objective",
     "arm_of": "llrd_search.arms",
+    "study_metric_name": "llrd_search.metrics",
 }
 
 __all__ = ["__version__", *_LAZY]

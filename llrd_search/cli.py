@@ -13,12 +13,15 @@ import threading
 from collections.abc import Callable
 
 from .cli_results import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
-from .cli_search import cmd_create, cmd_run, cmd_status, cmd_validate, cmd_worker
+from .cli_search import cmd_create, cmd_init, cmd_run, cmd_status, cmd_validate, cmd_worker
 from .exceptions import LLRDSearchError
 
 log = logging.getLogger("llrd_search")
 
 EPILOGS = {
+    "init": """example:
+  llrd-search init --model sentence-transformers/all-MiniLM-L6-v2 --data studies/data/trec --out trec.toml
+  llrd-search run trec.toml""",
     "run": """example:
   llrd-search run studies/sst2-minilm.toml
   llrd-search run studies/sst2-minilm.toml --workers 1 --threads 2 --storage sqlite:///sst2.db""",
@@ -93,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         commands[name] = func
         return p
+
+    p = add("init", cmd_init, "Inspect a data folder and a model and write a commented study file that runs as is.")
+    p.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="hub id or local model directory")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of split files (train.csv, validation.csv, test.csv; csv/json/jsonl/parquet)")
+    p.add_argument("--out", default="study.toml", metavar="FILE", help="study file to write (default: study.toml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     storage_help = "SQLAlchemy URL of the study storage (default: SQLite file beside the study file)"
     p = add("run", cmd_run, "Create or resume a study and run trials until its budget is spent.")

@@ -32,13 +32,14 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
     """Run the linked study's queued runs: in this process (K=1) or K local worker processes."""
 
     def run(name: str) -> None:
+        from .metrics import study_metric_name
         from .storage import load_study, open_storage
 
         storage = open_storage(args.storage)
         study = load_study(storage, name)
         budget = int(study.user_attrs["llrd:n_trials"])
         done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-        progress = Progress(budget, done, best_value(study))
+        progress = Progress(budget, done, best_value(study), study_metric_name(study))
         storage.engine.dispose()
         try:
             from .confirm import retry_hook
@@ -158,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except OSError as err:
         raise LLRDSearchError(f"--out: cannot write {out}: {err.strerror}; pick a writable path") from None
     extra = f", confirmed {config['confirmed']['mean']:.4f} ± {config['confirmed']['std']:.4f}" if config["confirmed"] else ""
-    print(f"wrote {out}: trial {config['trial']} ({_lrs(config)}), validation accuracy {config['validation_accuracy']:.4f}{extra}", file=sys.stderr)
+    print(f"wrote {out}: trial {config['trial']} ({_lrs(config)}), validation {config['metric']} {config['validation_score']:.4f}{extra}", file=sys.stderr)
     return 0
 
 

@@ -20,9 +20,9 @@ def _storage_url(args: argparse.Namespace, spec: Any) -> str:
     return args.storage or spec.study.storage or default_storage(args.study_file)
 
 
-def trial_line(t: Any) -> str:
+def trial_line(t: Any, metric: str = "acc") -> str:
     p = t.params
-    acc = f"acc={t.value:.4f}" if t.value is not None else "acc=-"
+    acc = f"{metric}={t.value:.4f}" if t.value is not None else f"{metric}=-"
     lr = f"base_lr={p.get('base_lr', float('nan')):.2e} head_lr={p.get('head_lr', float('nan')):.2e} decay={p.get('decay', float('nan')):.3f}"
     extra = f" ({t.user_attrs.get('fail_reason')})" if t.state.name == "FAIL" else ""
     secs = t.user_attrs.get("wall_seconds")
@@ -57,10 +57,10 @@ def _preflight(spec: Any) -> Any:
 
 
 class Progress:
-    """Trials done/total, best accuracy, ETA; a rich bar on a terminal, plain lines otherwise."""
+    """Trials done/total, best metric value, ETA; a rich bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, done: int, best: float | None):
-        self.total, self.done, self.best = total, done, best
+    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc"):
+        self.total, self.done, self.best, self.metric = total, done, best, metric
         self.t0 = time.time()
         self.start_done = done
         self.reported: set[tuple[str, int]] = set()
@@ -83,7 +83,7 @@ class Progress:
             self.bar.start()
 
     def _best(self) -> str:
-        return f"best acc {self.best:.4f}" if self.best is not None else "best acc -"
+        return f"best {self.metric} {self.best:.4f}" if self.best is not None else f"best {self.metric} -"
 
     def step(self, step: int, total: int) -> None:
         if self.bar is not None:
@@ -114,7 +114,7 @@ class Progress:
         self.reported.add(key)
         if trial.state.name in ("COMPLETE", "PRUNED"):
             self.done += 1
-        self.update(self.done, best_value(study), trial_line(trial))
+        self.update(self.done, best_value(study), trial_line(trial, self.metric))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -127,6 +127,23 @@ def best_value(study: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def _short(metric: str) -> str:
+    return "acc" if metric == "accuracy" else metric
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .scaffold import write_study
+
+    out, data, model = write_study(args.model, args.data, args.out, force=args.force)
+    validation = f"validation split '{data.validation_split}'" if data.validation_split else "no validation split (10 % of train carved out)"
+    splits = ", ".join(f"{name} {n}" for name, n in data.rows.items())
+    print(f"data: {splits} rows; text '{data.text}'{f' + {data.text_pair!r}' if data.text_pair else ''}, "
+          f"label '{data.label}' ({data.num_classes} classes); {validation}")
+    print(f"model: {model.model_type}, {model.layers} layers, {model.max_positions} positions")
+    print(f"wrote {out}; next: llrd-search run {out}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -179,6 +196,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .local_workers import choose_workers, run_local_workers, threads_per_worker
+    from .metrics import study_metric_name
     from .spec import load_spec
     from .train import set_threads
 
@@ -203,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if budget > done:
         where = f" on {objective.device.type}" if hasattr(objective, "device") else f" running {spec.train.objective}"
         print(f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}{where}", file=sys.stderr)
-    progress = Progress(budget, done, best_value(study))
+    progress = Progress(budget, done, best_value(study), _short(study_metric_name(study)))
     if hasattr(objective, "on_step"):
         objective.on_step = progress.step
     try:
@@ -220,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summary(url: str, name: str) -> int:
+    from .metrics import study_metric_name
     from .storage import load_study, open_storage
 
     study = load_study(open_storage(url), name)
@@ -229,14 +248,14 @@ def _summary(url: str, name: str) -> int:
         print("no trial completed", file=sys.stderr)
         return 1
     best = max(complete, key=lambda t: t.value)
-    print(f"best: trial {best.number} accuracy {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
+    print(f"best: trial {best.number} {study_metric_name(study)} {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
     from .arms import load_control
 
     control = load_control(study)
     done = [t for t in control.get_trials(deepcopy=False) if t.state.name == "COMPLETE"] if control is not None else []
     if done:
         c = max(done, key=lambda t: t.value)
-        print(f"best of the control arm (ξ = 1): trial {c.number} accuracy {c.value:.4f} base_lr={c.params['base_lr']:.3g} head_lr={c.params['head_lr']:.3g} "
+        print(f"best of the control arm (ξ = 1): trial {c.number} {study_metric_name(study)} {c.value:.4f} base_lr={c.params['base_lr']:.3g} head_lr={c.params['head_lr']:.3g} "
               "(unconfirmed: run `llrd-search confirm` for the paired verdict)")
     return 0
 
@@ -263,10 +282,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def status_data(url: str, name: str) -> dict[str, Any]:
     """Counts by state (``states``: the LLRD arm; ``arms``: each arm's), budget, best, running trials."""
     from .arms import arm_of, arm_trials
+    from .metrics import study_metric_name
     from .storage import BUDGET_ATTR, load_study, mask_url, open_storage
 
     storage = open_storage(url)
     study = load_study(storage, name)
+    metric = study_metric_name(study)
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
@@ -288,6 +309,7 @@ def status_data(url: str, name: str) -> dict[str, Any]:
     return {
         "study": name,
         "storage": mask_url(url),
+        "metric": metric,
         "budget": int(study.user_attrs.get(BUDGET_ATTR, 0)),
         "finished": sum(a["finished"] for a in arms.values()),
         "states": counts,
@@ -295,7 +317,8 @@ def status_data(url: str, name: str) -> dict[str, Any]:
         "compute_seconds": round(seconds, 1),
         "best": None
         if best is None
-        else {"trial": best.number, "accuracy": best.value, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
+        # "accuracy" stays for scripts from before train.metric, and only holds an accuracy.
+        else {"trial": best.number, "value": best.value, "accuracy": best.value if metric == "accuracy" else None, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
         "running": [{"trial": t.number, "arm": arm_of(t), "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
     }
 
@@ -318,7 +341,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["best"]:
         b = data["best"]
         p = b["params"]
-        table.add_row("best", f"trial {b['trial']}: accuracy {b['accuracy']:.4f}")
+        table.add_row("best", f"trial {b['trial']}: {data['metric']} {b['value']:.4f}")
         table.add_row("best params", f"base_lr {p['base_lr']:.3g}, head_lr {p['head_lr']:.3g}, decay {p['decay']:.3f}")
     for r in data["running"]:
         table.add_row(f"running #{r['trial']} ({r['arm']})", str(r["worker"]))

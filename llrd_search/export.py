@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
+from .metrics import study_metric_name
 from .storage import load_study, mask_url, open_storage, spec_of
 
 FORMAT_VERSION = 1
@@ -83,6 +84,7 @@ def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[i
 def build_config(study: optuna.Study, url: str, summary: list[dict] | None = None) -> dict[str, Any]:
     """The exported document as a plain dict (``url`` is only used masked)."""
     spec = spec_of(study)
+    metric = study_metric_name(study)
     trial, confirmed = choose(study, summary)
     params = {p: float(trial.params[p]) for p in PARAMS}
     table, id2label, n_layers = real_groups(spec, params)
@@ -98,7 +100,10 @@ def build_config(study: optuna.Study, url: str, summary: list[dict] | None = Non
         "trial": trial.number,
         "storage": mask_url(url),
         "selected_by": f"confirmation (best mean over {confirmed['n']} seeds)" if confirmed else "search (best single run)",
-        "validation_accuracy": trial.value,
+        "metric": metric,
+        "validation_score": trial.value,  # the validation value of `metric`
+        # Kept for files and scripts from before `metric`; only an accuracy is called one.
+        "validation_accuracy": trial.value if metric == "accuracy" else None,
         "confirmed": None
         if confirmed is None
         else {k: confirmed[k] for k in ("mean", "std", "n", "accuracies")},
@@ -156,6 +161,8 @@ class LLRDConfig:
     study: str | None = None
     trial: int | None = None
     validation_accuracy: float | None = None
+    metric: str = "accuracy"
+    validation_score: float | None = None
     confirmed: dict[str, Any] | None = None
     convention: str = CONVENTION
     versions: dict[str, str] = field(default_factory=dict)
@@ -276,6 +283,8 @@ def load_config(path: str | Path) -> LLRDConfig:
         study=doc.get("study"),
         trial=doc.get("trial"),
         validation_accuracy=doc.get("validation_accuracy"),
+        metric=str(doc.get("metric") or "accuracy"),
+        validation_score=doc.get("validation_score", doc.get("validation_accuracy")),
         confirmed=doc.get("confirmed"),
         convention=doc.get("convention", CONVENTION),
         versions=dict(doc.get("versions") or {}),

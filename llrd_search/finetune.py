@@ -84,14 +84,20 @@ def train_from_config(
     pad_id = tokenizer.pad_token_id or 0
     result = train_and_evaluate(model, task, groups, train_sec, seed=cfg.seed, pad_id=pad_id, device=device, dtype=dtype, on_step=on_step)
 
-    def accuracy(split: Any) -> float:
-        return evaluate(model, split, pad_id=pad_id, batch_size=train_sec.eval_batch_size, device=device, dtype=dtype)
+    def measure(split: Any, metric: str = "accuracy") -> float | None:
+        if split is None:
+            return None
+        return evaluate(model, split, pad_id=pad_id, batch_size=train_sec.eval_batch_size, device=device, dtype=dtype, metric=metric)
 
+    metric = train_sec.metric
     metrics = {
-        "validation_accuracy": accuracy(task.validation),
-        "test_accuracy": accuracy(task.test) if task.test is not None else None,
-        "best_validation_accuracy_during_training": result.best_accuracy,
-        "evals": [{"step": s, "accuracy": a} for s, a in result.evals],
+        "validation_accuracy": measure(task.validation),
+        "test_accuracy": measure(task.test),
+        "metric": metric,  # train.metric: what the search maximized and the evaluations below report
+        "validation_score": None,
+        "test_score": None,
+        f"best_validation_{metric}_during_training": result.best_score,
+        "evals": [{"step": s, metric: a} for s, a in result.evals],
         "validation_from_train": task.validation_from_train,
         "n_train": len(task.train),
         "n_validation": len(task.validation),
@@ -116,6 +122,8 @@ def train_from_config(
         },
         "versions": _versions(),
     }
+    for split in ("validation", "test"):  # accuracy is measured above already
+        metrics[f"{split}_score"] = metrics[f"{split}_accuracy"] if metric == "accuracy" else measure(getattr(task, split), metric)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)

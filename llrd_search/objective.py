@@ -1,4 +1,4 @@
-"""The Optuna objective: sample (base_lr, head_lr, decay), fine-tune with LLRD groups, return accuracy.
+"""The Optuna objective: sample (base_lr, head_lr, decay), fine-tune with LLRD groups, return the metric.
 
 Everything expensive and trial-independent (tokenized data, pretrained weights, device and
 precision choice) is prepared once in :class:`Objective` and reused by every trial of a worker.
@@ -15,6 +15,7 @@ import optuna
 from .arms import distributions
 from .data import TaskData, load_task_data
 from .exceptions import DivergedError
+from .metrics import check_metric
 from .param_groups import build_param_groups, group_table
 from .spec import SpaceSection, StudySpec
 from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
@@ -60,6 +61,7 @@ class Objective:
         self.spec = spec
         tokenizer = template.tokenizer if template else load_tokenizer(spec.model)
         self.task = task or load_task_data(spec.data, tokenizer, spec.model.max_length, spec.study.seed)
+        check_metric(spec.train.metric, self.task.num_labels)  # before a model loads or a study is written
         self.template = template or load_template(spec.model, self.task.id2label, tokenizer)
         self.device = pick_device(spec.train.device)
         self.dtype = pick_precision(spec.train.precision, self.device)
@@ -85,14 +87,16 @@ class Objective:
         trial.set_user_attr("n_validation", len(self.task.validation))
         evals: list[dict] = []
 
-        def on_eval(step: int, accuracy: float) -> None:
-            evals.append({"eval": len(evals) + 1, "step": step, "accuracy": accuracy})
+        metric = self.spec.train.metric
+
+        def on_eval(step: int, value: float) -> None:
+            evals.append({"eval": len(evals) + 1, "step": step, metric: value})
             # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
-            trial.report(accuracy, len(evals))
+            trial.report(value, len(evals))
             if trial.should_prune():
                 trial.set_user_attr("evals", evals)
                 trial.set_user_attr("pruned_at_step", step)
-                raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} (accuracy {accuracy:.4f})")
+                raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} ({metric} {value:.4f})")
 
         overhead = time.perf_counter() - t0
         try:
@@ -123,4 +127,4 @@ class Objective:
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
         trial.set_user_attr("train_examples_per_second", round(result.examples_per_second, 2))
         trial.set_user_attr("trial_overhead_seconds", round(overhead, 3))
-        return result.best_accuracy
+        return result.best_score

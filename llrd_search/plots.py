@@ -22,7 +22,6 @@ from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 XI = "decay ξ"
-ACC = "validation accuracy"
 BEST_STYLE = {"marker": "*", "s": 260, "facecolor": "none", "edgecolor": "crimson", "linewidths": 1.6, "zorder": 5}
 
 
@@ -104,13 +103,15 @@ def is_control(t: TrialInfo) -> bool:
     return abs(t.params.get("decay", 0.0) - 1.0) < 1e-9
 
 
-def plot_accuracy_vs_decay(trials: Sequence[TrialInfo], path: Path, *, interval: tuple[float, float] | None = None) -> str | None:
-    """Accuracy against ξ, coloured by base LR; pruned trials faint at their last evaluation."""
+def plot_accuracy_vs_decay(
+    trials: Sequence[TrialInfo], path: Path, *, interval: tuple[float, float] | None = None, metric: str = "accuracy"
+) -> str | None:
+    """The metric against ξ, coloured by base LR; pruned trials faint at their last evaluation."""
     complete = [t for t in trials if t.state == "COMPLETE"]
     pruned = [t for t in trials if t.state == "PRUNED" and t.last_intermediate is not None]
     n_failed = sum(t.state == "FAIL" for t in trials)
     if not complete and not pruned:
-        return "accuracy vs ξ needs a finished (complete or pruned) trial"
+        return f"{metric} vs ξ needs a finished (complete or pruned) trial"
     norm = _lr_norm([t.params["base_lr"] for t in complete + pruned])
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     if interval is not None:
@@ -131,18 +132,18 @@ def plot_accuracy_vs_decay(trials: Sequence[TrialInfo], path: Path, *, interval:
     # A mappable of its own: the pruned points' transparency must not fade the colour bar.
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="base LR (top layer), log scale")
     ax.set_xlabel(f"{XI}  (layer i trains at base LR · ξ^(L−1−i))")
-    ax.set_ylabel(ACC)
+    ax.set_ylabel(f"validation {metric}")
     ax.margins(y=0.1)  # room for the best trial's star under the title
     failed = f", {n_failed} failed (not shown)" if n_failed else ""
-    ax.set_title(f"Accuracy vs decay: {len(complete)} complete, {len(pruned)} pruned{failed}")
+    ax.set_title(f"{_cap(metric)} vs decay: {len(complete)} complete, {len(pruned)} pruned{failed}")
     fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     ax.grid(alpha=0.3)
     _save(fig, path)
     return None
 
 
-def plot_decay_lr_map(trials: Sequence[TrialInfo], path: Path) -> str | None:
-    """Accuracy over (ξ, base LR): linear interpolation between trials in (ξ, log10 LR) space."""
+def plot_decay_lr_map(trials: Sequence[TrialInfo], path: Path, *, metric: str = "accuracy") -> str | None:
+    """The metric over (ξ, base LR): linear interpolation between trials in (ξ, log10 LR) space."""
     complete = [t for t in trials if t.state == "COMPLETE"]
     if len(complete) < 2:
         return "the ξ × base LR map needs ≥ 2 complete trials"
@@ -159,10 +160,10 @@ def plot_decay_lr_map(trials: Sequence[TrialInfo], path: Path) -> str | None:
     except (ValueError, RuntimeError):
         cs = None
     sc = ax.scatter(x, y, c=z, cmap="magma", norm=norm, s=40, edgecolor="black", linewidth=0.7, zorder=3)
-    ax.scatter([], [], facecolor="none", edgecolor="black", s=40, label="complete trial (colour: its accuracy)")
+    ax.scatter([], [], facecolor="none", edgecolor="black", s=40, label=f"complete trial (colour: its {metric})")
     best = int(np.argmax(z))
     ax.scatter([x[best]], [y[best]], **{**BEST_STYLE, "edgecolor": "deepskyblue"}, label=f"best ({z[best]:.4f})")
-    fig.colorbar(cs if cs is not None else sc, ax=ax, label=ACC)
+    fig.colorbar(cs if cs is not None else sc, ax=ax, label=f"validation {metric}")
     # Pad the limits: trials on the hull's edge would otherwise sit on the frame, half hidden.
     for lo, hi, setter in ((x.min(), x.max(), ax.set_xlim), (y.min(), y.max(), ax.set_ylim)):
         pad = 0.06 * (hi - lo) or 0.05
@@ -171,11 +172,15 @@ def plot_decay_lr_map(trials: Sequence[TrialInfo], path: Path) -> str | None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _sci(10**v)))
     ax.set_xlabel(XI)
     ax.set_ylabel("base LR (top layer), log scale")
-    ax.set_title(f"Accuracy over ξ × base LR ({how})", fontsize=11)
+    ax.set_title(f"{_cap(metric)} over ξ × base LR ({how})", fontsize=11)
     fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     ax.grid(alpha=0.25)
     _save(fig, path)
     return None
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _sci(x: float) -> str:
@@ -217,8 +222,8 @@ def plot_lr_profile(profile: Sequence[tuple[str, float]], *, base_lr: float, hea
     return None
 
 
-def plot_history(trials: Sequence[TrialInfo], path: Path) -> str | None:
-    """Each finished trial's accuracy by trial number, and the best so far."""
+def plot_history(trials: Sequence[TrialInfo], path: Path, *, metric: str = "accuracy") -> str | None:
+    """Each finished trial's metric by trial number, and the best so far."""
     finished = sorted((t for t in trials if t.state == "COMPLETE"), key=lambda t: t.number)
     pruned = [t for t in trials if t.state == "PRUNED" and t.last_intermediate is not None]
     if not finished:
@@ -233,7 +238,7 @@ def plot_history(trials: Sequence[TrialInfo], path: Path) -> str | None:
     last = max(t.number for t in trials)  # carry the line to the newest trial, whatever its state
     ax.step([*xs, last], [*ys, ys[-1]], where="post", color="crimson", label="best so far")
     ax.set_xlabel("trial number")
-    ax.set_ylabel(ACC)
+    ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"Optimization history ({len(finished)} complete, {len(pruned)} pruned)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="best")
@@ -242,8 +247,8 @@ def plot_history(trials: Sequence[TrialInfo], path: Path) -> str | None:
     return None
 
 
-def plot_learning_curves(trials: Sequence[TrialInfo], path: Path) -> str | None:
-    """Validation accuracy at each evaluation; complete trials coloured by ξ, pruned ones grey."""
+def plot_learning_curves(trials: Sequence[TrialInfo], path: Path, *, metric: str = "accuracy") -> str | None:
+    """The validation metric at each evaluation; complete trials coloured by ξ, pruned ones grey."""
     curves = [t for t in trials if t.state in ("COMPLETE", "PRUNED") and t.intermediate]
     if not curves:
         return "the learning curves need a finished trial that reported evaluations"
@@ -268,7 +273,7 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path) -> str | None:
     if best is not None:
         ax.plot([], [], color="black", lw=2.6, label=f"thick: best (trial {best.number})")
     ax.set_xlabel("evaluation index (evaluations at equal intervals over training)")
-    ax.set_ylabel(ACC)
+    ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"Learning curves of {len(complete)} complete and {len(curves) - len(complete)} pruned trial(s)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="best")
@@ -277,7 +282,7 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path) -> str | None:
     return None
 
 
-def plot_importance(importances: dict[str, float], n_trials: int, path: Path) -> str | None:
+def plot_importance(importances: dict[str, float], n_trials: int, path: Path, *, metric: str = "accuracy") -> str | None:
     """Horizontal bars of fANOVA importance per parameter."""
     if not importances:
         return "no importances to plot"
@@ -287,7 +292,7 @@ def plot_importance(importances: dict[str, float], n_trials: int, path: Path) ->
     for i, n in enumerate(names):
         ax.text(importances[n], i, f" {importances[n]:.2f}", va="center", fontsize=9)
     ax.set_xlim(0, max(1.0, max(importances.values()) * 1.15))
-    ax.set_xlabel("importance (fANOVA share of accuracy variance)")
+    ax.set_xlabel(f"importance (fANOVA share of {metric} variance)")
     rough = " (few trials: a rough guide)" if n_trials < 10 else ""
     ax.set_title(f"Parameter importance over {n_trials} complete trials{rough}", fontsize=11)
     ax.grid(axis="x", alpha=0.3)

@@ -23,6 +23,7 @@ from . import plots
 from .arms import load_control
 from .confirm import Z95
 from .exceptions import LLRDSearchError
+from .metrics import study_metric_name
 from .plots import TrialInfo, lr_profile, param_importances, trial_infos
 from .stats import welch_threshold
 from .storage import close_storage, load_study, mask_url, open_storage, spec_of
@@ -31,14 +32,20 @@ from .summary import arms_section, summary_data
 log = logging.getLogger(__name__)
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
-FIGURES = {  # file stem -> caption
-    "accuracy_vs_decay": "Validation accuracy vs decay ξ, coloured by base LR; pruned trials faint at their last evaluation.",
-    "decay_lr_map": "Accuracy over ξ × base LR (log axis), interpolated linearly between complete trials.",
+# File stems stay fixed whatever the metric (links to accuracy_vs_decay.png keep working).
+CAPTIONS = {  # file stem -> caption; {metric} is the study's metric name
+    "accuracy_vs_decay": "Validation {metric} vs decay ξ, coloured by base LR; pruned trials faint at their last evaluation.",
+    "decay_lr_map": "Validation {metric} over ξ × base LR (log axis), interpolated linearly between complete trials.",
     "lr_profile": "Per-layer learning rates of the best trial beside the flat ξ = 1 profile (log scale).",
-    "history": "Optimization history: each trial's accuracy and the best so far.",
-    "learning_curves": "Learning curves: validation accuracy at each evaluation during training.",
+    "history": "Optimization history: each trial's {metric} and the best so far.",
+    "learning_curves": "Learning curves: validation {metric} at each evaluation during training.",
     "importance": "Parameter importance (Optuna's fANOVA evaluator, seed 0).",
 }
+FIGURES = {stem: caption.format(metric="accuracy") for stem, caption in CAPTIONS.items()}
+
+
+def figure_captions(metric: str) -> dict[str, str]:
+    return {stem: caption.format(metric=metric) for stem, caption in CAPTIONS.items()}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -75,13 +82,15 @@ def p_value(z: float) -> float:
     return math.erfc(abs(z) / math.sqrt(2))
 
 
-def best_decay_interval(trials: Sequence[TrialInfo], confirmation: list[dict] | None = None) -> dict | None:
+def best_decay_interval(trials: Sequence[TrialInfo], confirmation: list[dict] | None = None, *, proportion: bool = True) -> dict | None:
     """The range of ξ over configurations statistically indistinguishable from the best.
 
     With confirmation results (several seeds per configuration), a configuration ties with the
     best-mean one when Welch's t-test on the seed means does not reject at 95 %. Otherwise each
     complete trial's accuracy is a binomial proportion over ``n_validation`` examples and it ties
-    with the best trial when the pooled two-proportion z-test does not reject at 95 %.
+    with the best trial when the pooled two-proportion z-test does not reject at 95 %. A metric
+    that is not a proportion (``proportion=False``: F1, MCC) has no such test: without seeds the
+    interval is the best trial's ξ alone (method ``not-a-proportion``).
     Returns ``{"low", "high", "best_decay", "members", "compared", "method"}`` or None with no data.
     """
     seeded = [c for c in confirmation or [] if c.get("n", 0) >= 2]
@@ -99,8 +108,9 @@ def best_decay_interval(trials: Sequence[TrialInfo], confirmation: list[dict] | 
     if best is None:
         return None
     complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
-    if not best.n_validation:
-        return {"low": best.params["decay"], "high": best.params["decay"], "best_decay": best.params["decay"], "method": "unknown-n",
+    if not best.n_validation or not proportion:
+        return {"low": best.params["decay"], "high": best.params["decay"], "best_decay": best.params["decay"],
+                "method": "unknown-n" if proportion else "not-a-proportion",
                 "members": [best.number], "compared": 1}
     members = [t for t in complete if t.n_validation and abs(two_proportion_z(best.value, best.n_validation, t.value, t.n_validation)) < Z95]
     decays = [t.params["decay"] for t in members]
@@ -137,12 +147,12 @@ def _model_layers(spec: Any) -> int | None:
 
 
 def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo], confirmation: list[dict] | None,
-                     interval: dict | None, missing: dict[str, str], arms: dict | None = None) -> list[str]:
-    """The summary as Markdown sections (without the figure list)."""
+                     interval: dict | None, missing: dict[str, str], arms: dict | None = None, metric: str = "accuracy") -> list[str]:
+    """The summary as Markdown sections (without the figure list); values are labelled ``metric``."""
     counts = state_counts(trials)
     best = best_trial(trials)
     n_val = best.n_validation if best else next((t.n_validation for t in trials if t.n_validation), None)
-    head = [f"# LLRD search report: study `{name}`", "", f"- storage: `{mask_url(url)}`"]
+    head = [f"# LLRD search report: study `{name}`", "", f"- storage: `{mask_url(url)}`", f"- metric: validation {metric} (maximized)"]
     if spec is not None:
         head += [f"- model: `{spec.model.name}` (max_length {spec.model.max_length})",
                  f"- data: `{spec.data.path}` (label column `{spec.data.label}`; {n_val or '?'} validation examples)",
@@ -159,16 +169,16 @@ def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo]
         sections.append("## No complete trial\n\nNo trial has completed yet, so there is no best trial, ξ interval or comparison "
                         "to report. Run more trials (`llrd-search worker --storage URL --study NAME`), then report again.")
     else:
-        sections.append(f"## Best trial\n\nTrial {best.number}: validation accuracy **{best.value:.4f}** with base LR "
+        sections.append(f"## Best trial\n\nTrial {best.number}: validation {metric} **{best.value:.4f}** with base LR "
                         f"{_lr(best.params['base_lr'])}, head LR {_lr(best.params['head_lr'])}, ξ = {best.params['decay']:.3f}.")
         sections.append(_interval_section(interval))
         arms = arms or {}
         sections.append(arms_section(best, arms.get("control"), arms.get("paired"), bool(arms.get("has_arm"))))
         ranked = sorted((t for t in trials if t.state == "COMPLETE"), key=lambda t: -t.value)[:10]
         rows = [f"| {t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |" for t in ranked]
-        sections.append("## Top complete trials\n\n| trial | accuracy | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
+        sections.append(f"## Top complete trials\n\n| trial | {metric} | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
     if confirmation:
-        sections.append(_confirmation_section(confirmation, best))
+        sections.append(_confirmation_section(confirmation, best, metric))
     if missing:
         sections.append("## What this report cannot show\n\n" + "\n".join(f"- {why}" for why in missing.values()))
     return sections
@@ -183,6 +193,9 @@ def _interval_section(iv: dict | None) -> str:
         return text + ("confirmed configurations tie with the best).\n\nMethod: from the confirmation re-runs; a configuration ties with "
                        "the best mean when Welch's t-test on its seed accuracies (mean, std, n) does not reject at 95 %. "
                        "Only confirmed configurations are compared.")
+    if iv["method"] == "not-a-proportion":
+        return text + ("trials).\n\nThe metric is not a proportion, so no single-run test applies: the interval is the best trial's ξ "
+                       "alone. Run `llrd-search confirm` to compare the top configurations over several seeds (Welch's t-test).")
     if iv["method"] == "unknown-n":
         return text + "trials).\n\nThe trials do not record `n_validation`, so no test is possible: the interval is the best trial's ξ alone."
     return text + ("complete trials tie with the best).\n\nMethod: each trial's validation accuracy is a binomial proportion over its "
@@ -197,7 +210,7 @@ def _mean_std(c: dict) -> str:
     return f"{c['mean']:.4f} ± {c['std']:.4f}" if c["n"] else "no run finished"
 
 
-def _confirmation_section(conf: list[dict], best: TrialInfo | None) -> str:
+def _confirmation_section(conf: list[dict], best: TrialInfo | None, metric: str = "accuracy") -> str:
     rows = [f"| {i + 1} | {c['source_trial']} | {_lr(c['params']['base_lr'])} | {_lr(c['params']['head_lr'])} | {c['params']['decay']:.3f} "
             f"| {_mean_std(c)} | {c['n']} | {c['search_accuracy']:.4f} |"
             for i, c in enumerate(conf)]
@@ -210,8 +223,8 @@ def _confirmation_section(conf: list[dict], best: TrialInfo | None) -> str:
         verdict += f"; the search's best was trial {best.number}, so confirmation changed the winner."
     else:
         verdict += "; it is also the search's best."
-    return ("## Confirmation (re-runs with several seeds)\n\n| rank | from trial | base LR | head LR | ξ | accuracy mean ± std | seeds "
-            "| search accuracy |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + verdict)
+    return ("## Confirmation (re-runs with several seeds)\n\n| rank | from trial | base LR | head LR | ξ | "
+            f"{metric} mean ± std | seeds | search {metric} |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + verdict)
 
 
 CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -220,13 +233,14 @@ code{background:#f3f3f3;padding:0 .2em}figure{margin:1.5em 0}img{max-width:100%;
 figcaption{color:#555;font-size:.9em}.missing{color:#8a5a00;background:#fff7e0;padding:.5em}"""
 
 
-def render_html(title: str, sections: Sequence[str], figures: dict[str, Path], missing: dict[str, str]) -> str:
+def render_html(title: str, sections: Sequence[str], figures: dict[str, Path], missing: dict[str, str],
+                captions: dict[str, str] | None = None) -> str:
     from markdown_it import MarkdownIt
 
     # Raw HTML off: trial fields (fail reasons, names) are shown as text, never interpreted.
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     parts = [md.render("\n\n".join(sections)), "<h2>Plots</h2>"]
-    for stem, caption in FIGURES.items():
+    for stem, caption in (captions or FIGURES).items():
         if stem in figures:
             data = base64.b64encode(figures[stem].read_bytes()).decode("ascii")
             parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
@@ -258,6 +272,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         except LLRDSearchError:
             spec = None  # an Optuna study made elsewhere: report it all the same, minus the spec lines
         trials = trial_infos(study)
+        metric = study_metric_name(study)
         confirmation = _confirmation(storage, study_name)
         control_study = load_control(study)
         control = best_trial(trial_infos(control_study)) if control_study is not None else None
@@ -270,15 +285,16 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     best = best_trial(trials)
     if best is None:
         log.warning("study '%s' has no complete trial yet: the report shows trial states only", study_name)
-    interval = best_decay_interval(trials, confirmation)
+    interval = best_decay_interval(trials, confirmation, proportion=metric == "accuracy")
+    captions = figure_captions(metric)
     paths = {stem: out / f"{stem}.png" for stem in FIGURES}
     band = (interval["low"], interval["high"]) if interval else None
     missing: dict[str, str | None] = {
-        "accuracy_vs_decay": plots.plot_accuracy_vs_decay(trials, paths["accuracy_vs_decay"], interval=band),
-        "decay_lr_map": plots.plot_decay_lr_map(trials, paths["decay_lr_map"]),
-        "history": plots.plot_history(trials, paths["history"]),
-        "learning_curves": plots.plot_learning_curves(trials, paths["learning_curves"]),
-        "importance": importance_why or plots.plot_importance(importances or {}, sum(t.state == "COMPLETE" for t in trials), paths["importance"]),
+        "accuracy_vs_decay": plots.plot_accuracy_vs_decay(trials, paths["accuracy_vs_decay"], interval=band, metric=metric),
+        "decay_lr_map": plots.plot_decay_lr_map(trials, paths["decay_lr_map"], metric=metric),
+        "history": plots.plot_history(trials, paths["history"], metric=metric),
+        "learning_curves": plots.plot_learning_curves(trials, paths["learning_curves"], metric=metric),
+        "importance": importance_why or plots.plot_importance(importances or {}, sum(t.state == "COMPLETE" for t in trials), paths["importance"], metric=metric),
     }
     if best is None:
         missing["lr_profile"] = "the per-layer LR profile needs a complete (best) trial"
@@ -291,10 +307,10 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     for stem in missing_now:
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
     arms = {"control": control, "paired": paired, "has_arm": control_study is not None}
-    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms)
+    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric)
     data = summary_data(best, control, confirmation, paired, interval)
-    (out / "summary.json").write_text(json.dumps({"study": study_name, **data}, indent=2) + "\n", encoding="utf-8")
-    plot_list = "## Plots\n\n" + "\n\n".join(f"![{FIGURES[s]}]({p.name})" for s, p in figures.items())
+    (out / "summary.json").write_text(json.dumps({"study": study_name, "metric": metric, **data}, indent=2) + "\n", encoding="utf-8")
+    plot_list = "## Plots\n\n" + "\n\n".join(f"![{captions[s]}]({p.name})" for s, p in figures.items())
     (out / "summary.md").write_text("\n\n".join([*sections, plot_list]) + "\n", encoding="utf-8")
-    (out / "report.html").write_text(render_html(f"LLRD search report: {study_name}", sections, figures, missing_now), encoding="utf-8")
+    (out / "report.html").write_text(render_html(f"LLRD search report: {study_name}", sections, figures, missing_now, captions), encoding="utf-8")
     return {"html": out / "report.html", "summary": out / "summary.md", "summary_json": out / "summary.json", **figures}

@@ -149,11 +149,15 @@ class TrainSection(_Section):
             raise ValueError(f"'{value}' must look like package.module:function (e.g. my_training:objective)")
         return value
 
+    # The validation metric every evaluation reports and the search maximizes (see metrics.py).
+    metric: Literal["accuracy", "f1", "f1_macro", "mcc"] = "accuracy"
+
 
 class SpaceSection(_Section):
-    base_lr: Dimension
-    head_lr: Dimension
-    decay: Dimension
+    # Defaults (the README's ranges) make [space] optional; a study stores them like any spec.
+    base_lr: Dimension = Range(low=5e-6, high=2e-4, log=True)
+    head_lr: Dimension = Range(low=1e-5, high=5e-3, log=True)
+    decay: Dimension = Range(low=0.5, high=1.0)
 
     @field_validator("base_lr", "head_lr")
     @classmethod
@@ -186,7 +190,7 @@ class StudySpec(_Section):
     model: ModelSection
     data: DataSection
     train: TrainSection = TrainSection()
-    space: SpaceSection
+    space: SpaceSection = Field(default_factory=SpaceSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudySpec:

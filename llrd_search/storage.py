@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
+from .metrics import set_study_metric
 from .pruners import GuardedHyperbandPruner, GuardedMedianPruner
 from .resilience import (
     RETRY_SECONDS,
@@ -294,6 +295,8 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
         study.set_user_attr(SPEC_ATTR, stored_spec_json(old))
     if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
         study.set_user_attr(BUDGET_ATTR, budget)
+    if not study.metric_names:  # a study made before metric names were set
+        set_study_metric(study, old.train.metric)
 
 
 def _check_half_made(spec: StudySpec, study: optuna.Study, attrs: dict[str, Any]) -> None:
@@ -316,6 +319,8 @@ def _complete(spec: StudySpec, study: optuna.Study, budget: int) -> None:
     without a spec for unfinished, so an interruption anywhere here can be completed later."""
     study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(BUDGET_ATTR, budget)
+    # optuna-dashboard and report label the value by this name instead of "Objective 0".
+    set_study_metric(study, spec.train.metric)
     queued = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
     for point in spec.initial_points()[:budget]:
         if point not in queued:

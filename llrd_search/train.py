@@ -27,6 +27,7 @@ from . import fastpath
 from .data import Encoded, TaskData
 from .divergence import DivergenceGuard
 from .exceptions import ModelError, TrainingError
+from .metrics import score
 from .spec import PACKAGED_MINILM, ModelSection, TrainSection
 
 log = logging.getLogger(__name__)
@@ -241,31 +242,47 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, data: Encoded, *, pad_id: int, batch_size: int, device: torch.device, dtype: torch.dtype | None) -> float:
-    """Accuracy on ``data``. Sorted by length, so eval batches carry almost no padding."""
+def evaluate(
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    metric: str = "accuracy",
+) -> float:
+    """``metric`` (see :mod:`llrd_search.metrics`) on ``data``. Sorted by length, so eval batches
+    carry almost no padding."""
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    predictions = []
     for i in range(0, len(order), batch_size):
         batch = _to(data.batch(order[i : i + batch_size], pad_id), device)
-        labels = batch.pop("labels")
+        batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
-        correct += (logits.argmax(-1) == labels).sum()  # no per-batch device sync
+        predictions.append(logits.argmax(-1))  # stays on the device: no per-batch sync
     model.train(was_training)
-    return int(correct) / len(data)
+    predicted = torch.cat(predictions).cpu().numpy() if predictions else np.array([], dtype=np.int64)
+    return score(metric, predicted, data.labels[order])
 
 
 @dataclass
 class TrainResult:
-    best_accuracy: float
+    best_score: float  # the best evaluation's train.metric (accuracy by default)
     best_step: int
     steps: int
     train_seconds: float
     eval_seconds: float
     examples_per_second: float
     evals: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def best_accuracy(self) -> float:
+        """The best score, under its name from before ``train.metric`` existed."""
+        return self.best_score
 
 
 def _check_losses(losses: list[torch.Tensor], first_step: int, guard: DivergenceGuard) -> None:
@@ -290,7 +307,7 @@ def train_and_evaluate(
 ) -> TrainResult:
     """Fine-tune ``model`` with the LLRD ``groups``; evaluate ``evals_per_epoch`` times an epoch.
 
-    ``on_eval(step, accuracy)`` may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
+    ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
     :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``{"vocab": False}``.
     """
@@ -339,7 +356,7 @@ def train_and_evaluate(
                         torch.cuda.synchronize()
                     train_s += time.perf_counter() - t0
                     t1 = time.perf_counter()
-                    acc = evaluate(model, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype)
+                    acc = evaluate(model, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
                     eval_s += time.perf_counter() - t1
                     evals.append((step, acc))
                     if on_eval:
@@ -350,7 +367,7 @@ def train_and_evaluate(
         restore()
     best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
     return TrainResult(
-        best_accuracy=best,
+        best_score=best,
         best_step=best_step,
         steps=step,
         train_seconds=train_s,

@@ -21,7 +21,8 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "datasets"
+# The real SST-2 and TREC data shipped in the repo (byte-for-byte the ../shared/datasets copies).
+SHARED_DATA = REPO / "studies" / "data"
 
 POSITIVE = "good great fine superb lovely brilliant moving funny charming warm".split()
 NEGATIVE = "bad awful dull boring weak clumsy tedious flat bland messy".split()
