@@ -13,7 +13,7 @@ import optuna
 import psutil
 import pytest
 import torch
-from _fleet import finish, printed_trials, running_trial_of, spawn, states, trials, wait_for
+from _fleet import at_gate, budget_gate, finish, printed_trials, running_trial_of, spawn, states, trials, wait_for
 from conftest import NEGATIVE, POSITIVE, STALE_FAST, write_toy_dataset
 from sqlalchemy import create_engine, text
 
@@ -108,18 +108,23 @@ def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_s
 
 def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_study, tmp_path, small):
     name = "child"
-    url = f"sqlite:///{tmp_path / 'child.db'}"
+    db = tmp_path / "child.db"
+    url = f"sqlite:///{db}"
     # One live worker (in `run`) remains, and it reaps only between its own trials: a short grace
     # retries the dead child's trial soon and cannot hit a live one.
     path = write_study(name=name, n_trials=4, train={"epochs": SLOW_EPOCHS}, data=small, study=STALE_FAST)
-    proc = spawn(["run", str(path), "--workers", "2", "--storage", url], tmp_path / "run.log")
+    proc = None
     try:
-        (child,) = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 1 and c, 120, "1 child worker")
+        # Hold the budget lock until the child waits for it: worker 0 cannot take every trial first.
+        with budget_gate(db):
+            proc = spawn(["run", str(path), "--workers", "2", "--storage", url], tmp_path / "run.log")
+            (child,) = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 1 and at_gate(db, [c[0].pid]) and c, 180, "the child at the budget lock")
         _, victim = wait_for(lambda: running_trial_of(url, name, [child.pid]), 180, "a running trial in the child")
         child.kill()  # as the OOM killer would
         assert finish([proc], 300) == [1]
     finally:
-        proc.kill()
+        if proc is not None:
+            proc.kill()
     log = (tmp_path / "run.log").read_text()
     assert "Error: 1 of 2 workers exited with an error" in log
     assert "Traceback" not in log
