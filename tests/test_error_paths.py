@@ -115,10 +115,12 @@ def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_st
     path = write_study(name=name, n_trials=4, train={"epochs": SLOW_EPOCHS}, data=small, study=STALE_FAST)
     proc = None
     try:
-        # Hold the budget lock until the child waits for it: worker 0 cannot take every trial first.
+        proc = spawn(["run", str(path), "--workers", "2", "--storage", url], tmp_path / "run.log")
+        # The child starts once `run` has created the study (under the budget lock); then hold that
+        # lock until the child waits for it, so worker 0 cannot take every trial first.
+        (child,) = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 1 and c, 180, "the child worker")
         with budget_gate(db):
-            proc = spawn(["run", str(path), "--workers", "2", "--storage", url], tmp_path / "run.log")
-            (child,) = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 1 and at_gate(db, [c[0].pid]) and c, 180, "the child at the budget lock")
+            wait_for(lambda: at_gate(db, [child.pid]), 180, "the child at the budget lock")
         _, victim = wait_for(lambda: running_trial_of(url, name, [child.pid]), 180, "a running trial in the child")
         child.kill()  # as the OOM killer would
         assert finish([proc], 300) == [1]
@@ -190,22 +192,23 @@ def _poison_loss(monkeypatch, make_bad, only_trial: int | None = None):
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
-def test_non_finite_loss_in_every_trial_stops_run_with_exit_4(write_study, monkeypatch, capsys, bad):
+def test_non_finite_loss_in_every_trial_prunes_them_and_run_exits_1(write_study, monkeypatch, capsys, bad):
+    # A non-finite loss is divergence: the trial ends PRUNED (its slot used, not refilled) with the
+    # reason kept, and a search where nothing completed exits 1 saying so.
     _poison_loss(monkeypatch, lambda loss: loss * float("nan") if bad == "nan" else loss + float("inf"))
-    path = write_study(name=f"loss-{bad}", n_trials=6)
-    assert main(["run", str(path)]) == 4
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error: ")]
-    assert len(err) == 1 and "3 trials in a row failed" in err[0] and f"loss became {bad} at step 2" in err[0]
-    failed = trials(default_storage(path), f"loss-{bad}")
-    assert [t.state.name for t in failed] == ["FAIL"] * 3  # stopped, not the whole budget burnt
-    assert all(t.user_attrs["fail_reason"].startswith(f"TrainingError: loss became {bad}") for t in failed)
+    path = write_study(name=f"loss-{bad}", n_trials=4)
+    assert main(["run", str(path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "no trial completed"
+    pruned = trials(default_storage(path), f"loss-{bad}")
+    assert [t.state.name for t in pruned] == ["PRUNED"] * 4  # the budget, exactly
+    assert all(t.user_attrs["diverged"].startswith(f"loss became {bad} at step 2") for t in pruned)
 
 
-def test_non_finite_loss_in_one_trial_fails_that_trial_only(write_study, monkeypatch):
+def test_non_finite_loss_in_one_trial_ends_that_trial_only(write_study, monkeypatch):
     _poison_loss(monkeypatch, lambda loss: loss * float("nan"), only_trial=1)
     path = write_study(name="loss-once", n_trials=3)
     assert main(["run", str(path)]) == 0
-    assert states(default_storage(path), "loss-once") == {"COMPLETE": 3, "FAIL": 1}  # its slot refilled
-    failed = [t for t in trials(default_storage(path), "loss-once") if t.state.name == "FAIL"]
-    assert failed[0].number == 1 and "loss became nan" in failed[0].user_attrs["fail_reason"]
-    assert torch.isfinite(torch.tensor([t.value for t in trials(default_storage(path), "loss-once") if t.value is not None])).all()
+    all_trials = trials(default_storage(path), "loss-once")
+    assert [t.state.name for t in all_trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert "loss became nan" in all_trials[1].user_attrs["diverged"]
+    assert all(torch.isfinite(torch.tensor(t.value)) for t in all_trials if t.state.name == "COMPLETE")

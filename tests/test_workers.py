@@ -355,14 +355,16 @@ def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_st
     url = f"sqlite:///{db}"
     path = write_study(name=name, n_trials=8, train={"epochs": SLOW_EPOCHS}, data=small)
     # Worker 0 runs in `run` itself and could finish all 8 trials before the children have started:
-    # hold the budget lock until all four workers wait for it, so every one of them competes.
-    with budget_gate(db):
-        proc = spawn(["run", str(path), "--workers", "4", "--storage", url], tmp_path / "run.log")
-        try:
-            wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 3 and at_gate(db, [proc.pid, *(x.pid for x in c)]), 180, "4 workers at the budget lock")
-        except BaseException:
-            proc.kill()
-            raise
+    # once they exist (`run` created the study, under the budget lock), hold that lock until all
+    # three wait for it, so every worker competes.
+    proc = spawn(["run", str(path), "--workers", "4", "--storage", url], tmp_path / "run.log")
+    try:
+        children = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 3 and c, 180, "3 child workers")
+        with budget_gate(db):
+            wait_for(lambda: at_gate(db, [c.pid for c in children]), 180, "3 children at the budget lock")
+    except BaseException:
+        proc.kill()
+        raise
     assert finish([proc], 300) == [0]
     log = (tmp_path / "run.log").read_text()
     assert "locked" not in log.lower()
@@ -419,11 +421,12 @@ def test_sigterm_on_run_with_workers_stops_the_children(write_study, tmp_path, s
     path = write_study(name=name, n_trials=20, train={"epochs": SLOW_EPOCHS}, data=small)
     proc = None
     try:
-        # worker 0 runs in the `run` process itself: --workers 3 starts two children. Hold the budget
-        # lock until both wait for it, so a child has a trial however slowly it started.
+        # worker 0 runs in the `run` process itself: --workers 3 starts two children (once the study
+        # is created). Hold the budget lock until both wait for it: a child then surely gets a trial.
+        proc = spawn(["run", str(path), "--workers", "3", "--storage", url], tmp_path / "run.log")
+        children = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 2 and c, 180, "2 children")
         with budget_gate(db):
-            proc = spawn(["run", str(path), "--workers", "3", "--storage", url], tmp_path / "run.log")
-            children = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 2 and at_gate(db, [x.pid for x in c]) and c, 180, "2 children at the budget lock")
+            wait_for(lambda: at_gate(db, [c.pid for c in children]), 180, "2 children at the budget lock")
         wait_for(lambda: running_trial_of(url, name, [c.pid for c in children]), 120, "a running trial in a child")
         proc.send_signal(signal.SIGTERM)  # only the parent: as `kill PID`, Slurm or Kubernetes would
         assert proc.wait(timeout=30) == 130
