@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
+import psutil
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from llrd_search.objective import PARAMS
 
 
 def env() -> dict[str, str]:
@@ -41,26 +49,57 @@ def states(url: str, name: str) -> Counter:
     return Counter(t.state.name for t in trials(url, name))
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.3) -> object:
+# What a poll may meet before the thing it waits for exists: no database file or tables yet
+# (OperationalError), no study yet (KeyError from Optuna), a child process gone or not yet listed.
+EXPECTED_WHILE_WAITING: tuple[type[BaseException], ...] = (KeyError, OperationalError, FileNotFoundError, psutil.NoSuchProcess)
+
+
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    poll: float = 0.3,
+    expected: tuple[type[BaseException], ...] = EXPECTED_WHILE_WAITING,
+) -> object:
+    """Poll ``predicate`` until it returns something truthy. Only ``expected`` exceptions are
+    retried (any other is a real error and propagates); a timeout names the last value or error."""
     deadline = time.monotonic() + timeout
+    last: object = None
     while True:
         try:
             value = predicate()
-        except Exception:  # the study may not exist yet
-            value = None
+        except expected as err:
+            value, last = None, err
+        else:
+            last = value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
         time.sleep(poll)
 
 
+def _heartbeating(url: str) -> set[int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {row[0] for row in conn.execute(text("SELECT trial_id FROM trial_heartbeats"))}
+    finally:
+        engine.dispose()
+
+
 def running_trial_of(url: str, name: str, pids: list[int]) -> tuple[int, optuna.trial.FrozenTrial] | None:
-    """(pid, trial) of a RUNNING trial owned by one of ``pids`` (user attr ``worker`` = host:pid)."""
+    """(pid, trial) of a RUNNING trial owned by one of ``pids`` (user attr ``worker`` = host:pid)
+    that has sampled all three parameters and recorded a heartbeat: a signal sent now lands in its
+    training, not between its ``suggest`` calls."""
+    beating = None
     for t in trials(url, name):
-        owner = str(t.user_attrs.get("worker", ""))
-        if t.state.name == "RUNNING" and owner.rsplit(":", 1)[-1].isdigit() and int(owner.rsplit(":", 1)[-1]) in pids:
-            return int(owner.rsplit(":", 1)[-1]), t
+        owner = str(t.user_attrs.get("worker", "")).rsplit(":", 1)[-1]
+        if t.state.name != "RUNNING" or not owner.isdigit() or int(owner) not in pids or set(t.params) != set(PARAMS):
+            continue
+        beating = _heartbeating(url) if beating is None else beating
+        if t._trial_id in beating:
+            return int(owner), t
     return None
 
 
@@ -94,3 +133,26 @@ def run_worker_threads(url: str, name: str, n: int, objective_factory: Callable,
     for t in pool:
         t.join(timeout=timeout)
     return errors
+
+
+@contextlib.contextmanager
+def budget_gate(db: Path) -> Iterator[None]:
+    """Hold a SQLite study's budget lock (the file ``resilience.budget_lock`` locks): while held, no
+    worker can start a trial, so a test can let slow-starting workers line up before any begins."""
+    with open(f"{db}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def at_gate(db: Path, pids: list[int]) -> bool:
+    """Whether every process in ``pids`` has the budget lock file open, i.e. waits at the gate."""
+    lock = os.path.realpath(f"{db}.lock")
+    return all(any(f.path == lock for f in psutil.Process(pid).open_files()) for pid in pids)
+
+
+def printed_trials(log: str) -> list[int]:
+    """Trial numbers of the finished-trial lines ``run`` printed ("[k/N] trial 3 COMPLETE ...")."""
+    return [int(m) for m in re.findall(r"^\[\d+/\d+\] trial (\d+) ", log, flags=re.M)]

@@ -95,10 +95,27 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLRD_SEARCH_WORKERS", "1")
 
 
-def study_toml(model: Path | str, data: Path | str, *, name: str = "toy", n_trials: int = 2, extra: str = "", **sections: dict) -> str:
-    """A study file's text for the tiny model; ``sections`` override keys, e.g. train={"epochs": 2}."""
+# Heartbeats for tests whose workers must never be reaped: a beat would have to be 30 s late on a
+# loaded machine. Tests that need a dead worker's trial reaped quickly ask for STALE_FAST and keep
+# their live trials out of a reaper's reach (one worker, or a reaper that only runs between trials).
+GENEROUS_HEARTBEAT = {"heartbeat_interval": 2, "grace_period": 30}
+STALE_FAST = {"heartbeat_interval": 1, "grace_period": 2}
+
+
+SPACE = {
+    "base_lr": "{ low = 1e-4, high = 1e-3, log = true }",
+    "head_lr": "{ low = 1e-3, high = 1e-2, log = true }",
+    "decay": "{ low = 0.5, high = 1.0 }",
+}
+
+
+def study_toml(
+    model: Path | str, data: Path | str, *, name: str = "toy", n_trials: int = 2, extra: str = "", space: dict[str, str] | None = None, **sections: dict
+) -> str:
+    """A study file's text for the tiny model; ``sections`` override keys, e.g. train={"epochs": 2};
+    ``space`` overrides dimensions with TOML text, e.g. space={"decay": "[0.9, 1.0]"}."""
     base = {
-        "study": {"name": name, "n_trials": n_trials, "seed": 0, "sampler": "random", "pruner": "none", "heartbeat_interval": 1, "grace_period": 3,
+        "study": {"name": name, "n_trials": n_trials, "seed": 0, "sampler": "random", "pruner": "none", **GENEROUS_HEARTBEAT,
                   # One arm unless a test asks for the control arm (tests/test_arms.py): counts stay simple.
                   "control_fraction": 0.0},
         "model": {"name": str(model), "max_length": 32},
@@ -113,9 +130,7 @@ def study_toml(model: Path | str, data: Path | str, *, name: str = "toy", n_tria
         for k, v in values.items():
             lines.append(f"{k} = {_toml(v)}")
     lines.append("[space]")
-    lines.append("base_lr = { low = 1e-4, high = 1e-3, log = true }")
-    lines.append("head_lr = { low = 1e-3, high = 1e-2, log = true }")
-    lines.append("decay = { low = 0.5, high = 1.0 }")
+    lines += [f"{k} = {v}" for k, v in {**SPACE, **(space or {})}.items()]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -124,6 +139,10 @@ def _toml(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return repr(v)
 
 

@@ -87,10 +87,10 @@ def _quick(pause: float = 0.05, die_on_first_control: list | None = None):
     return factory
 
 
-def _arms_study(write_study, tmp_path, name: str, n_trials: int, fraction: float, **kw) -> str:
+def _arms_study(write_study, tmp_path, name: str, n_trials: int, fraction: float, heartbeat: dict | None = None, **kw) -> str:
     url = f"sqlite:///{tmp_path / (name + '.db')}"
-    path = write_study(name=name, n_trials=n_trials, study={"control_fraction": fraction, "name": name, "n_trials": n_trials,
-                                                              "heartbeat_interval": 1, "grace_period": 3}, **kw)
+    # conftest's generous heartbeat unless a test needs a dead worker's trial reaped soon.
+    path = write_study(name=name, n_trials=n_trials, study={"control_fraction": fraction, "name": name, "n_trials": n_trials, **(heartbeat or {})}, **kw)
     assert main(["create", str(path), "--storage", url]) == 0
     return url
 
@@ -111,7 +111,8 @@ def test_three_workers_keep_the_arms_at_their_share(write_study, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the "killed" thread's SystemExit
 def test_a_killed_workers_control_trial_is_retried_in_its_arm(write_study, tmp_path, capsys):
-    url = _arms_study(write_study, tmp_path, "killarm", 6, 0.34)
+    # Short grace: the one live worker reaps only between its own trials, so no live trial is reaped.
+    url = _arms_study(write_study, tmp_path, "killarm", 6, 0.34, heartbeat={"heartbeat_interval": 1, "grace_period": 3})
     died: list[int] = []
     # Worker threads 0-1; the one that dies leaves a RUNNING control trial for the other to reap.
     assert run_worker_threads(url, "killarm", 2, _quick(die_on_first_control=died), timeout=180) == []

@@ -15,8 +15,9 @@ from llrd_search.exceptions import LLRDSearchError, ModelError, SpecError
 from llrd_search.export import build_config, export_config, render
 from llrd_search.objective import Objective
 from llrd_search.param_groups import build_param_groups, group_table
-from llrd_search.spec import PACKAGED_MINILM, default_storage, load_spec, parse_spec
+from llrd_search.spec import PACKAGED_MINILM, ModelSection, default_storage, load_spec, parse_spec
 from llrd_search.storage import create_study, load_study, open_storage
+from llrd_search.train import fresh_model, load_template
 
 
 def _search(path, n_trials: int = 2) -> tuple[str, optuna.Study]:
@@ -156,7 +157,7 @@ def test_load_config_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "x.yaml")
 
 
-def test_train_writes_a_loadable_model(tmp_path, write_study):
+def test_train_writes_a_loadable_trained_model(tmp_path, write_study, tiny_model_dir):
     data = write_toy_dataset(tmp_path / "data", n_train=120, n_val=40, n_test=40)
     url, _ = _search(write_study(n_trials=1, data=data), n_trials=1)
     config = tmp_path / "best.json"
@@ -174,6 +175,15 @@ def test_train_writes_a_loadable_model(tmp_path, write_study):
     with torch.no_grad():
         logits = model(**tokenizer(["a good lovely film", "a dull boring plot"], return_tensors="pt", padding=True)).logits
     assert logits.shape == (2, 2)
+    # The saved weights were trained: every LR group differs from where training started (the
+    # pretrained backbone, the head as drawn for the config's seed).
+    cfg = load_config(config)
+    start = fresh_model(load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"}), cfg.seed).state_dict()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_param_groups(model, base_lr=cfg.base_lr, decay=cfg.decay, head_lr=cfg.head_lr)
+    unchanged = [g["name"] for g in groups if all(torch.equal(p, start[names[id(p)]]) for p in g["params"])]
+    assert unchanged == []
+    assert {n for n in start} == set(model.state_dict())  # same layout: the comparison saw every tensor
     # a second run refuses to overwrite the model unless asked
     assert main(["train", str(config), "--out", str(out), "--epochs", "1"]) != 0
     assert main(["train", str(config), "--out", str(out), "--epochs", "1", "--train-limit", "60", "--force"]) == 0

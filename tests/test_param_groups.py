@@ -486,3 +486,26 @@ def test_group_table_on_real_model() -> None:
         assert row["n_params"] == n
     head = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("bert.pooler.", "classifier.")))
     assert rows[3] == {"name": "head", "lr": HEAD_LR, "n_params": head}
+
+
+def test_roberta_large_seed_snippet_table_at_24_layers() -> None:
+    # The seed snippet's RoBERTa-large point (base 5e-6, decay 0.95, head 5e-5) on a tiny 24-layer
+    # RoBERTa: same depth as roberta-large, hidden 32 so it builds in a moment.
+    config = AutoConfig.for_model("roberta", **(TINY | {"num_hidden_layers": 24}))
+    model = AutoModelForSequenceClassification.from_config(config)
+    groups = build_param_groups(model, base_lr=5e-6, decay=0.95, head_lr=5e-5, weight_decay=WD)
+    table = {row["name"]: row["lr"] for row in group_table(groups)}
+    assert list(table) == ["embeddings", *(f"layer.{i}" for i in range(24)), "head"]
+    assert table["embeddings"] == pytest.approx(5e-6 * 0.95**24, rel=1e-12)
+    assert f"{table['embeddings']:.2e}" == "1.46e-06"  # the snippet's table, to its 3 digits
+    assert table["layer.0"] == pytest.approx(5e-6 * 0.95**23, rel=1e-12)
+    assert f"{table['layer.0']:.2e}" == "1.54e-06"
+    assert table["layer.23"] == pytest.approx(5e-6, rel=1e-12)
+    assert table["head"] == pytest.approx(5e-5, rel=1e-12)
+    for i in range(24):
+        assert table[f"layer.{i}"] == pytest.approx(5e-6 * 0.95 ** (23 - i), rel=1e-12)
+    # every group, decayed or not, carries its layer's rate; embeddings are trained, not forgotten
+    for g in groups:
+        assert g["lr"] == pytest.approx(table[g["layer"]], rel=1e-12)
+    embeddings = {id(p) for p in model.roberta.embeddings.parameters()}
+    assert embeddings <= {id(p) for g in groups if g["layer"] == "embeddings" for p in g["params"]}

@@ -70,8 +70,8 @@ def test_budget_lock_is_held_and_released_when_the_holder_is_interrupted(write_s
 
 def test_postgres_restart_mid_search_the_study_completes(write_study, pg_url, small, tmp_path):  # noqa: F811
     name = "pg-restart"
-    # grace 10s: the restart (a second or two) must be ridden out, not turned into reaped trials.
-    path = write_study(name=name, n_trials=6, train={"epochs": 25}, data=small, study={"grace_period": 10})
+    # The default grace (30 s): the restart (a second or two) must be ridden out, not turned into reaped trials.
+    path = write_study(name=name, n_trials=6, train={"epochs": 25}, data=small)
     assert main(["create", str(path), "--storage", pg_url]) == 0
     procs = [spawn(["worker", "--storage", pg_url, "--study", name, "--worker-index", str(i), "--threads", "1"], tmp_path / f"w{i}.log") for i in range(2)]
     try:

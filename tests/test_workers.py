@@ -15,8 +15,19 @@ import weakref
 import optuna
 import psutil
 import pytest
-from _fleet import finish, run_worker_threads, running_trial_of, spawn, states, trials, wait_for
-from conftest import write_toy_dataset
+from _fleet import (
+    at_gate,
+    budget_gate,
+    finish,
+    printed_trials,
+    run_worker_threads,
+    running_trial_of,
+    spawn,
+    states,
+    trials,
+    wait_for,
+)
+from conftest import STALE_FAST, write_toy_dataset
 from sqlalchemy import create_engine, text
 
 from llrd_search.cli import main
@@ -119,7 +130,8 @@ def test_threads_share_the_budget_exactly(write_study, tmp_path):
 
 
 def test_last_worker_waits_for_a_dead_workers_trial_and_retries_it(write_study, tmp_path):
-    path = write_study(name="orphan", n_trials=3)
+    # One live worker, which reaps only between its own trials: a short grace cannot hit it.
+    path = write_study(name="orphan", n_trials=3, study=STALE_FAST)
     url = f"sqlite:///{tmp_path / 'orphan.db'}"
     _create(path, url)
     spec = load_spec(path)
@@ -339,7 +351,10 @@ def _freeze_a_running_trial(url: str, name: str, procs) -> tuple[int, optuna.tri
 def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path, small):
     name = "kill"
     url = f"sqlite:///{tmp_path / 'kill.db'}"
-    assert main(["create", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small)), "--storage", url]) == 0
+    # Two survivors reap each other's trials: grace 10 s, so a live trial is reaped only if its
+    # heartbeat thread starves for 10 s, while the dead one is retried soon enough.
+    heartbeat = {"heartbeat_interval": 1, "grace_period": 10}
+    assert main(["create", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small, study=heartbeat)), "--storage", url]) == 0
     procs = [spawn(["worker", "--storage", url, "--study", name, "--worker-index", str(i), "--threads", "1"], tmp_path / f"w{i}.log") for i in range(3)]
     try:
         pid, victim = _freeze_a_running_trial(url, name, procs)
@@ -365,9 +380,20 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
 
 def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_study, tmp_path, small):
     name = "four"
-    url = f"sqlite:///{tmp_path / 'four.db'}"
-    # Slow trials: worker 0 runs in `run` itself and would otherwise finish all 8 before the children start.
-    proc = spawn(["run", str(write_study(name=name, n_trials=8, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "4", "--storage", url], tmp_path / "run.log")
+    db = tmp_path / "four.db"
+    url = f"sqlite:///{db}"
+    path = write_study(name=name, n_trials=8, train={"epochs": SLOW_EPOCHS}, data=small)
+    # Worker 0 runs in `run` itself and could finish all 8 trials before the children have started:
+    # once they exist (`run` created the study, under the budget lock), hold that lock until all
+    # three wait for it, so every worker competes.
+    proc = spawn(["run", str(path), "--workers", "4", "--storage", url], tmp_path / "run.log")
+    try:
+        children = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 3 and c, 180, "3 child workers")
+        with budget_gate(db):
+            wait_for(lambda: at_gate(db, [c.pid for c in children]), 180, "3 children at the budget lock")
+    except BaseException:
+        proc.kill()
+        raise
     assert finish([proc], 300) == [0]
     log = (tmp_path / "run.log").read_text()
     assert "locked" not in log.lower()
@@ -377,8 +403,8 @@ def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_st
     assert sorted(t.number for t in all_trials) == list(range(8))
     assert len({tuple(sorted(t.params.items())) for t in all_trials}) == 8
     workers = {t.user_attrs["worker"] for t in all_trials}
-    assert len(workers) > 1  # the trials really were spread over processes
-    assert sum(line.startswith("[") and " trial " in line for line in log.splitlines()) == 8  # every worker's trials printed once
+    assert len(workers) == 4  # all four lined up at the lock: each took a trial while the others trained
+    assert sorted(printed_trials(log)) == sorted(t.number for t in all_trials)  # every worker's trials printed once
 
 
 def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp_path, capsys, small):
@@ -414,21 +440,28 @@ def test_run_defaults_to_one_single_threaded_worker_per_core(write_study, tmp_pa
     err = capsys.readouterr().err
     assert "2 workers x 1 thread on cpu" in err
     assert states(url, name) == {"COMPLETE": 6}
-    assert sum(" trial " in line for line in err.splitlines()) == 6  # the child's trials are printed too
+    assert sorted(printed_trials(err)) == list(range(6))  # each finished trial printed once, whichever worker ran it
 
 
 def test_sigterm_on_run_with_workers_stops_the_children(write_study, tmp_path, small):
     name = "term"
-    url = f"sqlite:///{tmp_path / 'term.db'}"
-    proc = spawn(["run", str(write_study(name=name, n_trials=20, train={"epochs": SLOW_EPOCHS}, data=small)), "--workers", "3", "--storage", url], tmp_path / "run.log")
+    db = tmp_path / "term.db"
+    url = f"sqlite:///{db}"
+    path = write_study(name=name, n_trials=20, train={"epochs": SLOW_EPOCHS}, data=small)
+    proc = None
     try:
-        # worker 0 runs in the `run` process itself: --workers 3 starts two children
-        children = wait_for(lambda: psutil.Process(proc.pid).children(recursive=True) if len(psutil.Process(proc.pid).children()) == 2 else None, 60, "2 children")
+        # worker 0 runs in the `run` process itself: --workers 3 starts two children (once the study
+        # is created). Hold the budget lock until both wait for it: a child then surely gets a trial.
+        proc = spawn(["run", str(path), "--workers", "3", "--storage", url], tmp_path / "run.log")
+        children = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 2 and c, 180, "2 children")
+        with budget_gate(db):
+            wait_for(lambda: at_gate(db, [c.pid for c in children]), 180, "2 children at the budget lock")
         wait_for(lambda: running_trial_of(url, name, [c.pid for c in children]), 120, "a running trial in a child")
         proc.send_signal(signal.SIGTERM)  # only the parent: as `kill PID`, Slurm or Kubernetes would
         assert proc.wait(timeout=30) == 130
     finally:
-        proc.kill()
+        if proc is not None:
+            proc.kill()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
     all_trials = trials(url, name)
