@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -156,3 +157,16 @@ def at_gate(db: Path, pids: list[int]) -> bool:
 def printed_trials(log: str) -> list[int]:
     """Trial numbers of the finished-trial lines ``run`` printed ("[k/N] trial 3 COMPLETE ...")."""
     return [int(m) for m in re.findall(r"^\[\d+/\d+\] trial (\d+) ", log, flags=re.M)]
+
+
+def freeze_a_running_trial(url: str, name: str, pids: list[int], timeout: float = 300) -> tuple[int, optuna.trial.FrozenTrial]:
+    """(pid, trial) of a worker stopped (SIGSTOP) while its trial is RUNNING: a kill that follows
+    lands mid-trial wherever the worker was, because a frozen worker cannot finish the trial. A
+    worker that finished its trial before the stop is resumed and the search goes on."""
+    while True:
+        pid, _ = wait_for(lambda: running_trial_of(url, name, pids), timeout, "a running trial", poll=0.1)  # start-up under load
+        os.kill(pid, signal.SIGSTOP)
+        found = running_trial_of(url, name, [pid])
+        if found is not None:
+            return found
+        os.kill(pid, signal.SIGCONT)  # it finished that trial meanwhile: try again

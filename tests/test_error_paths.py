@@ -13,7 +13,18 @@ import optuna
 import psutil
 import pytest
 import torch
-from _fleet import at_gate, budget_gate, finish, printed_trials, running_trial_of, spawn, states, trials, wait_for
+from _fleet import (
+    at_gate,
+    budget_gate,
+    finish,
+    freeze_a_running_trial,
+    printed_trials,
+    running_trial_of,
+    spawn,
+    states,
+    trials,
+    wait_for,
+)
 from conftest import NEGATIVE, POSITIVE, STALE_FAST, write_toy_dataset
 from sqlalchemy import create_engine, text
 
@@ -112,7 +123,8 @@ def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_st
     url = f"sqlite:///{db}"
     # One live worker (in `run`) remains, and it reaps only between its own trials: a short grace
     # retries the dead child's trial soon and cannot hit a live one.
-    path = write_study(name=name, n_trials=4, train={"epochs": SLOW_EPOCHS}, data=small, study=STALE_FAST)
+    # Trials of several seconds, and more of them than worker 0 can finish while the child starts.
+    path = write_study(name=name, n_trials=6, train={"epochs": 4 * SLOW_EPOCHS}, data=small, study=STALE_FAST)
     proc = None
     try:
         proc = spawn(["run", str(path), "--workers", "2", "--storage", url], tmp_path / "run.log")
@@ -121,7 +133,8 @@ def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_st
         (child,) = wait_for(lambda: (c := psutil.Process(proc.pid).children()) and len(c) == 1 and c, 180, "the child worker")
         with budget_gate(db):
             wait_for(lambda: at_gate(db, [child.pid]), 180, "the child at the budget lock")
-        _, victim = wait_for(lambda: running_trial_of(url, name, [child.pid]), 180, "a running trial in the child")
+        # Frozen mid-trial first: the kill cannot land after the trial ended.
+        _, victim = freeze_a_running_trial(url, name, [child.pid], timeout=180)
         child.kill()  # as the OOM killer would
         assert finish([proc], 300) == [1]
     finally:
@@ -131,7 +144,7 @@ def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_st
     assert "Error: 1 of 2 workers exited with an error" in log
     assert "Traceback" not in log
     all_trials = trials(url, name)
-    assert states(url, name) == {"COMPLETE": 4, "FAIL": 1}
+    assert states(url, name) == {"COMPLETE": 6, "FAIL": 1}
     killed = all_trials[victim.number]
     assert killed.state.name == "FAIL" and killed.user_attrs["fail_reason"].startswith("worker lost")
     (retry,) = [t for t in all_trials if t.system_attrs.get("failed_trial") == victim.number]

@@ -19,6 +19,7 @@ from _fleet import (
     at_gate,
     budget_gate,
     finish,
+    freeze_a_running_trial,
     printed_trials,
     run_worker_threads,
     running_trial_of,
@@ -336,18 +337,6 @@ def test_every_parameter_is_sampled_before_the_trial_runs(write_study, tmp_path)
     assert [set(p) for p in seen] == [{"base_lr", "head_lr", "decay"}] * 3
 
 
-def _freeze_a_running_trial(url: str, name: str, procs) -> tuple[int, optuna.trial.FrozenTrial]:
-    """(pid, trial) of a worker stopped (SIGSTOP) while its trial is RUNNING: the kill that follows
-    lands mid-trial wherever the worker was, because a frozen worker cannot finish the trial."""
-    while True:
-        pid, _ = wait_for(lambda: running_trial_of(url, name, [p.pid for p in procs]), 300, "a running trial")  # start-up under load
-        os.kill(pid, signal.SIGSTOP)
-        found = running_trial_of(url, name, [pid])
-        if found is not None:
-            return found
-        os.kill(pid, signal.SIGCONT)  # it finished that trial meanwhile: try again
-
-
 def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path, small):
     name = "kill"
     url = f"sqlite:///{tmp_path / 'kill.db'}"
@@ -357,7 +346,7 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
     assert main(["create", str(write_study(name=name, n_trials=6, train={"epochs": SLOW_EPOCHS}, data=small, study=heartbeat)), "--storage", url]) == 0
     procs = [spawn(["worker", "--storage", url, "--study", name, "--worker-index", str(i), "--threads", "1"], tmp_path / f"w{i}.log") for i in range(3)]
     try:
-        pid, victim = _freeze_a_running_trial(url, name, procs)
+        pid, victim = freeze_a_running_trial(url, name, [p.pid for p in procs])
         os.kill(pid, signal.SIGKILL)
         survivors = [p for p in procs if p.pid != pid]
         assert finish(survivors, 240) == [0, 0]
