@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, metavar="NAME", help="study name (the search)")
     p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default 3)")
     p.add_argument("--seeds", type=int, default=5, metavar="S", help="fresh seeds per configuration (default 5)")
+    p.add_argument("--decay-sweep", metavar="XI,XI,...", help="also re-run the winner's base and head LR at each ξ (0 < ξ <= 1), "
+                   "e.g. 1.0,0.95,0.9,0.8,0.7, with the same seeds; the winner's own ξ is added")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="local worker processes (default 1)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
     p.add_argument("--format", choices=["table", "json"], default="table")

@@ -71,19 +71,21 @@ def _lrs(p: dict[str, float]) -> str:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .confirm import control_summary, paired_verdict, run_confirmation, verdict
+    from .confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary, verdict
     from .train import set_threads
 
     for key in ("top", "seeds"):
         if getattr(args, key) < 1:
             raise LLRDSearchError(f"--{key}: must be >= 1 (got {getattr(args, key)})")
+    decays = parse_decays(args.decay_sweep) if args.decay_sweep is not None else None  # before anything is written
     if args.objective:  # a bad path fails before the linked study is made
         from .user_objective import load_objective
 
         load_objective(args.objective, "--objective")
     threads = threads_per_worker(args.workers, args.threads)
     set_threads(threads)
-    plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads))
+    plan, summary = run_confirmation(args.storage, args.study, args.top, args.seeds, _confirm_workers(args, threads), decays=decays)
+    sweep = sweep_summary(args.storage, args.study)
     v = verdict(summary)
     control = control_summary(args.storage, args.study)
     paired = paired_verdict(summary, control)
@@ -93,7 +95,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
             return {k: (None if isinstance(x, float) and x != x else x) for k, x in r.items()}
 
         print(json.dumps({"study": plan.study_name, "configurations": [clean(r) for r in summary], "verdict": v,
-                          "control": clean(control) if control else None, "llrd_vs_control": paired}, indent=2))
+                          "control": clean(control) if control else None, "llrd_vs_control": paired,
+                          "decay_sweep": [clean(r) for r in sweep or []]}, indent=2))
         return 0 if v else 1
     if plan.note:
         print(f"note: {plan.note}", file=sys.stderr)
@@ -119,6 +122,11 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         )
     else:
         print(f"its lead over trial {v['runner_up']} ({v['lead']:.4f}) exceeds the 95 % Welch threshold ({v['noise']:.4f}): unlikely to be noise")
+    if sweep:
+        print(f"decay sweep at base_lr={sweep[0]['base_lr']:.3g} head_lr={sweep[0]['head_lr']:.3g} (confirm trial {sweep[0]['winner']}), same seeds at every ξ:")
+        for r in sweep:
+            conf = f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if r["n"] else "no finished run"
+            print(f"  ξ = {r['decay']:.3f}  {conf}{'  (the winner: its confirmation runs)' if r['own'] else ''}")
     if paired is not None:
         print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired['control']} of the control arm): {paired['text']}")
     elif control is None:

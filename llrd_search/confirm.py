@@ -21,6 +21,11 @@ trial, ``seed + offset + i``), so the same data order and head initialisation. W
 a control arm (``NAME.control``), its best trial is re-run with those seeds too (source key
 ``control:N``), and :func:`paired_verdict` compares the confirmed winner with it seed by seed.
 
+Decay sweep (``--decay-sweep``): the confirmed winner's ``base_lr`` and ``head_lr`` re-run at each
+listed ξ with the same S seeds (source key ``sweep:ξ``, user attr ``llrd:sweep`` = ξ), so the rows
+are paired, as Sun et al. did at a fixed LR. The winner's own ξ is its confirmation row (same
+params, same seeds): it is not run twice. The winner is chosen once and kept (its runs are paired).
+
 Running ``confirm`` again continues where it stopped. Asking for more (a larger K or S) extends the
 linked study; asking for less never discards runs: the stored K and S are kept.
 """
@@ -42,7 +47,7 @@ from .spec import Range, SpaceSection, StudySpec
 from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
 from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
 
-__all__ = ["t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
+__all__ = ["parse_decays", "sweep_summary", "t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
 
 
 def t95(df: float) -> float:
@@ -55,6 +60,8 @@ SUFFIX = ".confirm"
 META_ATTR = "llrd:confirm"
 SOURCE_ATTR = "llrd:confirm_of"
 REP_ATTR = "llrd:confirm_rep"
+SWEEP_ATTR = "llrd:sweep"  # the ξ of a decay-sweep run (absent on other confirmation runs)
+SWEEP = "sweep"
 PARAMS = ("base_lr", "head_lr", "decay")
 _ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -171,9 +178,69 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
             meta["sources"].append(key)
             meta["params"][key] = control.params
             meta["search_accuracy"][key] = control.value
+        if old and "sweep" in old:  # a decay sweep already queued: kept (its runs are paired)
+            meta["sweep"] = old["sweep"]
+            for key in (k for k in old["sources"] if _is_sweep(k)):
+                meta["sources"].append(key)
+                meta["params"][key] = old["params"][key]
+                meta["search_accuracy"][key] = None
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
-        return Plan(study_name, name, meta["sources"], want_s, created, note)
+        return Plan(study_name, name, [k for k in meta["sources"] if not _is_sweep(k)], want_s, created, note)
+    finally:
+        storage.engine.dispose()
+
+
+def _is_sweep(src: Any) -> bool:
+    return str(src).startswith(SWEEP + ":")
+
+
+def parse_decays(text: str) -> list[float]:
+    """``--decay-sweep`` text ("1.0,0.95,0.9") → distinct ξ values, largest first; each 0 < ξ ≤ 1."""
+    hint = "pass comma-separated values with 0 < ξ <= 1, e.g. --decay-sweep 1.0,0.95,0.9,0.8,0.7"
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise LLRDSearchError(f"--decay-sweep: no ξ given; {hint}")
+    out: set[float] = set()
+    for part in parts:
+        try:
+            xi = float(part)
+        except ValueError:
+            raise LLRDSearchError(f"--decay-sweep: {part!r} is not a number; {hint}") from None
+        if not 0.0 < xi <= 1.0:  # NaN fails too
+            raise LLRDSearchError(f"--decay-sweep: ξ = {part} is out of range; {hint}")
+        out.add(xi)
+    return sorted(out, reverse=True)
+
+
+def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
+    """Queue the decay sweep in the linked study (after :func:`prepare`): the confirmed winner's
+    LRs at each ξ of ``decays`` plus its own, S seeds each. Runs nothing; returns ``meta["sweep"]``.
+
+    The winner is the confirmed best mean (the search's best when no confirmation run finished),
+    chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
+    """
+    storage = open_storage(url)
+    try:
+        linked = load_study(storage, confirm_name(study_name))
+        meta = json.loads(linked.user_attrs[META_ATTR])
+        sweep = meta.get("sweep")
+        if sweep is None:
+            rows = [r for r in _all_rows(storage, study_name) or [] if r["arm"] == LLRD and r["n"]]
+            best = min(rows, key=lambda r: (-r["mean"], r["source_trial"]), default=None)
+            sweep = {"winner": best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int)), "decays": []}
+        params = meta["params"][str(sweep["winner"])]
+        sweep["decays"] = sorted(set(sweep["decays"]) | set(decays) | {float(params["decay"])}, reverse=True)
+        for xi in sweep["decays"]:
+            key = f"{SWEEP}:{xi!r}"
+            if xi != float(params["decay"]) and key not in meta["sources"]:
+                meta["sources"].append(key)
+                meta["params"][key] = {"base_lr": params["base_lr"], "head_lr": params["head_lr"], "decay": xi}
+                meta["search_accuracy"][key] = None
+        meta["sweep"] = sweep
+        linked.set_user_attr(META_ATTR, json.dumps(meta))
+        top_up(storage, linked)
+        return sweep
     finally:
         storage.engine.dispose()
 
@@ -221,6 +288,8 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
                          ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
                 if "seed_base" in meta:
                     attrs[SEED_ATTR] = meta["seed_base"] + rep
+                if _is_sweep(src):
+                    attrs[SWEEP_ATTR] = float(meta["params"][str(src)]["decay"])
                 linked.enqueue_trial(meta["params"][str(src)], user_attrs=attrs)
                 added += 1
         trials = linked.get_trials(deepcopy=False)
@@ -245,32 +314,67 @@ def retry_hook(url: str, study_name: str) -> Callable[[optuna.Study, FrozenTrial
     return hook
 
 
-def _all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+def _runs(trials: list[FrozenTrial], src: Any) -> dict[str, Any]:
+    """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n."""
+    mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
+    done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
+    accs = [float(t.value) for t in done]
+    mean, std = mean_std(accs)
+    return {"accuracies": accs, "by_seed": {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in done},
+            "mean": mean, "std": std, "n": len(accs), "n_failed": sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine)}
+
+
+def _linked(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
     meta = _meta(store, confirm_name(study_name), strict=False)
     if meta is None:
         return None
-    trials = load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
+    return meta, load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
+
+
+def _all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    linked = _linked(store, study_name)
+    if linked is None:
+        return None
+    meta, trials = linked
     rows = []
     for src in meta["sources"]:
-        mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
-        by_rep = {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in mine if t.state == TrialState.COMPLETE and t.value is not None}
-        accs = [float(t.value) for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
-        mean, std = mean_std(accs)
-        arm = CONTROL if str(src).startswith(CONTROL + ":") else LLRD
-        rows.append(
-            {
-                "source_trial": int(str(src).rsplit(":", 1)[-1]),
-                "arm": arm,
-                "params": {p: meta["params"][str(src)][p] for p in PARAMS},
-                "accuracies": accs,
-                "by_seed": by_rep,
-                "mean": mean,
-                "std": std,
-                "n": len(accs),
-                "search_accuracy": meta["search_accuracy"][str(src)],
-                "n_failed": sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine),
-            }
-        )
+        if _is_sweep(src):
+            continue  # the decay sweep's runs: sweep_summary
+        rows.append({
+            "source_trial": int(str(src).rsplit(":", 1)[-1]),
+            "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
+            "params": {p: meta["params"][str(src)][p] for p in PARAMS},
+            "search_accuracy": meta["search_accuracy"][str(src)],
+            **_runs(trials, src),
+        })
+    return rows
+
+
+def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    """The decay sweep, one row per ξ (largest first), or None before ``confirm --decay-sweep``.
+
+    Keys: ``decay``, ``base_lr``, ``head_lr`` (the winner's), ``winner`` (its confirm source trial),
+    ``own`` (True for the winner's own ξ: its confirmation runs), ``accuracies``, ``by_seed``,
+    ``mean``, ``std``, ``n``, ``n_failed``.
+    """
+    own = isinstance(storage, str)
+    store = open_storage(storage) if own else storage
+    try:
+        linked = _linked(store, study_name)
+    finally:
+        if own:
+            store.engine.dispose()
+    if linked is None or "sweep" not in linked[0]:
+        return None
+    meta, trials = linked
+    winner = meta["sweep"]["winner"]
+    params = meta["params"][str(winner)]
+    rows = []
+    for xi in meta["sweep"]["decays"]:
+        is_own = xi == float(params["decay"])
+        src = winner if is_own else f"{SWEEP}:{xi!r}"
+        rows.append({"decay": xi, "base_lr": params["base_lr"], "head_lr": params["head_lr"], "winner": winner, "own": is_own,
+                     **_runs(trials, src)})
     return rows
 
 
@@ -363,18 +467,28 @@ def run_confirmation(
     run_workers: Callable[[str], None],
     *,
     max_rounds: int = 3,
+    decays: list[float] | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Prepare the linked study, then let ``run_workers(linked_name)`` run it until every
-    configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``)."""
+    configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``).
+
+    With ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of the confirmed winner."""
     plan = prepare(url, study_name, top, seeds)
+    _run_rounds(url, plan.study_name, run_workers, max_rounds)
+    if decays:
+        prepare_sweep(url, study_name, decays)
+        _run_rounds(url, plan.study_name, run_workers, max_rounds)
+    return plan, confirmation_summary(url, study_name) or []
+
+
+def _run_rounds(url: str, name: str, run_workers: Callable[[str], None], max_rounds: int) -> None:
     for _ in range(max_rounds):
-        if not _pending(url, plan.study_name):
+        if not _pending(url, name):
             break  # all done: do not load a model for nothing
-        run_workers(plan.study_name)
+        run_workers(name)
         storage = open_storage(url)
         try:
-            if top_up(storage, load_study(storage, plan.study_name)) == 0:
+            if top_up(storage, load_study(storage, name)) == 0:
                 break
         finally:
             storage.engine.dispose()
-    return plan, confirmation_summary(url, study_name) or []

@@ -298,3 +298,34 @@ def plot_importance(importances: dict[str, float], n_trials: int, path: Path, *,
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     return None
+
+
+def plot_decay_sweep(rows: Sequence[dict], path: Path, *, interval: tuple[float, float] | None = None,
+                     paper: dict[float, float] | None = None, metric: str = "accuracy") -> str | None:
+    """The decay sweep: mean ± std over seeds at each ξ (the winner's LRs), and the paper's row
+    (test error %, on its own inverted axis so that up is better on both)."""
+    done = [r for r in rows if r["n"] > 0]
+    if not done:
+        return "the decay sweep has no finished run yet (run `llrd-search confirm ... --decay-sweep` again to resume)"
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), layout="constrained")
+    if interval is not None:
+        ax.axvspan(interval[0] - 0.004, interval[1] + 0.004, color="gold", alpha=0.25, lw=0, label="best-ξ interval (paired t, 95 %)")
+    ax.errorbar([r["decay"] for r in done], [r["mean"] for r in done], yerr=[r["std"] for r in done], fmt="o-", color="tab:blue",
+                capsize=4, label=f"this model: mean ± std over seeds (n = {max(r['n'] for r in done)})")
+    for r in done:
+        ax.annotate(f"n={r['n']}", (r["decay"], r["mean"]), textcoords="offset points", xytext=(4, -12), fontsize=7, color="tab:blue")
+    if paper:
+        twin = ax.twinx()
+        xs = sorted(paper)
+        twin.plot(xs, [paper[x] for x in xs], "s--", color="tab:grey", alpha=0.8, label="Sun et al. 2019, Table 4 (IMDb test error %)")
+        twin.invert_yaxis()
+        twin.set_ylabel("paper: IMDb test error % (inverted)")
+        twin.legend(fontsize=8, loc="lower left")
+    ax.set_xlabel(f"{XI} (same base and head LR at every ξ)")
+    ax.set_ylabel(f"validation {metric}")
+    base, head = done[0]["base_lr"], done[0]["head_lr"]
+    ax.set_title(f"Decay sweep at base LR {base:.2e}, head LR {head:.2e}", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return None

@@ -25,9 +25,9 @@ from .confirm import Z95
 from .exceptions import LLRDSearchError
 from .metrics import study_metric_name
 from .plots import TrialInfo, lr_profile, param_importances, trial_infos
-from .stats import welch_threshold
+from .stats import sweep_interval, welch_threshold
 from .storage import close_storage, load_study, mask_url, open_storage, spec_of
-from .summary import arms_section, summary_data
+from .summary import PAPER_TABLE4, arms_section, summary_data, sweep_section
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ CAPTIONS = {  # file stem -> caption; {metric} is the study's metric name
     "history": "Optimization history: each trial's {metric} and the best so far.",
     "learning_curves": "Learning curves: validation {metric} at each evaluation during training.",
     "importance": "Parameter importance (Optuna's fANOVA evaluator, seed 0).",
+    "decay_sweep": "Decay sweep: the winner's LRs at each ξ, mean ± std over the same seeds, beside Sun et al.'s IMDb row.",
 }
 FIGURES = {stem: caption.format(metric="accuracy") for stem, caption in CAPTIONS.items()}
 
@@ -147,7 +148,8 @@ def _model_layers(spec: Any) -> int | None:
 
 
 def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo], confirmation: list[dict] | None,
-                     interval: dict | None, missing: dict[str, str], arms: dict | None = None, metric: str = "accuracy") -> list[str]:
+                     interval: dict | None, missing: dict[str, str], arms: dict | None = None, metric: str = "accuracy",
+                     sweep: list[dict] | None = None) -> list[str]:
     """The summary as Markdown sections (without the figure list); values are labelled ``metric``."""
     counts = state_counts(trials)
     best = best_trial(trials)
@@ -179,6 +181,8 @@ def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo]
         sections.append(f"## Top complete trials\n\n| trial | {metric} | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
     if confirmation:
         sections.append(_confirmation_section(confirmation, best, metric))
+    if sweep:
+        sections.append(sweep_section(sweep, interval, metric))
     if missing:
         sections.append("## What this report cannot show\n\n" + "\n".join(f"- {why}" for why in missing.values()))
     return sections
@@ -189,6 +193,10 @@ def _interval_section(iv: dict | None) -> str:
     if iv is None:
         return text + "Not available."
     text += f"ξ ∈ **[{iv['low']:.3f}, {iv['high']:.3f}]** (best ξ = {iv['best_decay']:.3f}; {len(iv['members'])} of {iv['compared']} compared "
+    if iv["method"] == "sweep":
+        return text + ("ξ values of the decay sweep tie with the best).\n\nMethod: from `confirm --decay-sweep`, the winner's LRs at each ξ "
+                       "with the same seeds; a ξ ties with the best-mean ξ when the paired-t 95 % interval of their per-seed "
+                       "differences includes 0 (a ξ with fewer than 2 seeds shared with the best cannot be told apart, so it ties).")
     if iv["method"] == "seeds":
         return text + ("confirmed configurations tie with the best).\n\nMethod: from the confirmation re-runs; a configuration ties with "
                        "the best mean when Welch's t-test on its seed accuracies (mean, std, n) does not reject at 95 %. "
@@ -276,7 +284,9 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         confirmation = _confirmation(storage, study_name)
         control_study = load_control(study)
         control = best_trial(trial_infos(control_study)) if control_study is not None else None
-        from .confirm import control_summary, paired_verdict
+        from .confirm import control_summary, paired_verdict, sweep_summary
+
+        sweep = sweep_summary(storage, study_name)
 
         paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None
         importances, importance_why = param_importances(study, trials)
@@ -285,7 +295,8 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     best = best_trial(trials)
     if best is None:
         log.warning("study '%s' has no complete trial yet: the report shows trial states only", study_name)
-    interval = best_decay_interval(trials, confirmation, proportion=metric == "accuracy")
+    # A decay sweep answers "which ξ?" at equal LRs and paired seeds: its interval wins when it has one.
+    interval = (sweep_interval(sweep) if sweep else None) or best_decay_interval(trials, confirmation, proportion=metric == "accuracy")
     captions = figure_captions(metric)
     paths = {stem: out / f"{stem}.png" for stem in FIGURES}
     band = (interval["low"], interval["high"]) if interval else None
@@ -296,6 +307,11 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         "learning_curves": plots.plot_learning_curves(trials, paths["learning_curves"], metric=metric),
         "importance": importance_why or plots.plot_importance(importances or {}, sum(t.state == "COMPLETE" for t in trials), paths["importance"], metric=metric),
     }
+    if sweep:
+        sweep_band = (interval["low"], interval["high"]) if interval and interval["method"] == "sweep" else None
+        missing["decay_sweep"] = plots.plot_decay_sweep(sweep, paths["decay_sweep"], interval=sweep_band, paper=PAPER_TABLE4, metric=metric)
+    else:  # no sweep: no figure and nothing to say about it (a stale one from another study goes)
+        paths.pop("decay_sweep").unlink(missing_ok=True)
     if best is None:
         missing["lr_profile"] = "the per-layer LR profile needs a complete (best) trial"
     else:
@@ -307,8 +323,8 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     for stem in missing_now:
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
     arms = {"control": control, "paired": paired, "has_arm": control_study is not None}
-    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric)
-    data = summary_data(best, control, confirmation, paired, interval)
+    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric, sweep)
+    data = summary_data(best, control, confirmation, paired, interval, sweep)
     (out / "summary.json").write_text(json.dumps({"study": study_name, "metric": metric, **data}, indent=2) + "\n", encoding="utf-8")
     plot_list = "## Plots\n\n" + "\n\n".join(f"![{captions[s]}]({p.name})" for s, p in figures.items())
     (out / "summary.md").write_text("\n\n".join([*sections, plot_list]) + "\n", encoding="utf-8")

@@ -3,6 +3,7 @@
 - :func:`paired_difference`: the LLRD-vs-control verdict, a paired t interval over seeds that ran
   both configurations with the same seed (same data order and head initialisation);
 - :func:`welch_threshold`: the smallest difference of two seed means Welch's t-test calls real;
+- :func:`sweep_interval`: the ξ values of a decay sweep that paired seeds cannot tell from the best;
 - :func:`mean_std`: sample mean and standard deviation.
 
 Nothing here compares single trials at different learning rates: such a difference mixes the
@@ -52,6 +53,30 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     half = t_quantile(n - 1, level) * std / math.sqrt(n)
     out.update(ci=[mean - half, mean + half], p=float(_st.ttest_rel(a, b).pvalue))
     return out
+
+
+def sweep_interval(rows: Sequence[dict], level: float = 0.95) -> dict | None:
+    """The best-ξ interval of a decay sweep: every ξ whose seed runs the best-mean ξ's do not beat.
+
+    ``rows`` hold ``decay``, ``mean``, ``n`` and ``by_seed`` (run index → accuracy; run i of every ξ
+    used the same seed). A ξ ties with the best when the paired-t interval (:func:`paired_difference`)
+    of best minus it over their shared seeds includes 0; with fewer than two shared seeds nothing
+    tells them apart, so it ties too. Ties of the best mean go to the larger ξ (less decay).
+    Returns ``{"low", "high", "best_decay", "members" (ξ values), "compared", "method": "sweep"}``,
+    or None when no ξ has a finished run.
+    """
+    done = [r for r in rows if r["n"] > 0]
+    if not done:
+        return None
+    top = max(done, key=lambda r: (r["mean"], r["decay"]))
+    members = []
+    for r in done:
+        seeds = sorted(set(top["by_seed"]) & set(r["by_seed"]))
+        d = paired_difference([top["by_seed"][i] for i in seeds], [r["by_seed"][i] for i in seeds], level)
+        if r is top or d["ci"] is None or d["ci"][0] <= 0 <= d["ci"][1]:
+            members.append(r["decay"])
+    return {"low": min(members), "high": max(members), "best_decay": top["decay"], "members": sorted(members, reverse=True),
+            "compared": len(done), "method": "sweep"}
 
 
 def welch_threshold(a: dict, b: dict, level: float = 0.95) -> float | None:
