@@ -94,7 +94,10 @@ def test_grace_period_must_exceed_heartbeat():
 
 def test_initial_points_inside_space_only():
     spec = parse_spec(spec_with(space__base_lr={"low": 1e-5, "high": 1e-4}, space__head_lr={"low": 1e-5, "high": 1e-4}))
-    assert spec.initial_points() == PAPER_POINTS
+    # With the control arm (default), the paper's ξ = 1 point is queued there, not in the LLRD arm.
+    assert spec.initial_points() == [PAPER_POINTS[0]] and spec.control_points() == [PAPER_POINTS[1]]
+    one_arm = parse_spec(spec_with(study__control_fraction=0.0, space__base_lr={"low": 1e-5, "high": 1e-4}, space__head_lr={"low": 1e-5, "high": 1e-4}))
+    assert one_arm.initial_points() == PAPER_POINTS and one_arm.control_points() == []
     narrow = parse_spec(spec_with(space__decay={"low": 0.5, "high": 0.97}, space__head_lr={"low": 1e-5, "high": 1e-4}))
     assert narrow.initial_points() == [PAPER_POINTS[0]]
     none = parse_spec(VALID)  # head_lr range excludes the paper's 2e-5
