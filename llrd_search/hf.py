@@ -37,6 +37,7 @@ class PruningCallback(TrainerCallback):
         self.metric = metric
         self.evals: list[dict[str, Any]] = []
         self.best: float | None = None
+        self._named = False
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
         metrics = metrics or {}
@@ -50,9 +51,21 @@ class PruningCallback(TrainerCallback):
             raise LLRDSearchError(f"PruningCallback: {self.metric} is NaN at step {state.global_step}")
         self.evals.append({"eval": len(self.evals) + 1, "step": state.global_step, self.metric: value})
         self.best = value if self.best is None else max(self.best, value)
+        if not self._named:
+            self._name_metric()
         self.trial.report(value, len(self.evals))
         self.trial.set_user_attr("evals", self.evals)
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned_at_step", state.global_step)
             control.should_training_stop = True
             raise optuna.TrialPruned(f"pruned at evaluation {len(self.evals)} ({self.metric} {value:.4f})")
+
+    def _name_metric(self) -> None:
+        """Name the study's metric after ``metric`` (e.g. ``eval_f1``), so the report, export and
+        optuna-dashboard label values by it rather than by the study file's ``train.metric``."""
+        from .metrics import set_study_metric
+
+        self._named = True
+        study = getattr(self.trial, "study", None)  # a FixedTrial has no study
+        if study is not None and list(getattr(study, "metric_names", None) or []) != [self.metric]:
+            set_study_metric(study, self.metric)

@@ -75,6 +75,7 @@ def test_pruning_callback_reports_every_evaluation(tiny_model_dir, tmp_path):
     assert sorted(t.intermediate_values) == [1, 2, 3, 4]  # evaluation indices, like the built-in loop
     assert t.value == max(t.intermediate_values.values())
     assert [e["step"] for e in t.user_attrs["evals"]] == [2, 4, 6, 8]
+    assert study.metric_names == ["eval_accuracy"]  # the dashboard and report label values by it
 
 
 def test_pruning_callback_ends_the_trial_pruned_not_failed(tiny_model_dir, tmp_path):
@@ -115,7 +116,7 @@ def test_trainer_example_through_worker_objective(tiny_model_dir, tmp_path):
         if t.state == TrialState.COMPLETE:
             assert t.value == max(e["eval_f1"] for e in t.user_attrs["evals"]) and len(t.user_attrs["evals"]) == 3
     assert _main("report", "--storage", url, "--study", "trec-tiny", "--out", str(tmp_path / "report"), cwd=tmp_path) == 0
-    assert (tmp_path / "report" / "summary.md").read_text().strip()
+    assert "validation eval_f1" in (tmp_path / "report" / "summary.md").read_text()  # named by PruningCallback(metric="eval_f1")
 
 
 # --------------------------------------------------------------------------- part 3: exported configs
