@@ -17,6 +17,7 @@ STUDY = f"""
 [study]
 name = "sst2-slice"
 n_trials = 2
+control_fraction = 0.5  # one trial in each arm: the paper point and its LR-matched ξ = 1 control
 seed = 0
 sampler = "random"
 pruner = "none"
@@ -46,12 +47,14 @@ def test_real_minilm_study(tmp_path):
     path = tmp_path / "sst2-slice.toml"
     path.write_text(STUDY)
     assert main(["run", str(path)]) == 0
-    study = optuna.load_study(study_name="sst2-slice", storage="sqlite:///" + str(tmp_path / "sst2-slice.db"))
-    trials = study.get_trials()
+    storage = "sqlite:///" + str(tmp_path / "sst2-slice.db")
+    (llrd,) = optuna.load_study(study_name="sst2-slice", storage=storage).get_trials()
+    (control,) = optuna.load_study(study_name="sst2-slice.control", storage=storage).get_trials()
+    trials = [llrd, control]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    # The paper's point and its no-decay control are tried first.
-    assert trials[0].params == {"base_lr": 2e-5, "decay": 0.95, "head_lr": 2e-5}
-    assert trials[1].params["decay"] == 1.0
+    # The paper's point is tried first in the LLRD arm, its no-decay control in the control arm.
+    assert llrd.params == {"base_lr": 2e-5, "decay": 0.95, "head_lr": 2e-5}
+    assert control.params == {"base_lr": 2e-5, "decay": 1.0, "head_lr": 2e-5}
     for t in trials:
         groups = t.user_attrs["lr_groups"]
         assert [g["name"] for g in groups] == ["embeddings", *(f"layer.{i}" for i in range(6)), "head"]
