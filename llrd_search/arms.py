@@ -23,9 +23,8 @@ from optuna.trial import FrozenTrial
 
 from .exceptions import SpecError
 from .spec import Range, SpaceSection, StudySpec
+from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR
 
-ARM_ATTR = "llrd:arm"
-PARENT_ATTR = "llrd:arm_of"
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
 
@@ -121,7 +120,7 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
         study.set_user_attr(PARENT_ATTR, parent.study_name)
     if parent.user_attrs.get(ARM_ATTR) != LLRD:
         parent.set_user_attr(ARM_ATTR, LLRD)
-        parent.set_user_attr("llrd:control_study", cspec.study.name)
+        parent.set_user_attr(CONTROL_STUDY_ATTR, cspec.study.name)
     # The worker's own sampler (seeded per worker, like the parent's) and the guarded pruner.
     study.sampler = make_sampler(cspec, worker_index)
     study.pruner = make_pruner(cspec)

@@ -34,11 +34,12 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
     def run(name: str) -> None:
         from .metrics import study_metric_name
         from .storage import load_study, open_storage
+        from .vocab import BUDGET_ATTR, finished_count
 
         storage = open_storage(args.storage)
         study = load_study(storage, name)
-        budget = int(study.user_attrs["llrd:n_trials"])
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+        budget = int(study.user_attrs[BUDGET_ATTR])
+        done = finished_count(study.get_trials(deepcopy=False))
         progress = Progress(budget, done, best_value(study), study_metric_name(study))
         storage.engine.dispose()
         try:

@@ -21,13 +21,17 @@ def _storage_url(args: argparse.Namespace, spec: Any) -> str:
 
 
 def trial_line(t: Any, metric: str = "acc") -> str:
+    from optuna.trial import TrialState
+
+    from .vocab import ARM_ATTR
+
     p = t.params
     acc = f"{metric}={t.value:.4f}" if t.value is not None else f"{metric}=-"
     lr = f"base_lr={p.get('base_lr', float('nan')):.2e} head_lr={p.get('head_lr', float('nan')):.2e} decay={p.get('decay', float('nan')):.3f}"
-    extra = f" ({t.user_attrs.get('fail_reason')})" if t.state.name == "FAIL" else ""
+    extra = f" ({t.user_attrs.get('fail_reason')})" if t.state == TrialState.FAIL else ""
     secs = t.user_attrs.get("wall_seconds")
     took = f" in {secs:.0f}s" if secs else ""
-    arm = "control " if t.user_attrs.get("llrd:arm") == "control" else ""
+    arm = "control " if t.user_attrs.get(ARM_ATTR) == "control" else ""
     return f"{arm}trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
 
 
@@ -107,12 +111,13 @@ class Progress:
         from the storage instead, two trials finishing between two reports both printed the count
         after the second (``[9/12]`` twice). Trials are keyed by arm: each arm numbers its own."""
         from .arms import arm_of
+        from .vocab import is_finished
 
         key = (arm_of(trial), trial.number)
         if key in self.reported:
             return
         self.reported.add(key)
-        if trial.state.name in ("COMPLETE", "PRUNED"):
+        if is_finished(trial.state):
             self.done += 1
         self.update(self.done, best_value(study), trial_line(trial, self.metric))
 
@@ -122,8 +127,10 @@ class Progress:
 
 
 def best_value(study: Any) -> float | None:
-    values = [t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None]
-    return max(values) if values else None
+    from .vocab import best_trial
+
+    best = best_trial(study.get_trials(deepcopy=False))
+    return best.value if best is not None else None
 
 
 # --------------------------------------------------------------------------- commands
@@ -159,6 +166,7 @@ def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
     from .arms import control_target, ensure_control_arm
     from .grid import cap_budget
     from .storage import budget_lock, create_study, mask_url, open_storage, shareable_url
+    from .vocab import BUDGET_ATTR
 
     if spec.study.storage and shareable_url(spec.study.storage)[1]:
         # Never stored in the study (see storage.stored_spec_json), but study files get shared and committed.
@@ -173,7 +181,7 @@ def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
         control = ensure_control_arm(storage, study, spec)
     word = "created" if created else "resumed"
     if control is not None:
-        total = int(study.user_attrs.get("llrd:n_trials", spec.study.n_trials))
+        total = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
         print(f"control arm: {control_target(spec.study.control_fraction, total)} of {total} trials tune plain fine-tuning (ξ = 1) in study '{control.study_name}'", file=sys.stderr)
     print(f"{word} study '{spec.study.name}' in {mask_url(url)}", file=sys.stderr)
     return study, url, created
@@ -199,14 +207,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .metrics import study_metric_name
     from .spec import load_spec
     from .train import set_threads
+    from .vocab import BUDGET_ATTR, finished_count
 
     spec = load_spec(args.study_file)
     objective = _preflight(spec)
     study, url, _ = _create(args, spec)
-    budget = int(study.user_attrs["llrd:n_trials"])
+    budget = int(study.user_attrs[BUDGET_ATTR])
     from .arms import arm_trials
 
-    done = sum(t.state.name in ("COMPLETE", "PRUNED") for ts in arm_trials(study).values() for t in ts)
+    done = sum(finished_count(ts) for ts in arm_trials(study).values())
     if spec.train.objective:
         # The user's training code picks its own threads and device: one worker unless asked.
         from .local_workers import workers_from_env
@@ -240,21 +249,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _summary(url: str, name: str) -> int:
     from .metrics import study_metric_name
     from .storage import load_study, open_storage
+    from .vocab import best_trial
 
     study = load_study(open_storage(url), name)
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    if not complete:
+    best = best_trial(trials)
+    if best is None:
         print("no trial completed", file=sys.stderr)
         return 1
-    best = max(complete, key=lambda t: t.value)
     print(f"best: trial {best.number} {study_metric_name(study)} {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
     from .arms import load_control
 
     control = load_control(study)
-    done = [t for t in control.get_trials(deepcopy=False) if t.state.name == "COMPLETE"] if control is not None else []
-    if done:
-        c = max(done, key=lambda t: t.value)
+    c = best_trial(control.get_trials(deepcopy=False)) if control is not None else None
+    if c is not None:
         print(f"best of the control arm (ξ = 1): trial {c.number} {study_metric_name(study)} {c.value:.4f} base_lr={c.params['base_lr']:.3g} head_lr={c.params['head_lr']:.3g} "
               "(unconfirmed: run `llrd-search confirm` for the paired verdict)")
     return 0
@@ -281,30 +289,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def status_data(url: str, name: str) -> dict[str, Any]:
     """Counts by state (``states``: the LLRD arm; ``arms``: each arm's), budget, best, running trials."""
+    from optuna.trial import TrialState
+
     from .arms import arm_of, arm_trials
     from .metrics import study_metric_name
-    from .storage import BUDGET_ATTR, load_study, mask_url, open_storage
+    from .storage import load_study, mask_url, open_storage
+    from .vocab import BUDGET_ATTR, best_trial, finished_count, state_counts
 
     storage = open_storage(url)
     study = load_study(storage, name)
     metric = study_metric_name(study)
     trials = study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    best = max(complete, key=lambda t: t.value) if complete else None
+    counts = state_counts(trials)
+    best = best_trial(trials)
     seconds = sum(t.user_attrs.get("wall_seconds", 0) for t in trials)
     arms = {}
     for arm, arm_trials_ in arm_trials(study).items():
-        by_state: dict[str, int] = {}
-        for t in arm_trials_:
-            by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-        arms[arm] = {"finished": by_state.get("COMPLETE", 0) + by_state.get("PRUNED", 0), "states": by_state}
+        arms[arm] = {"finished": finished_count(arm_trials_), "states": state_counts(arm_trials_)}
     if "control" in arms:  # the budget is study-wide: the parent's counts alone are the LLRD arm's
         control_trials = arm_trials(study)["control"]
         seconds += sum(t.user_attrs.get("wall_seconds", 0) for t in control_trials)
-        trials = trials + [t for t in control_trials if t.state.name == "RUNNING"]
+        trials = trials + [t for t in control_trials if t.state == TrialState.RUNNING]
     storage.engine.dispose()
     return {
         "study": name,
@@ -319,7 +324,7 @@ def status_data(url: str, name: str) -> dict[str, Any]:
         if best is None
         # "accuracy" stays for scripts from before train.metric, and only holds an accuracy.
         else {"trial": best.number, "value": best.value, "accuracy": best.value if metric == "accuracy" else None, "params": best.params, "train_examples_per_second": best.user_attrs.get("train_examples_per_second")},
-        "running": [{"trial": t.number, "arm": arm_of(t), "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state.name == "RUNNING"],
+        "running": [{"trial": t.number, "arm": arm_of(t), "worker": t.user_attrs.get("worker"), "params": t.params} for t in trials if t.state == TrialState.RUNNING],
     }
 
 

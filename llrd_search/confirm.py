@@ -40,12 +40,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .arms import ARM_ATTR, CONTROL, LLRD, load_control
+from .arms import CONTROL, LLRD, load_control
 from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
-from .objective import SEED_ATTR
 from .spec import Range, SpaceSection, StudySpec
 from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
-from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
+from .storage import budget_lock, create_study, load_study, open_storage, spec_of
+from .vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
+from .vocab import CONFIRM_ATTR as META_ATTR
+from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
+from .vocab import CONFIRM_REP_ATTR as REP_ATTR
+from .vocab import SWEEP_ATTR as SWEEP_ATTR
 
 __all__ = ["parse_decays", "sweep_summary", "t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
 
@@ -57,12 +61,7 @@ def t95(df: float) -> float:
 SEED_OFFSET = 100_000
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile (the report's binomial interval)
 SUFFIX = ".confirm"
-META_ATTR = "llrd:confirm"
-SOURCE_ATTR = "llrd:confirm_of"
-REP_ATTR = "llrd:confirm_rep"
-SWEEP_ATTR = "llrd:sweep"  # the ξ of a decay-sweep run (absent on other confirmation runs)
 SWEEP = "sweep"
-PARAMS = ("base_lr", "head_lr", "decay")
 _ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -284,7 +283,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
             held = {int(t.user_attrs.get(REP_ATTR, -1)) for t in mine if t.state in _ACTIVE}
             missing = [rep for rep in range(seeds) if rep not in held][: max(0, seeds - active)]
             for rep in missing:
-                attrs = {SOURCE_ATTR: src, REP_ATTR: rep, "llrd:enqueued": "confirm",
+                attrs = {SOURCE_ATTR: src, REP_ATTR: rep, ENQUEUED_ATTR: "confirm",
                          ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
                 if "seed_base" in meta:
                     attrs[SEED_ATTR] = meta["seed_base"] + rep

@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
 from .metrics import study_metric_name
 from .storage import load_study, mask_url, open_storage, spec_of
+from .vocab import PARAMS
 
 FORMAT_VERSION = 1
-PARAMS = ("base_lr", "head_lr", "decay")
 CONVENTION = (
     "Layer-wise LR decay (Sun et al. 2019). With L encoder layers numbered 0 (bottom) to L-1 (top), "
     "layer i trains at base_lr * decay ** (L - 1 - i), so base_lr is the top layer's LR; the embeddings "

@@ -25,8 +25,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import TrialState
 
 from .spec import Range, SpaceSection, StudySpec
-
-PARAMS = ("base_lr", "head_lr", "decay")
+from .vocab import PARAMS
 
 
 def grid_values(space: SpaceSection) -> dict[str, list[float]] | None:

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from .exceptions import StorageError
+from .vocab import ATTR_PREFIX, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,8 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
         if len(history) > max_retries:
             return
         system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
-        user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith("llrd:")}
-        user_attrs["llrd:retry_of"] = trial.number
+        user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith(ATTR_PREFIX)}
+        user_attrs[RETRY_OF_ATTR] = trial.number
         study.add_trial(
             optuna.create_trial(
                 state=TrialState.WAITING,

@@ -36,15 +36,13 @@ from .resilience import budget_lock as budget_lock  # re-exported: workers impor
 from .resilience import fail_stale as fail_stale
 from .sampling import TrialSeededSampler
 from .spec import PAPER_POINTS, StudySpec, parse_spec
+from .vocab import BUDGET_ATTR, ENQUEUED_ATTR, FINGERPRINT_ATTR, FINISHED_STATES, SPEC_ATTR
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # We drive heartbeats ourselves around ask/tell (see worker.py), which Optuna warns about.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-SPEC_ATTR = "llrd:spec"
-FINGERPRINT_ATTR = "llrd:fingerprint"
-BUDGET_ATTR = "llrd:n_trials"
 
 
 def mask_url(url: str) -> str:
@@ -285,7 +283,7 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
             f"study.name: study '{name}' exists with a different spec ({diff}); give the changed search a new study.name, or revert the change"
         )
     counts = count_states(storage, study._study_id)
-    finished = counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED]
+    finished = sum(counts[s] for s in FINISHED_STATES)
     if budget < finished:
         raise StudyConflictError(
             f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
@@ -303,7 +301,7 @@ def _check_half_made(spec: StudySpec, study: optuna.Study, attrs: dict[str, Any]
     """Raise unless ``study`` is what an interrupted :func:`create_study` of ``spec`` leaves."""
     name = spec.study.name
     ours = set(attrs) <= {FINGERPRINT_ATTR, BUDGET_ATTR} and all(
-        t.state == optuna.trial.TrialState.WAITING and "llrd:enqueued" in t.user_attrs for t in study.get_trials(deepcopy=False)
+        t.state == optuna.trial.TrialState.WAITING and ENQUEUED_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)
     )
     if not ours:
         raise StudyConflictError(f"study.name: a study '{name}' exists in the storage but was not made by llrd-search; pick another name")
@@ -324,7 +322,7 @@ def _complete(spec: StudySpec, study: optuna.Study, budget: int) -> None:
     queued = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
     for point in spec.initial_points()[:budget]:
         if point not in queued:
-            study.enqueue_trial(point, user_attrs={"llrd:enqueued": _origin(point)})
+            study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: _origin(point)})
     study.set_user_attr(SPEC_ATTR, stored_spec_json(spec))
 
 

@@ -44,11 +44,11 @@ from .arms import (
 from .exceptions import RepeatedFailureError
 from .resilience import count_states, rdb_of
 from .spec import StudySpec
-from .storage import BUDGET_ATTR, budget_lock, fail_stale, load_study, open_storage, spec_of
+from .storage import budget_lock, fail_stale, load_study, open_storage, spec_of
+from .vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); a later run fills this slot"
 
 
@@ -68,7 +68,7 @@ class Budget:
 def budget_of(study: optuna.Study, total: int) -> Budget:
     counts = count_states(rdb_of(study), study._study_id)
     return Budget(
-        finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED],
+        finished=sum(counts[s] for s in FINISHED_STATES),
         running=counts[TrialState.RUNNING],
         waiting=counts[TrialState.WAITING],
         failed=counts[TrialState.FAIL],
