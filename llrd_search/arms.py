@@ -21,6 +21,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
+from .compat import storage_of
 from .exceptions import SpecError
 from .spec import Range, SpaceSection, StudySpec
 from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR
@@ -140,10 +141,10 @@ def load_control(study: optuna.Study) -> optuna.Study | None:
     """The control arm of ``study`` from the same storage, or None when it has none."""
     name = control_name(study.study_name)
     try:
-        study._storage.get_study_id_from_name(name)
+        storage_of(study).get_study_id_from_name(name)
     except KeyError:
         return None
-    return optuna.load_study(study_name=name, storage=study._storage)
+    return optuna.load_study(study_name=name, storage=storage_of(study))
 
 
 def parent_name(storage: optuna.storages.BaseStorage, study_name: str) -> str:

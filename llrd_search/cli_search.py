@@ -164,6 +164,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
     from .arms import control_target, ensure_control_arm
+    from .compat import study_id
     from .grid import cap_budget
     from .storage import budget_lock, create_study, mask_url, open_storage, shareable_url
     from .vocab import BUDGET_ATTR
@@ -177,7 +178,7 @@ def _create(args: argparse.Namespace, spec: Any) -> tuple[Any, str, bool]:
     if note:
         print(f"note: {note}", file=sys.stderr)
     study, created = create_study(spec, storage, args.n_trials)
-    with budget_lock(storage, study._study_id):
+    with budget_lock(storage, study_id(study)):
         control = ensure_control_arm(storage, study, spec)
     word = "created" if created else "resumed"
     if control is not None:

@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .arms import CONTROL, LLRD, load_control
+from .compat import study_id
 from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
 from .spec import Range, SpaceSection, StudySpec
 from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
@@ -270,7 +271,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
     """
     meta = json.loads(linked.user_attrs[META_ATTR])
     seeds = meta["seeds"]
-    with budget_lock(storage, linked._study_id):
+    with budget_lock(storage, study_id(linked)):
         trials = linked.get_trials(deepcopy=False)
         added = 0
         for src in meta["sources"]:

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .compat import study_id
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
 from .metrics import set_study_metric
 from .pruners import GuardedHyperbandPruner, GuardedMedianPruner
@@ -256,7 +257,7 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     except SQLAlchemyError as err:
         raise StorageError(f"--storage: cannot create the study in {_where(storage.url)}: {_reason(err, storage.url)}") from None
     # A create running beside this one may be writing the same study: decide and write under its lock.
-    with budget_lock(storage, study._study_id):
+    with budget_lock(storage, study_id(study)):
         attrs = study.user_attrs
         if SPEC_ATTR in attrs:
             _resume(spec, storage, study, json.loads(attrs[SPEC_ATTR]), budget)
@@ -282,7 +283,7 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
         raise StudyConflictError(
             f"study.name: study '{name}' exists with a different spec ({diff}); give the changed search a new study.name, or revert the change"
         )
-    counts = count_states(storage, study._study_id)
+    counts = count_states(storage, study_id(study))
     finished = sum(counts[s] for s in FINISHED_STATES)
     if budget < finished:
         raise StudyConflictError(
