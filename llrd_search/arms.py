@@ -109,7 +109,10 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
 
     Call under the parent's budget lock: whoever creates it enqueues its points, exactly once.
     """
-    from .storage import BUDGET_ATTR, create_study, make_pruner, make_sampler
+    from .pruners import make_pruner
+    from .sampling import make_sampler
+    from .storage import create_study
+    from .vocab import BUDGET_ATTR
 
     if not spec.has_control_arm:
         return None

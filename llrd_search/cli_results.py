@@ -33,15 +33,13 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
 
     def run(name: str) -> None:
         from .metrics import study_metric_name
-        from .storage import load_study, open_storage
+        from .storage import opened_study
         from .vocab import BUDGET_ATTR, finished_count
 
-        storage = open_storage(args.storage)
-        study = load_study(storage, name)
-        budget = int(study.user_attrs[BUDGET_ATTR])
-        done = finished_count(study.get_trials(deepcopy=False))
-        progress = Progress(budget, done, best_value(study), study_metric_name(study))
-        storage.engine.dispose()
+        with opened_study(args.storage, name) as study:
+            budget = int(study.user_attrs[BUDGET_ATTR])
+            done = finished_count(study.get_trials(deepcopy=False))
+            progress = Progress(budget, done, best_value(study), study_metric_name(study))
         try:
             from .confirm import retry_hook
             from .user_objective import pick_objective

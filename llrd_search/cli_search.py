@@ -248,19 +248,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _summary(url: str, name: str) -> int:
+    from .storage import opened_study
+
+    with opened_study(url, name) as study:
+        return _print_summary(study)
+
+
+def _print_summary(study: Any) -> int:
+    from .arms import load_control
     from .metrics import study_metric_name
-    from .storage import load_study, open_storage
     from .vocab import best_trial
 
-    study = load_study(open_storage(url), name)
     trials = study.get_trials(deepcopy=False)
     best = best_trial(trials)
     if best is None:
         print("no trial completed", file=sys.stderr)
         return 1
     print(f"best: trial {best.number} {study_metric_name(study)} {best.value:.4f} base_lr={best.params['base_lr']:.3g} head_lr={best.params['head_lr']:.3g} decay={best.params['decay']:.3f}")
-    from .arms import load_control
-
     control = load_control(study)
     c = best_trial(control.get_trials(deepcopy=False)) if control is not None else None
     if c is not None:

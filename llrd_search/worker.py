@@ -45,7 +45,7 @@ from .compat import rdb_of, storage_of, study_id, trial_id
 from .exceptions import RepeatedFailureError
 from .resilience import count_states
 from .spec import StudySpec
-from .storage import budget_lock, fail_stale, load_study, open_storage, spec_of
+from .storage import budget_lock, fail_stale, load_study, opened_storage, spec_of
 from .vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,16 @@ def run_worker(
     Ctrl-C and SIGTERM (when called from the main thread) end the current trial as FAIL with reason
     "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
     """
-    bootstrap = open_storage(storage_url)
-    try:
+    with opened_storage(storage_url) as bootstrap:
         study_name = parent_name(bootstrap, study_name)  # a worker pointed at NAME.control joins NAME
         spec = spec_of(load_study(bootstrap, study_name))
-    finally:
-        bootstrap.engine.dispose()
-    storage = open_storage(storage_url, spec, patient=True)  # it opened a moment ago: a failure now is an outage
     poll = poll_seconds if poll_seconds is not None else min(5.0, float(spec.study.heartbeat_interval))
     ran = 0
     last_error: str | None = None
     repeats = 0
     last_reap = -float("inf")
-    try:
+    # It opened a moment ago: a failure now is an outage (patient).
+    with opened_storage(storage_url, spec, patient=True) as storage:
         study = load_study(storage, study_name, spec, worker_index)
         with budget_lock(storage, study_id(study)):
             control = ensure_control_arm(storage, study, spec, worker_index)
@@ -275,9 +272,6 @@ def run_worker(
                     heartbeat.stop()
                 if on_trial_end is not None:
                     on_trial_end(study, storage.get_trial(trial_id(trial)))
-    finally:
-        storage.remove_session()
-        storage.engine.dispose()
 
 
 @contextlib.contextmanager
