@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli_search import Progress, best_value
+from .console import Progress, best_value
 from .exceptions import LLRDSearchError
 from .local_workers import run_local_workers, threads_per_worker
 
