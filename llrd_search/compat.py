@@ -44,7 +44,7 @@ def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage | None:
     return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
-def stale_trial_ids(storage: optuna.storages.RDBStorage, study_id_: int) -> list[int]:
+def stale_ids(storage: optuna.storages.RDBStorage, study_id_: int) -> list[int]:
     """Ids of the study's RUNNING trials whose heartbeat is older than the grace period."""
     return storage._get_stale_trial_ids(study_id_)
 

@@ -29,7 +29,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from .compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_trial_ids, study_id, trial_id, trial_table
+from .compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_ids, study_id, trial_id, trial_table
 from .exceptions import StorageError
 from .vocab import ATTR_PREFIX, RETRY_OF_ATTR
 
@@ -187,7 +187,7 @@ def fail_stale(study: optuna.Study) -> list[int]:
     storage = rdb_of(study)
     if storage is None or storage.heartbeat_interval is None:
         return []
-    stale = set(stale_trial_ids(storage, study_id(study)))
+    stale = set(stale_ids(storage, study_id(study)))
     horizon = datetime.now() - timedelta(seconds=max(300, 5 * (storage.grace_period or 0)))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     beating = _trials_with_heartbeat(storage, [trial_id(t) for t in running])

@@ -40,7 +40,7 @@ def test_stale_trial_query_and_tables(tmp_path):
         rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=60, grace_period=120)
     study = optuna.create_study(storage=rdb, study_name="h")
     study.ask()
-    assert compat.stale_trial_ids(compat.rdb_of(study), compat.study_id(study)) == []  # just started: none stale
+    assert compat.stale_ids(compat.rdb_of(study), compat.study_id(study)) == []  # just started: none stale
     rdb.engine.dispose()
     assert {"trial_id", "study_id", "state"} <= set(compat.trial_table().c.keys()), "optuna's TrialModel table changed"
     assert {"trial_id", "heartbeat"} <= set(compat.heartbeat_table().c.keys()), "optuna's TrialHeartbeatModel table changed"
