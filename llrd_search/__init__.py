@@ -23,6 +23,12 @@ _LAZY = {
     "trial_seed": "llrd_search.user_objective",
     "arm_of": "llrd_search.arms",
     "study_metric_name": "llrd_search.metrics",
+    # The search layer: what the CLI calls, for scripts of your own.
+    "create": "llrd_search.search",
+    "run": "llrd_search.search",
+    "join": "llrd_search.search",
+    "status": "llrd_search.search",
+    "summary": "llrd_search.search",
 }
 
 __all__ = ["__version__", *_LAZY]

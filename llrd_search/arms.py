@@ -21,11 +21,11 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
+from .compat import storage_of
 from .exceptions import SpecError
 from .spec import Range, SpaceSection, StudySpec
+from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR
 
-ARM_ATTR = "llrd:arm"
-PARENT_ATTR = "llrd:arm_of"
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
 
@@ -109,7 +109,10 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
 
     Call under the parent's budget lock: whoever creates it enqueues its points, exactly once.
     """
-    from .storage import BUDGET_ATTR, create_study, make_pruner, make_sampler
+    from .pruners import make_pruner
+    from .sampling import make_sampler
+    from .storage import create_study
+    from .vocab import BUDGET_ATTR
 
     if not spec.has_control_arm:
         return None
@@ -121,7 +124,7 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
         study.set_user_attr(PARENT_ATTR, parent.study_name)
     if parent.user_attrs.get(ARM_ATTR) != LLRD:
         parent.set_user_attr(ARM_ATTR, LLRD)
-        parent.set_user_attr("llrd:control_study", cspec.study.name)
+        parent.set_user_attr(CONTROL_STUDY_ATTR, cspec.study.name)
     # The worker's own sampler (seeded per worker, like the parent's) and the guarded pruner.
     study.sampler = make_sampler(cspec, worker_index)
     study.pruner = make_pruner(cspec)
@@ -141,10 +144,10 @@ def load_control(study: optuna.Study) -> optuna.Study | None:
     """The control arm of ``study`` from the same storage, or None when it has none."""
     name = control_name(study.study_name)
     try:
-        study._storage.get_study_id_from_name(name)
+        storage_of(study).get_study_id_from_name(name)
     except KeyError:
         return None
-    return optuna.load_study(study_name=name, storage=study._storage)
+    return optuna.load_study(study_name=name, storage=storage_of(study))
 
 
 def parent_name(storage: optuna.storages.BaseStorage, study_name: str) -> str:

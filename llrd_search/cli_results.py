@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cli_search import Progress, best_value
+from .console import Progress, best_value
 from .exceptions import LLRDSearchError
 from .local_workers import run_local_workers, threads_per_worker
 
@@ -33,14 +33,13 @@ def _confirm_workers(args: argparse.Namespace, threads: int) -> Callable[[str], 
 
     def run(name: str) -> None:
         from .metrics import study_metric_name
-        from .storage import load_study, open_storage
+        from .storage import opened_study
+        from .vocab import BUDGET_ATTR, finished_count
 
-        storage = open_storage(args.storage)
-        study = load_study(storage, name)
-        budget = int(study.user_attrs["llrd:n_trials"])
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
-        progress = Progress(budget, done, best_value(study), study_metric_name(study))
-        storage.engine.dispose()
+        with opened_study(args.storage, name) as study:
+            budget = int(study.user_attrs[BUDGET_ATTR])
+            done = finished_count(study.get_trials(deepcopy=False))
+            progress = Progress(budget, done, best_value(study), study_metric_name(study))
         try:
             from .confirm import retry_hook
             from .user_objective import pick_objective

@@ -32,6 +32,7 @@ linked study; asking for less never discards runs: the stored K and S are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +41,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .arms import ARM_ATTR, CONTROL, LLRD, load_control
+from .arms import CONTROL, LLRD, load_control
+from .compat import study_id
 from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
-from .objective import SEED_ATTR
 from .spec import Range, SpaceSection, StudySpec
 from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
-from .storage import BUDGET_ATTR, budget_lock, create_study, load_study, open_storage, spec_of
+from .storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
+from .vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
+from .vocab import CONFIRM_ATTR as META_ATTR
+from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
+from .vocab import CONFIRM_REP_ATTR as REP_ATTR
+from .vocab import SWEEP_ATTR as SWEEP_ATTR
 
 __all__ = ["parse_decays", "sweep_summary", "t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
 
@@ -57,12 +63,7 @@ def t95(df: float) -> float:
 SEED_OFFSET = 100_000
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile (the report's binomial interval)
 SUFFIX = ".confirm"
-META_ATTR = "llrd:confirm"
-SOURCE_ATTR = "llrd:confirm_of"
-REP_ATTR = "llrd:confirm_rep"
-SWEEP_ATTR = "llrd:sweep"  # the ξ of a decay-sweep run (absent on other confirmation runs)
 SWEEP = "sweep"
-PARAMS = ("base_lr", "head_lr", "decay")
 _ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -131,8 +132,7 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
     """Create (or extend) the linked study and queue every missing run. Runs nothing."""
     if top < 1 or seeds < 1:
         raise LLRDSearchError(f"--top and --seeds must be >= 1 (got --top {top} --seeds {seeds})")
-    storage = open_storage(url)
-    try:
+    with opened_storage(url) as storage:
         source = load_study(storage, study_name)
         if META_ATTR in source.user_attrs:
             origin = json.loads(source.user_attrs[META_ATTR])["source_study"]
@@ -187,8 +187,6 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
         return Plan(study_name, name, [k for k in meta["sources"] if not _is_sweep(k)], want_s, created, note)
-    finally:
-        storage.engine.dispose()
 
 
 def _is_sweep(src: Any) -> bool:
@@ -220,8 +218,7 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
     The winner is the confirmed best mean (the search's best when no confirmation run finished),
     chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
     """
-    storage = open_storage(url)
-    try:
+    with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))
         meta = json.loads(linked.user_attrs[META_ATTR])
         sweep = meta.get("sweep")
@@ -241,8 +238,6 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
         return sweep
-    finally:
-        storage.engine.dispose()
 
 
 def _meta(storage: optuna.storages.BaseStorage, name: str, strict: bool = True) -> dict[str, Any] | None:
@@ -271,7 +266,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
     """
     meta = json.loads(linked.user_attrs[META_ATTR])
     seeds = meta["seeds"]
-    with budget_lock(storage, linked._study_id):
+    with budget_lock(storage, study_id(linked)):
         trials = linked.get_trials(deepcopy=False)
         added = 0
         for src in meta["sources"]:
@@ -284,7 +279,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
             held = {int(t.user_attrs.get(REP_ATTR, -1)) for t in mine if t.state in _ACTIVE}
             missing = [rep for rep in range(seeds) if rep not in held][: max(0, seeds - active)]
             for rep in missing:
-                attrs = {SOURCE_ATTR: src, REP_ATTR: rep, "llrd:enqueued": "confirm",
+                attrs = {SOURCE_ATTR: src, REP_ATTR: rep, ENQUEUED_ATTR: "confirm",
                          ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
                 if "seed_base" in meta:
                     attrs[SEED_ATTR] = meta["seed_base"] + rep
@@ -305,11 +300,8 @@ def retry_hook(url: str, study_name: str) -> Callable[[optuna.Study, FrozenTrial
 
     def hook(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
-            storage = open_storage(url)
-            try:
+            with opened_storage(url) as storage:
                 top_up(storage, load_study(storage, study_name))
-            finally:
-                storage.engine.dispose()
 
     return hook
 
@@ -357,13 +349,8 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
     ``own`` (True for the winner's own ξ: its confirmation runs), ``accuracies``, ``by_seed``,
     ``mean``, ``std``, ``n``, ``n_failed``.
     """
-    own = isinstance(storage, str)
-    store = open_storage(storage) if own else storage
-    try:
+    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
         linked = _linked(store, study_name)
-    finally:
-        if own:
-            store.engine.dispose()
     if linked is None or "sweep" not in linked[0]:
         return None
     meta, trials = linked
@@ -379,13 +366,8 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
 
 
 def _rows(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    own = isinstance(storage, str)
-    store = open_storage(storage) if own else storage
-    try:
+    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
         return _all_rows(store, study_name)
-    finally:
-        if own:
-            store.engine.dispose()
 
 
 def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
@@ -451,11 +433,8 @@ def verdict(summary: list[dict]) -> dict[str, Any] | None:
 
 
 def _pending(url: str, name: str) -> int:
-    storage = open_storage(url)
-    try:
-        trials = load_study(storage, name).get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-    finally:
-        storage.engine.dispose()
+    with opened_study(url, name) as study:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     return len(trials)
 
 
@@ -486,9 +465,6 @@ def _run_rounds(url: str, name: str, run_workers: Callable[[str], None], max_rou
         if not _pending(url, name):
             break  # all done: do not load a model for nothing
         run_workers(name)
-        storage = open_storage(url)
-        try:
+        with opened_storage(url) as storage:
             if top_up(storage, load_study(storage, name)) == 0:
                 break
-        finally:
-            storage.engine.dispose()

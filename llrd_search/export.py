@@ -26,10 +26,10 @@ from optuna.trial import TrialState
 
 from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
 from .metrics import study_metric_name
-from .storage import load_study, mask_url, open_storage, spec_of
+from .storage import load_study, mask_url, opened_storage, spec_of
+from .vocab import PARAMS
 
 FORMAT_VERSION = 1
-PARAMS = ("base_lr", "head_lr", "decay")
 CONVENTION = (
     "Layer-wise LR decay (Sun et al. 2019). With L encoder layers numbered 0 (bottom) to L-1 (top), "
     "layer i trains at base_lr * decay ** (L - 1 - i), so base_lr is the top layer's LR; the embeddings "
@@ -126,12 +126,9 @@ def export_config(url: str, study_name: str) -> dict[str, Any]:
     """Build the export document for ``study_name`` (after confirmation when it exists)."""
     from .confirm import confirmation_summary
 
-    storage = open_storage(url)
-    try:
+    with opened_storage(url) as storage:
         study = load_study(storage, study_name)
         return build_config(study, url, confirmation_summary(storage, study_name))
-    finally:
-        storage.engine.dispose()
 
 
 def render(config: dict[str, Any], fmt: str = "json") -> str:

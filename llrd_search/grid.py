@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 
 import optuna
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import TrialState
 
+from .compat import LazyRandomState, storage_of, study_id
 from .spec import Range, SpaceSection, StudySpec
-
-PARAMS = ("base_lr", "head_lr", "decay")
+from .vocab import PARAMS
 
 
 def grid_values(space: SpaceSection) -> dict[str, list[float]] | None:
@@ -66,7 +65,7 @@ class FleetGridSampler(optuna.samplers.GridSampler):
 
     def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
         visited, running = set(), set()
-        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        for t in storage_of(study).get_all_trials(study_id(study), deepcopy=False):
             if "grid_id" not in t.system_attrs or not self._same_search_space(t.system_attrs["search_space"]):
                 continue
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):

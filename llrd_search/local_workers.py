@@ -176,6 +176,8 @@ class _TrialMonitor:
         self._thread.start()
 
     def _run(self) -> None:
+        from .storage import close_storage
+
         try:
             while True:
                 stopping = self._stop.wait(self.every)
@@ -186,7 +188,7 @@ class _TrialMonitor:
                 if stopping:
                     return
         finally:
-            self._storage.engine.dispose()
+            close_storage(self._storage)
 
     def _poll(self, study: Any) -> None:
         from .arms import arm_trials

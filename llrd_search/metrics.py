@@ -74,7 +74,7 @@ def study_metric_name(study: Any) -> str:
     names = getattr(study, "metric_names", None)
     if names:
         return str(names[0])
-    from .storage import SPEC_ATTR
+    from .vocab import SPEC_ATTR
 
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw:

@@ -19,13 +19,12 @@ from .metrics import check_metric
 from .param_groups import build_param_groups, group_table
 from .spec import SpaceSection, StudySpec
 from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
+from .vocab import SEED_ATTR
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("base_lr", "head_lr", "decay")
 # A confirmation run's training seed, set when it is queued: run i of every configuration trains
 # with the same seed, so configurations are compared on paired seeds.
-SEED_ATTR = "llrd:seed"
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Pruners that never leave a study (an arm) without a COMPLETE trial.
+"""Pruners that never leave a study (an arm) without a COMPLETE trial, and the study file's choice of one.
 
 Hyperband compares a trial against its bracket; in a small arm (the ξ = 1 control gets a quarter of
 the budget) it can prune every trial, and the arm then has no best to compare with. These
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from .spec import StudySpec
 
 
 class _KeepOneComplete:
@@ -25,3 +27,14 @@ class GuardedHyperbandPruner(_KeepOneComplete, optuna.pruners.HyperbandPruner):
 
 class GuardedMedianPruner(_KeepOneComplete, optuna.pruners.MedianPruner):
     """MedianPruner that prunes nothing until its study has a COMPLETE trial."""
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    # Intermediate steps are evaluation indices (1, 2, ...), so resources are "evaluations".
+    n_evals = spec.train.epochs * spec.train.evals_per_epoch
+    # Guarded: nothing is pruned until the study (each arm) has a COMPLETE trial, so no arm ends empty.
+    if spec.study.pruner == "hyperband" and n_evals >= 3:
+        return GuardedHyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
+    if spec.study.pruner in ("median", "hyperband"):
+        return GuardedMedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()

@@ -26,7 +26,7 @@ from .exceptions import LLRDSearchError
 from .metrics import study_metric_name
 from .plots import TrialInfo, lr_profile, param_importances, trial_infos
 from .stats import sweep_interval, welch_threshold
-from .storage import close_storage, load_study, mask_url, open_storage, spec_of
+from .storage import load_study, mask_url, opened_storage, spec_of
 from .summary import PAPER_TABLE4, arms_section, summary_data, sweep_section
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         raise LLRDSearchError(f"--out: cannot write into folder {out}: {err.strerror}; pick a writable folder") from None
     os.close(fd)
     os.unlink(probe)
-    storage = open_storage(storage_url)
-    try:
+    with opened_storage(storage_url) as storage:
         study = load_study(storage, study_name)
         try:
             spec = spec_of(study)
@@ -290,8 +289,6 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
 
         paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None
         importances, importance_why = param_importances(study, trials)
-    finally:
-        close_storage(storage)
     best = best_trial(trials)
     if best is None:
         log.warning("study '%s' has no complete trial yet: the report shows trial states only", study_name)

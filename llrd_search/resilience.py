@@ -29,7 +29,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from .compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_ids, study_id, trial_id, trial_table
 from .exceptions import StorageError
+from .vocab import ATTR_PREFIX, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def retrying(call: Callable[..., Any], seconds: Callable[[], float]) -> Callable
 
 _NOT_RETRIED = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 # Private methods Optuna's cache layer (which every Study wraps around the storage) calls directly.
-_PRIVATE_RETRIED = {"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials", "_get_stale_trial_ids"}
+_PRIVATE_RETRIED = set(CACHE_PRIVATE_METHODS)
 
 
 def _with_retries(cls: type) -> type:
@@ -160,8 +162,8 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
         if len(history) > max_retries:
             return
         system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
-        user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith("llrd:")}
-        user_attrs["llrd:retry_of"] = trial.number
+        user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith(ATTR_PREFIX)}
+        user_attrs[RETRY_OF_ATTR] = trial.number
         study.add_trial(
             optuna.create_trial(
                 state=TrialState.WAITING,
@@ -175,12 +177,6 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
     return callback
 
 
-def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage | None:
-    """The study's RDBStorage (Optuna wraps it in a cache layer), or None for other storages."""
-    storage = getattr(study._storage, "_backend", study._storage)
-    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
-
-
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail trials whose worker stopped heart-beating and re-queue them; returns their numbers.
 
@@ -191,26 +187,26 @@ def fail_stale(study: optuna.Study) -> list[int]:
     storage = rdb_of(study)
     if storage is None or storage.heartbeat_interval is None:
         return []
-    stale = set(storage._get_stale_trial_ids(study._study_id))
+    stale = set(stale_ids(storage, study_id(study)))
     horizon = datetime.now() - timedelta(seconds=max(300, 5 * (storage.grace_period or 0)))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beating = _trials_with_heartbeat(storage, [t._trial_id for t in running])
+    beating = _trials_with_heartbeat(storage, [trial_id(t) for t in running])
     for t in running:
-        if t._trial_id not in beating and t.datetime_start is not None and t.datetime_start < horizon:
-            stale.add(t._trial_id)
+        if trial_id(t) not in beating and t.datetime_start is not None and t.datetime_start < horizon:
+            stale.add(trial_id(t))
     reaped = []
     for t in running:
-        if t._trial_id not in stale:
+        if trial_id(t) not in stale:
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker lost: no heartbeat within the grace period (killed, preempted or out of memory?)")
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                reaped.append(t._trial_id)
+            storage.set_trial_user_attr(trial_id(t), "fail_reason", "worker lost: no heartbeat within the grace period (killed, preempted or out of memory?)")
+            if storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
+                reaped.append(trial_id(t))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # it finished (or another worker reaped it) meanwhile
     callback = storage.get_heartbeat_stale_trial_callback()
-    for trial_id in reaped:
-        frozen = storage.get_trial(trial_id)
+    for row_id in reaped:
+        frozen = storage.get_trial(row_id)
         log.warning("trial %d: worker lost, marked FAIL%s", frozen.number, " and re-queued" if callback else "")
         if callback is not None:
             callback(study, frozen)
@@ -220,11 +216,10 @@ def fail_stale(study: optuna.Study) -> list[int]:
 def _trials_with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
     if not trial_ids:
         return set()
-    from optuna.storages._rdb.models import TrialHeartbeatModel
-
     def query() -> set[int]:
         with storage.engine.connect() as conn:
-            rows = conn.execute(TrialHeartbeatModel.__table__.select().where(TrialHeartbeatModel.trial_id.in_(trial_ids)))
+            table = heartbeat_table()
+            rows = conn.execute(table.select().where(table.c.trial_id.in_(trial_ids)))
             return {r.trial_id for r in rows}
 
     return retrying(query, lambda: getattr(storage, "retry_seconds", 0.0))()
@@ -233,10 +228,8 @@ def _trials_with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[
 def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
     """Trials per state in one small query: it runs under the budget lock on every ask, where
     loading every trial (``study.get_trials``) would grow with the study and stall the fleet."""
-    from optuna.storages._rdb.models import TrialModel
-
     def query() -> dict[TrialState, int]:
-        table = TrialModel.__table__
+        table = trial_table()
         stmt = select(table.c.state, func.count()).where(table.c.study_id == study_id).group_by(table.c.state)
         with storage.engine.connect() as conn:
             counts = {TrialState[str(getattr(state, "name", state))]: n for state, n in conn.execute(stmt)}

@@ -1,4 +1,5 @@
 """Per-trial seeding: every worker of a fleet samples different points, with no flag to set.
+(:func:`make_sampler` builds the study file's sampler this way.)
 
 A sampler seeded once per worker makes every worker started with the same command propose the
 same points (they all draw from one seed). Instead, :class:`TrialSeededSampler` builds the real
@@ -22,6 +23,8 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
+
+from .spec import StudySpec
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -68,3 +71,20 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         # Seeds come from the trial number; Optuna's optimize() calls this per thread, and a
         # random reseed would break reproducibility for nothing.
         pass
+
+
+def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded per trial from (study.seed, trial number) (see :mod:`sampling`):
+    workers started with the same command still sample different points, and trial i gets the same
+    random point whichever worker runs it. ``worker_index`` is accepted for old callers and unused."""
+    return TrialSeededSampler(lambda seed: _base_sampler(spec, seed), spec.study.seed)
+
+
+def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    if spec.study.sampler == "grid":
+        from .grid import FleetGridSampler
+
+        return FleetGridSampler(spec.space, grid_seed=spec.study.seed, worker_seed=seed)
+    if spec.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)))

@@ -7,11 +7,13 @@ wins the creation, never per worker. Passwords never leave this module unmasked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .compat import study_id
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
 from .metrics import set_study_metric
-from .pruners import GuardedHyperbandPruner, GuardedMedianPruner
+from .pruners import make_pruner
 from .resilience import (
     RETRY_SECONDS,
     RETRY_STATS,
@@ -34,17 +37,15 @@ from .resilience import (
 )
 from .resilience import budget_lock as budget_lock  # re-exported: workers import it from here
 from .resilience import fail_stale as fail_stale
-from .sampling import TrialSeededSampler
+from .sampling import make_sampler
 from .spec import PAPER_POINTS, StudySpec, parse_spec
+from .vocab import BUDGET_ATTR, ENQUEUED_ATTR, FINGERPRINT_ATTR, FINISHED_STATES, SPEC_ATTR
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # We drive heartbeats ourselves around ask/tell (see worker.py), which Optuna warns about.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-SPEC_ATTR = "llrd:spec"
-FINGERPRINT_ATTR = "llrd:fingerprint"
-BUDGET_ATTR = "llrd:n_trials"
 
 
 def mask_url(url: str) -> str:
@@ -197,9 +198,29 @@ def _reason(err: Exception, url: str) -> str:
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Return the thread's session and close every pooled connection (each holds a server slot)."""
+    if hasattr(storage, "remove_session"):
+        storage.remove_session()
     engine = getattr(storage, "engine", None)
     if engine is not None:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def opened_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False) -> Iterator[optuna.storages.RDBStorage]:
+    """:func:`open_storage`, closed again on leaving the block, however it is left."""
+    storage = open_storage(url, spec, patient=patient)
+    try:
+        yield storage
+    finally:
+        close_storage(storage)
+
+
+@contextlib.contextmanager
+def opened_study(url: str, name: str) -> Iterator[optuna.Study]:
+    """The study ``name`` in ``url``, its storage closed again on leaving the block."""
+    with opened_storage(url) as storage:
+        yield load_study(storage, name)
 
 
 def spec_of(study: optuna.Study) -> StudySpec:
@@ -209,34 +230,6 @@ def spec_of(study: optuna.Study) -> StudySpec:
     spec = parse_spec(json.loads(raw), source=f"spec stored in study '{study.study_name}'")
     spec.study.n_trials = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
     return spec
-
-
-def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded per trial from (study.seed, trial number) (see :mod:`sampling`):
-    workers started with the same command still sample different points, and trial i gets the same
-    random point whichever worker runs it. ``worker_index`` is accepted for old callers and unused."""
-    return TrialSeededSampler(lambda seed: _base_sampler(spec, seed), spec.study.seed)
-
-
-def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    if spec.study.sampler == "grid":
-        from .grid import FleetGridSampler
-
-        return FleetGridSampler(spec.space, grid_seed=spec.study.seed, worker_seed=seed)
-    if spec.study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)))
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    # Intermediate steps are evaluation indices (1, 2, ...), so resources are "evaluations".
-    n_evals = spec.train.epochs * spec.train.evals_per_epoch
-    # Guarded: nothing is pruned until the study (each arm) has a COMPLETE trial, so no arm ends empty.
-    if spec.study.pruner == "hyperband" and n_evals >= 3:
-        return GuardedHyperbandPruner(min_resource=1, max_resource=n_evals, reduction_factor=3)
-    if spec.study.pruner in ("median", "hyperband"):
-        return GuardedMedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
 
 
 def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials: int | None = None) -> tuple[optuna.Study, bool]:
@@ -258,7 +251,7 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     except SQLAlchemyError as err:
         raise StorageError(f"--storage: cannot create the study in {_where(storage.url)}: {_reason(err, storage.url)}") from None
     # A create running beside this one may be writing the same study: decide and write under its lock.
-    with budget_lock(storage, study._study_id):
+    with budget_lock(storage, study_id(study)):
         attrs = study.user_attrs
         if SPEC_ATTR in attrs:
             _resume(spec, storage, study, json.loads(attrs[SPEC_ATTR]), budget)
@@ -284,8 +277,8 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
         raise StudyConflictError(
             f"study.name: study '{name}' exists with a different spec ({diff}); give the changed search a new study.name, or revert the change"
         )
-    counts = count_states(storage, study._study_id)
-    finished = counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED]
+    counts = count_states(storage, study_id(study))
+    finished = sum(counts[s] for s in FINISHED_STATES)
     if budget < finished:
         raise StudyConflictError(
             f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
@@ -303,7 +296,7 @@ def _check_half_made(spec: StudySpec, study: optuna.Study, attrs: dict[str, Any]
     """Raise unless ``study`` is what an interrupted :func:`create_study` of ``spec`` leaves."""
     name = spec.study.name
     ours = set(attrs) <= {FINGERPRINT_ATTR, BUDGET_ATTR} and all(
-        t.state == optuna.trial.TrialState.WAITING and "llrd:enqueued" in t.user_attrs for t in study.get_trials(deepcopy=False)
+        t.state == optuna.trial.TrialState.WAITING and ENQUEUED_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)
     )
     if not ours:
         raise StudyConflictError(f"study.name: a study '{name}' exists in the storage but was not made by llrd-search; pick another name")
@@ -324,7 +317,7 @@ def _complete(spec: StudySpec, study: optuna.Study, budget: int) -> None:
     queued = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
     for point in spec.initial_points()[:budget]:
         if point not in queued:
-            study.enqueue_trial(point, user_attrs={"llrd:enqueued": _origin(point)})
+            study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: _origin(point)})
     study.set_user_attr(SPEC_ATTR, stored_spec_json(spec))
 
 

@@ -41,14 +41,15 @@ from .arms import (
     ensure_control_arm,
     parent_name,
 )
+from .compat import rdb_of, storage_of, study_id, trial_id
 from .exceptions import RepeatedFailureError
-from .resilience import count_states, rdb_of
+from .resilience import count_states
 from .spec import StudySpec
-from .storage import BUDGET_ATTR, budget_lock, fail_stale, load_study, open_storage, spec_of
+from .storage import budget_lock, fail_stale, load_study, opened_storage, spec_of
+from .vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); a later run fills this slot"
 
 
@@ -66,9 +67,9 @@ class Budget:
 
 
 def budget_of(study: optuna.Study, total: int) -> Budget:
-    counts = count_states(rdb_of(study), study._study_id)
+    counts = count_states(rdb_of(study), study_id(study))
     return Budget(
-        finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED],
+        finished=sum(counts[s] for s in FINISHED_STATES),
         running=counts[TrialState.RUNNING],
         waiting=counts[TrialState.WAITING],
         failed=counts[TrialState.FAIL],
@@ -168,21 +169,18 @@ def run_worker(
     Ctrl-C and SIGTERM (when called from the main thread) end the current trial as FAIL with reason
     "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
     """
-    bootstrap = open_storage(storage_url)
-    try:
+    with opened_storage(storage_url) as bootstrap:
         study_name = parent_name(bootstrap, study_name)  # a worker pointed at NAME.control joins NAME
         spec = spec_of(load_study(bootstrap, study_name))
-    finally:
-        bootstrap.engine.dispose()
-    storage = open_storage(storage_url, spec, patient=True)  # it opened a moment ago: a failure now is an outage
     poll = poll_seconds if poll_seconds is not None else min(5.0, float(spec.study.heartbeat_interval))
     ran = 0
     last_error: str | None = None
     repeats = 0
     last_reap = -float("inf")
-    try:
+    # It opened a moment ago: a failure now is an outage (patient).
+    with opened_storage(storage_url, spec, patient=True) as storage:
         study = load_study(storage, study_name, spec, worker_index)
-        with budget_lock(storage, study._study_id):
+        with budget_lock(storage, study_id(study)):
             control = ensure_control_arm(storage, study, spec, worker_index)
         arms = {LLRD: study, **({CONTROL: control} if control is not None else {})}
         spaces = {LLRD: distributions(spec.space), CONTROL: distributions(control_spec(spec, 1).space) if control else {}}
@@ -194,7 +192,7 @@ def run_worker(
                 # Waiting for the lock can be interrupted; once it is held, a signal is held until the
                 # trial is inside the try below, whose KeyboardInterrupt branch marks it FAIL.
                 with contextlib.ExitStack() as held:
-                    with budget_lock(storage, study._study_id):
+                    with budget_lock(storage, study_id(study)):
                         held.enter_context(signals.deferred(raise_pending=False))
                         # Staleness takes grace_period seconds to arise: reaping once per heartbeat
                         # interval is as good as on every ask, and keeps the locked section short.
@@ -221,7 +219,7 @@ def run_worker(
                                 trial.set_user_attr(ARM_ATTR, arm)
                     # A trial with no heartbeat yet is never reaped early (fail_stale), so the first
                     # beat can be written after the lock is released.
-                    heartbeat = _Heartbeat(storage, trial._trial_id, spec.study.heartbeat_interval) if trial else None
+                    heartbeat = _Heartbeat(storage, trial_id(trial), spec.study.heartbeat_interval) if trial else None
                 if trial is None or heartbeat is None:  # (heartbeat is None exactly when trial is)
                     signals.check()
                     if running == 0:
@@ -273,10 +271,7 @@ def run_worker(
                 finally:
                     heartbeat.stop()
                 if on_trial_end is not None:
-                    on_trial_end(study, storage.get_trial(trial._trial_id))
-    finally:
-        storage.remove_session()
-        storage.engine.dispose()
+                    on_trial_end(study, storage.get_trial(trial_id(trial)))
 
 
 @contextlib.contextmanager
@@ -308,7 +303,7 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
             trial.set_user_attr(key, val)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    if (rdb_of(study) or study._storage).get_trial(trial._trial_id).state.is_finished():
+    if (rdb_of(study) or storage_of(study)).get_trial(trial_id(trial)).state.is_finished():
         log.warning("trial %d was marked stale while it ran (storage unreachable too long?); its retry will run", trial.number)
         return False
     if state == TrialState.COMPLETE:

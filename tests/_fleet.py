@@ -20,7 +20,7 @@ import psutil
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from llrd_search.objective import PARAMS
+from llrd_search.vocab import PARAMS
 
 
 def env() -> dict[str, str]:

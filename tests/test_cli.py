@@ -9,7 +9,8 @@ import pytest
 
 from llrd_search.cli import build_parser, main
 from llrd_search.spec import load_spec
-from llrd_search.storage import BUDGET_ATTR, SPEC_ATTR, open_storage
+from llrd_search.storage import open_storage
+from llrd_search.vocab import BUDGET_ATTR, SPEC_ATTR
 
 
 def _study(path):

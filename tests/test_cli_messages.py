@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llrd_search import cli_search, report
+from llrd_search import report, search
 from llrd_search.cli import main
 from llrd_search.exceptions import NoCompleteTrialError
 from llrd_search.spec import load_spec
@@ -23,7 +23,7 @@ def _empty_study(write_study, tmp_path):
 
 
 def test_ctrl_c_during_create_does_not_claim_trials_were_marked(write_study, monkeypatch, capsys):
-    monkeypatch.setattr(cli_search, "_preflight", _interrupt)
+    monkeypatch.setattr(search, "preflight", _interrupt)
     assert main(["create", str(write_study())]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "interrupted: no trial had started; run the same command again to finish creating the study"

@@ -8,7 +8,8 @@ import pytest
 from llrd_search.cli import main
 from llrd_search.grid import cap_budget, grid_size
 from llrd_search.spec import load_spec
-from llrd_search.storage import BUDGET_ATTR, open_storage
+from llrd_search.storage import open_storage
+from llrd_search.vocab import BUDGET_ATTR
 
 RANGES = (
     "base_lr = { low = 1e-4, high = 1e-3, log = true }",

@@ -8,7 +8,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from llrd_search.cli_search import Progress
+from llrd_search.console import Progress
 from llrd_search.local_workers import _TrialMonitor
 from llrd_search.storage import open_storage
 

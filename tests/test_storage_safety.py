@@ -19,7 +19,8 @@ from llrd_search.cli import main
 from llrd_search.exceptions import StorageError
 from llrd_search.objective import suggest
 from llrd_search.spec import load_spec
-from llrd_search.storage import SPEC_ATTR, create_study, load_study, open_storage, spec_of
+from llrd_search.storage import create_study, load_study, open_storage, spec_of
+from llrd_search.vocab import SPEC_ATTR
 
 
 @pytest.fixture(scope="module")

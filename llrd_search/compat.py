@@ -1,0 +1,63 @@
+"""Every use of Optuna's private names, in one place.
+
+llrd-search needs a few things Optuna does not publish: a study's and a trial's storage ids, the
+RDB storage under the cache layer a Study wraps around it, the stale-trial query, the SQL tables
+(for one-query counts and heartbeat checks), the private storage methods that cache layer calls,
+and the grid sampler's internals. Each is one small function or name here; tests/test_compat.py
+fails, naming the attribute, when an Optuna release moves one. pyproject.toml bounds optuna to the
+releases the suite has run against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState as LazyRandomState  # grid.py: per-worker choice
+
+# Private storage methods that Optuna's cache layer (around every Study's storage) calls directly,
+# so resilience.py wraps them in retries like the public ones.
+CACHE_PRIVATE_METHODS = ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials", "_get_stale_trial_ids")
+
+# What grid.FleetGridSampler overrides or reads on optuna.samplers.GridSampler.
+GRID_PRIVATE_NAMES = ("_get_unvisited_grid_ids", "_same_search_space", "_n_min_trials", "_rng")
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's row id in the storage (what storage methods and the budget lock take)."""
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The trial's row id in the storage (not its number, which counts within the study)."""
+    return trial._trial_id
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage the study was loaded with (Optuna's cache layer around an RDB storage)."""
+    return study._storage
+
+
+def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The study's RDBStorage (Optuna wraps it in a cache layer), or None for other storages."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def stale_ids(storage: optuna.storages.RDBStorage, study_id_: int) -> list[int]:
+    """Ids of the study's RUNNING trials whose heartbeat is older than the grace period."""
+    return storage._get_stale_trial_ids(study_id_)
+
+
+def trial_table() -> Any:
+    """The SQL table of trials (id, study_id, state, ...)."""
+    from optuna.storages._rdb.models import TrialModel
+
+    return TrialModel.__table__
+
+
+def heartbeat_table() -> Any:
+    """The SQL table of trial heartbeats (trial_id, heartbeat)."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    return TrialHeartbeatModel.__table__

@@ -1,0 +1,146 @@
+"""What a person watching a search sees: one line per finished trial, the progress bar (a rich bar
+on a terminal, plain lines otherwise), and the watcher that prints a run's stages as they happen."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # optuna is imported when first needed: `llrd-search --help` stays quick
+    from .search import Created, Launch
+
+
+def short_metric(metric: str) -> str:
+    return "acc" if metric == "accuracy" else metric
+
+
+def trial_line(t: Any, metric: str = "acc") -> str:
+    from optuna.trial import TrialState
+
+    from .vocab import ARM_ATTR
+
+    p = t.params
+    acc = f"{metric}={t.value:.4f}" if t.value is not None else f"{metric}=-"
+    lr = f"base_lr={p.get('base_lr', float('nan')):.2e} head_lr={p.get('head_lr', float('nan')):.2e} decay={p.get('decay', float('nan')):.3f}"
+    extra = f" ({t.user_attrs.get('fail_reason')})" if t.state == TrialState.FAIL else ""
+    secs = t.user_attrs.get("wall_seconds")
+    took = f" in {secs:.0f}s" if secs else ""
+    arm = "control " if t.user_attrs.get(ARM_ATTR) == "control" else ""
+    return f"{arm}trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
+
+
+def best_value(study: Any) -> float | None:
+    from .vocab import best_trial
+
+    best = best_trial(study.get_trials(deepcopy=False))
+    return best.value if best is not None else None
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class Progress:
+    """Trials done/total, best metric value, ETA; a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc"):
+        self.total, self.done, self.best, self.metric = total, done, best, metric
+        self.t0 = time.time()
+        self.start_done = done
+        self.reported: set[tuple[str, int]] = set()
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[best]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.task = self.bar.add_task("trials", total=total, completed=done, best=self._best())
+            self.step_task = self.bar.add_task("current trial", total=1, completed=0, best="", visible=False)
+            self.bar.start()
+
+    def _best(self) -> str:
+        return f"best {self.metric} {self.best:.4f}" if self.best is not None else f"best {self.metric} -"
+
+    def step(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.step_task, total=total, completed=step, visible=True)
+
+    def update(self, done: int, best: float | None, line: str | None = None) -> None:
+        self.done, self.best = done, best
+        if self.bar is not None:
+            if line:
+                self.bar.console.print(line, highlight=False)
+            self.bar.update(self.task, completed=done, best=self._best())
+        elif line:
+            rate = (time.time() - self.t0) / max(1, done - self.start_done)
+            eta = rate * max(0, self.total - done)
+            print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+
+    def trial(self, study: Any, trial: Any) -> None:
+        """Report a finished trial of ``study`` (either arm, any worker's), each exactly once.
+
+        The count is this object's own: one more for each COMPLETE or PRUNED trial reported. Read
+        from the storage instead, two trials finishing between two reports both printed the count
+        after the second (``[9/12]`` twice). Trials are keyed by arm: each arm numbers its own."""
+        from .arms import arm_of
+        from .vocab import is_finished
+
+        key = (arm_of(trial), trial.number)
+        if key in self.reported:
+            return
+        self.reported.add(key)
+        if is_finished(trial.state):
+            self.done += 1
+        self.update(self.done, best_value(study), trial_line(trial, self.metric))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def print_created(c: Created) -> None:
+    """What ``create`` and ``run`` say once the study exists (all on stderr)."""
+    from .storage import mask_url
+
+    if c.note:
+        say(f"note: {c.note}")
+    if c.control_study is not None:
+        say(f"control arm: {c.control_trials} of {c.budget} trials tune plain fine-tuning (ξ = 1) in study '{c.control_study}'")
+    say(f"{'created' if c.created else 'resumed'} study '{c.study_name}' in {mask_url(c.url)}")
+
+
+class RunConsole:
+    """The :class:`search.Watcher` of ``llrd-search run``: stage lines, then the progress bar."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+
+    def created(self, c: Created) -> None:
+        print_created(c)
+
+    def started(self, launch: Launch) -> None:
+        w, t = launch.workers, launch.threads
+        if launch.remaining > 0:
+            say(f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
+        self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric))
+
+    def step(self, step: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.step(step, total)
+
+    def trial(self, study: Any, trial: Any) -> None:
+        if self.progress is not None:
+            self.progress.trial(study, trial)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()

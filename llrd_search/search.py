@@ -1,0 +1,322 @@
+"""The search layer: create, run, join and read a study, as typed calls.
+
+The CLI parses its arguments, calls one of these and prints what comes back; a user's own script
+calls them the same way (``from llrd_search import run``). Each call opens the storage it needs and
+closes it again. What a run shows while it works goes to a :class:`Watcher` (the CLI's prints and
+draws the progress bar; :class:`Quiet`, the default, shows nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Created:
+    """A study made (or found, and resumed) in its storage."""
+
+    study_name: str
+    url: str
+    created: bool
+    budget: int
+    finished: int
+    note: str | None = None  # the budget was capped to the grid's size
+    control_study: str | None = None  # the control arm's study, when the search has one
+    control_trials: int = 0  # of the budget, the trials the control arm tunes
+
+
+@dataclass
+class Launch:
+    """The local workers a run starts, and where the study stands when they start."""
+
+    workers: int
+    threads: int
+    where: str  # "on cpu", "on cuda", or "running my_objective.py"
+    budget: int
+    finished: int
+    best: float | None
+    metric: str
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.finished
+
+
+@dataclass
+class Best:
+    """A study's (or its control arm's) best COMPLETE trial."""
+
+    trial: int
+    value: float
+    params: dict[str, float]
+
+
+@dataclass
+class Summary:
+    """A study's best trial by its metric, and its control arm's best (unconfirmed)."""
+
+    metric: str
+    best: Best | None
+    control_best: Best | None
+
+
+@dataclass
+class RunResult:
+    created: Created
+    summary: Summary
+
+
+class Watcher(Protocol):
+    """What a run reports while it works, in this order: created, started, then step and trial
+    (from whichever worker) until the budget is spent, then close (always)."""
+
+    def created(self, c: Created) -> None: ...
+    def started(self, launch: Launch) -> None: ...
+    def step(self, step: int, total: int) -> None: ...
+    def trial(self, study: Any, trial: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class Quiet:
+    """A :class:`Watcher` that shows nothing."""
+
+    def created(self, c: Created) -> None: ...
+    def started(self, launch: Launch) -> None: ...
+    def step(self, step: int, total: int) -> None: ...
+    def trial(self, study: Any, trial: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def storage_url(study_file: str | Path, spec: Any, storage: str | None = None) -> str:
+    """``storage``, else the study file's ``study.storage``, else a SQLite file beside it."""
+    from .spec import default_storage
+
+    return storage or spec.study.storage or default_storage(study_file)
+
+
+def preflight(spec: Any) -> Any:
+    """Load data, tokenizer and model and map the LR groups before anything is written to storage,
+    so a bad study file or dataset fails with one line and leaves no half-made study behind.
+    Returns the built-in objective, loaded."""
+    from .exceptions import ModelError
+    from .objective import Objective
+    from .param_groups import build_param_groups
+    from .train import fresh_model
+
+    if spec.model.trust_remote_code:
+        logging.getLogger("llrd_search").warning(
+            "model.trust_remote_code = true: every worker runs Python code from the repository of '%s' "
+            "when it loads the model; use it only for a repository you trust", spec.model.name
+        )
+    objective = Objective(spec)
+    try:
+        build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
+    except ModelError as err:
+        raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
+    if spec.train.objective:  # a study naming a broken objective is not created
+        from .user_objective import load_objective
+
+        load_objective(spec.train.objective, "train.objective")
+    return objective
+
+
+def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_file: str | Path = "") -> Created:
+    """Create (or resume) the study of a loaded ``spec`` in ``url``, with its control arm."""
+    from .arms import arm_trials, control_target, ensure_control_arm
+    from .compat import study_id
+    from .grid import cap_budget
+    from .storage import budget_lock, create_study, opened_storage, shareable_url
+    from .vocab import BUDGET_ATTR, finished_count
+
+    if spec.study.storage and shareable_url(spec.study.storage)[1]:
+        # Never stored in the study (see storage.stored_spec_json), but study files get shared and committed.
+        log.warning("%s: study.storage holds a password; put it in PGPASSWORD or ~/.pgpass instead", study_file)
+    _budget, note = cap_budget(spec, n_trials or spec.study.n_trials)
+    with opened_storage(url) as storage:
+        study, created = create_study(spec, storage, n_trials)
+        with budget_lock(storage, study_id(study)):
+            control = ensure_control_arm(storage, study, spec)
+        budget = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
+        finished = sum(finished_count(ts) for ts in arm_trials(study).values())
+    return Created(
+        study_name=spec.study.name, url=url, created=created, budget=budget, finished=finished, note=note,
+        control_study=control.study_name if control is not None else None,
+        control_trials=control_target(spec.study.control_fraction, budget) if control is not None else 0,
+    )
+
+
+def create(study_file: str | Path, *, storage: str | None = None, n_trials: int | None = None) -> Created:
+    """Check the study file, its data and model, then create (or resume) its study."""
+    from .spec import load_spec
+
+    spec = load_spec(study_file)
+    preflight(spec)
+    return create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+
+
+def run(
+    study_file: str | Path,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    watch: Watcher | None = None,
+) -> RunResult:
+    """Create (or resume) the study, run it with local workers until its budget is spent, and
+    return its best trials. ``workers``/``threads``: ``--workers``/``--threads`` (None: chosen)."""
+    from .local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
+    from .spec import load_spec
+    from .train import set_threads
+
+    watch = watch or Quiet()
+    spec = load_spec(study_file)
+    objective = preflight(spec)
+    created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+    watch.created(created)
+    url, name = created.url, spec.study.name
+    if spec.train.objective:
+        # The user's training code picks its own threads and device: one worker unless asked.
+        from .user_objective import load_objective
+
+        workers = workers or workers_from_env() or 1
+        objective = load_objective(spec.train.objective, "train.objective")
+    else:
+        workers = choose_workers(workers, objective, created.budget - created.finished)
+    threads = threads_per_worker(workers, threads)
+    set_threads(threads)
+    where = f"on {objective.device.type}" if hasattr(objective, "device") else f"running {spec.train.objective}"
+    best, metric = _best_and_metric(url, name)
+    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric))
+    if hasattr(objective, "on_step"):
+        objective.on_step = watch.step
+    try:
+        from .worker import run_worker
+
+        if workers <= 1:
+            run_worker(url, name, objective_factory=lambda _spec: objective, on_trial_end=watch.trial)
+        else:
+            in_process = lambda: run_worker(url, name, objective_factory=lambda _spec: objective)  # noqa: E731
+            run_local_workers(url, name, workers, threads, watch.trial, in_process=in_process)
+    finally:
+        watch.close()
+    return RunResult(created, summary(url, name))
+
+
+def _best_and_metric(url: str, name: str) -> tuple[float | None, str]:
+    from .metrics import study_metric_name
+    from .storage import opened_study
+    from .vocab import best_trial
+
+    with opened_study(url, name) as study:
+        best = best_trial(study.get_trials(deepcopy=False))
+        return (best.value if best is not None else None), study_metric_name(study)
+
+
+def summary(url: str, name: str) -> Summary:
+    """The study's best trial and its control arm's (unconfirmed)."""
+    from .arms import load_control
+    from .metrics import study_metric_name
+    from .storage import opened_study
+    from .vocab import best_trial
+
+    def as_best(t: Any) -> Best | None:
+        return Best(t.number, t.value, dict(t.params)) if t is not None else None
+
+    with opened_study(url, name) as study:
+        control = load_control(study)
+        return Summary(
+            metric=study_metric_name(study),
+            best=as_best(best_trial(study.get_trials(deepcopy=False))),
+            control_best=as_best(best_trial(control.get_trials(deepcopy=False))) if control is not None else None,
+        )
+
+
+def join(storage: str, study: str, *, worker_index: int = 0, objective: str | None = None, on_trial_end: Any = None) -> int:
+    """Join ``study`` as one worker and run trials until its budget is spent; returns how many this
+    worker ran. ``objective``: a ``path.py:function`` to train with instead of the study's."""
+    from .worker import run_worker
+
+    factory = None
+    if objective:
+        from .user_objective import load_objective
+
+        user = load_objective(objective, "--objective")  # a bad path fails before joining the study
+        factory = lambda _spec: user  # noqa: E731
+    return run_worker(storage, study, worker_index=worker_index, objective_factory=factory, on_trial_end=on_trial_end)
+
+
+@dataclass
+class BestTrial:
+    trial: int
+    value: float
+    accuracy: float | None  # kept for scripts from before train.metric: the value when it is an accuracy
+    params: dict[str, float]
+    train_examples_per_second: float | None
+
+
+@dataclass
+class Running:
+    trial: int
+    arm: str
+    worker: str | None
+    params: dict[str, float]
+
+
+@dataclass
+class Status:
+    """Counts by state (``states``: the LLRD arm; ``arms``: each arm's), budget, best, running trials."""
+
+    study: str
+    storage: str
+    metric: str
+    budget: int
+    finished: int
+    states: dict[str, int]
+    arms: dict[str, dict[str, Any]]
+    compute_seconds: float
+    best: BestTrial | None
+    running: list[Running] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status(url: str, name: str) -> Status:
+    """Where study ``name`` stands: one read of the storage, closed again."""
+    from optuna.trial import TrialState
+
+    from .arms import CONTROL, arm_of, arm_trials
+    from .metrics import study_metric_name
+    from .storage import mask_url, opened_study
+    from .vocab import BUDGET_ATTR, best_trial, finished_count, state_counts
+
+    with opened_study(url, name) as study:
+        metric = study_metric_name(study)
+        trials = study.get_trials(deepcopy=False)
+        by_arm = arm_trials(study)
+        budget = int(study.user_attrs.get(BUDGET_ATTR, 0))
+    best = best_trial(trials)
+    seconds = sum(t.user_attrs.get("wall_seconds", 0) for t in trials)
+    arms = {arm: {"finished": finished_count(ts), "states": state_counts(ts)} for arm, ts in by_arm.items()}
+    if CONTROL in arms:  # the budget is study-wide: the parent's counts alone are the LLRD arm's
+        seconds += sum(t.user_attrs.get("wall_seconds", 0) for t in by_arm[CONTROL])
+    running = [t for ts in ([trials, by_arm[CONTROL]] if CONTROL in arms else [trials]) for t in ts if t.state == TrialState.RUNNING]
+    return Status(
+        study=name,
+        storage=mask_url(url),
+        metric=metric,
+        budget=budget,
+        finished=sum(a["finished"] for a in arms.values()),
+        states=state_counts(trials),
+        arms=arms,
+        compute_seconds=round(seconds, 1),
+        best=None if best is None else BestTrial(best.number, best.value, best.value if metric == "accuracy" else None,
+                                                 best.params, best.user_attrs.get("train_examples_per_second")),
+        running=[Running(t.number, arm_of(t), t.user_attrs.get("worker"), t.params) for t in running],
+    )
