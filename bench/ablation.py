@@ -56,7 +56,7 @@ def main() -> None:
     spec = parse_spec({
         "study": {"name": "ablation", "n_trials": 1},
         "model": {"name": "sentence-transformers/all-MiniLM-L6-v2", "max_length": 128},
-        "data": {"path": str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"), "train_limit": 2000},
+        "data": {"path": str(Path(__file__).resolve().parents[1] / "studies" / "data" / "sst2"), "train_limit": 2000},
         "train": {"epochs": 1, "batch_size": 32},
         "space": {"base_lr": [1e-4], "head_lr": [1e-3], "decay": [0.9]},
     })

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "datasets" / "sst2"
+SST2 = REPO / "studies" / "data" / "sst2"  # shipped in the repo (studies/data/README.md)
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SPACE = {"base_lr": [1e-5, 3e-4, True], "head_lr": [1e-5, 3e-3, True], "decay": [0.6, 1.0, False]}
 FIXED = {"base_lr": 1e-4, "head_lr": 1e-3, "decay": 0.9}

@@ -237,13 +237,7 @@ def plot_history(trials: Sequence[TrialInfo], path: Path, *, metric: str = "accu
     ys = list(np.maximum.accumulate([t.value for t in finished]))
     last = max(t.number for t in trials)  # carry the line to the newest trial, whatever its state
     ax.step([*xs, last], [*ys, ys[-1]], where="post", color="crimson", label="best so far")
-    ax.set_xlabel("trial number")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"Optimization history ({len(finished)} complete, {len(pruned)} pruned)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_integer_axes(fig, ax, path, "trial number", f"validation {metric}", f"Optimization history ({len(finished)} complete, {len(pruned)} pruned)")
     return None
 
 
@@ -272,14 +266,20 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path, *, metric: str
         ax.plot([], [], color="grey", alpha=0.5, label="pruned")
     if best is not None:
         ax.plot([], [], color="black", lw=2.6, label=f"thick: best (trial {best.number})")
-    ax.set_xlabel("evaluation index (evaluations at equal intervals over training)")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"Learning curves of {len(complete)} complete and {len(curves) - len(complete)} pruned trial(s)")
+    _finish_integer_axes(fig, ax, path, "evaluation index (evaluations at equal intervals over training)", f"validation {metric}",
+                         f"Learning curves of {len(complete)} complete and {len(curves) - len(complete)} pruned trial(s)")
+    return None
+
+
+def _finish_integer_axes(fig: plt.Figure, ax: plt.Axes, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, integer x ticks (trial numbers, evaluation indices), legend and grid; then save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     _save(fig, path)
-    return None
 
 
 def plot_importance(importances: dict[str, float], n_trials: int, path: Path, *, metric: str = "accuracy") -> str | None:
