@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> None:
-    for key in ("workers", "n_trials", "threads"):
+    # Before any command starts (`train` draws its bar first); the search layer checks them again for scripts.
+    for key in ("workers", "n_trials", "threads", "top", "seeds", "epochs", "train_limit"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")

@@ -1,10 +1,13 @@
 """What a person watching a search sees: one line per finished trial, the progress bar (a rich bar
-on a terminal, plain lines otherwise), and the watcher that prints a run's stages as they happen."""
+on a terminal, plain lines otherwise), the watchers that print a run's (or a confirmation's) stages
+as they happen, and the step bar of ``llrd-search train``."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # optuna is imported when first needed: `llrd-search --help` stays quick
@@ -118,20 +121,17 @@ def print_created(c: Created) -> None:
     say(f"{'created' if c.created else 'resumed'} study '{c.study_name}' in {mask_url(c.url)}")
 
 
-class RunConsole:
-    """The :class:`search.Watcher` of ``llrd-search run``: stage lines, then the progress bar."""
+class ProgressConsole:
+    """A :class:`search.Watcher` that draws the progress bar of each batch of trials it is shown
+    (``confirm``: one per round of runs) and prints nothing else."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
 
-    def created(self, c: Created) -> None:
-        print_created(c)
+    def created(self, c: Created) -> None: ...
 
     def started(self, launch: Launch) -> None:
-        w, t = launch.workers, launch.threads
-        if launch.remaining > 0:
-            say(f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
-        self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric))
+        self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric)
 
     def step(self, step: int, total: int) -> None:
         if self.progress is not None:
@@ -144,3 +144,39 @@ class RunConsole:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+
+class RunConsole(ProgressConsole):
+    """The :class:`search.Watcher` of ``llrd-search run``: stage lines, then the progress bar."""
+
+    def created(self, c: Created) -> None:
+        print_created(c)
+
+    def started(self, launch: Launch) -> None:
+        w, t = launch.workers, launch.threads
+        if launch.remaining > 0:
+            say(f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
+        self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric))
+
+
+@contextlib.contextmanager
+def step_progress(description: str = "training") -> Iterator[Callable[[int, int], None]]:
+    """An ``on_step`` callback for one long training run (``llrd-search train``): a rich bar on a
+    terminal, a line every 10 % otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        task = bar.add_task(description, total=None)
+        with bar:
+            yield lambda step, total: bar.update(task, completed=step, total=total)
+        return
+    shown = {-1}
+
+    def line(step: int, total: int) -> None:
+        tenth = step * 10 // max(1, total)
+        if tenth not in shown:
+            shown.add(tenth)
+            print(f"{description}: step {step}/{total} ({tenth * 10} %)", file=sys.stderr, flush=True)
+
+    yield line

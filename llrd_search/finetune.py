@@ -7,11 +7,9 @@ of the final model and tokenizer (``id2label`` in its config) plus ``metrics.jso
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +127,3 @@ def train_from_config(
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-@contextlib.contextmanager
-def step_progress(description: str = "training") -> Iterator[Callable[[int, int], None]]:
-    """An ``on_step`` callback: a rich bar on a terminal, a line every 10 % otherwise."""
-    if sys.stderr.isatty():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        task = bar.add_task(description, total=None)
-        with bar:
-            yield lambda step, total: bar.update(task, completed=step, total=total)
-        return
-    shown = {-1}
-
-    def line(step: int, total: int) -> None:
-        tenth = step * 10 // max(1, total)
-        if tenth not in shown:
-            shown.add(tenth)
-            print(f"{description}: step {step}/{total} ({tenth * 10} %)", file=sys.stderr, flush=True)
-
-    yield line

@@ -1,5 +1,5 @@
-"""The report's figures, drawn with matplotlib (Agg: no display needed) from plain trial records
-(:class:`TrialInfo`, read once from the study by :func:`trial_infos`).
+"""The report's figures: bare matplotlib ``Figure`` objects (no pyplot: no display needed, no global
+state changed on import) drawn from plain trial records (:class:`TrialInfo`, read by :func:`trial_infos`).
 
 Each ``plot_*`` function either writes its PNG and returns ``None``, or draws nothing and returns
 the reason it cannot (too few trials, no data), which the report prints in the figure's place.
@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 import optuna
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 XI = "decay ξ"
 BEST_STYLE = {"marker": "*", "s": 260, "facecolor": "none", "edgecolor": "crimson", "linewidths": 1.6, "zorder": 5}
@@ -86,9 +86,13 @@ def param_importances(study: optuna.Study, trials: Sequence[TrialInfo]) -> tuple
     return {k: float(v) for k, v in imp.items()}, None
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _axes(width: float, height: float) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _lr_norm(values: Sequence[float]) -> LogNorm:
@@ -113,7 +117,7 @@ def plot_accuracy_vs_decay(
     if not complete and not pruned:
         return f"{metric} vs ξ needs a finished (complete or pruned) trial"
     norm = _lr_norm([t.params["base_lr"] for t in complete + pruned])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    fig, ax = _axes(7.5, 4.8)
     if interval is not None:
         ax.axvspan(interval[0] - 0.004, interval[1] + 0.004, color="gold", alpha=0.25, lw=0, label="best-ξ interval")
     if pruned:
@@ -130,7 +134,7 @@ def plot_accuracy_vs_decay(
             ax.axhline(top, color="grey", ls=":", lw=1, label=f"best ξ = 1 control: {top:.4f}")
     ax.axvline(1.0, color="grey", ls="--", lw=1, label="no decay (ξ = 1)")
     # A mappable of its own: the pruned points' transparency must not fade the colour bar.
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="base LR (top layer), log scale")
+    fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="base LR (top layer), log scale")
     ax.set_xlabel(f"{XI}  (layer i trains at base LR · ξ^(L−1−i))")
     ax.set_ylabel(f"validation {metric}")
     ax.margins(y=0.1)  # room for the best trial's star under the title
@@ -151,7 +155,7 @@ def plot_decay_lr_map(trials: Sequence[TrialInfo], path: Path, *, metric: str = 
     y = np.log10([t.params["base_lr"] for t in complete])
     z = np.array([t.value for t in complete])
     norm = Normalize(vmin=z.min(), vmax=z.max() if z.max() > z.min() else z.min() + 1e-3)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    fig, ax = _axes(7.5, 4.8)
     how = "points only (too few distinct points to interpolate)"
     try:
         # Triangulation fails on < 3 distinct or collinear points; the scatter alone still says a lot.
@@ -205,7 +209,7 @@ def plot_lr_profile(profile: Sequence[tuple[str, float]], *, base_lr: float, hea
     best = [lr for _name, lr in profile]
     flat = [head_lr if name == "head" else base_lr for name in names]
     pos = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(7.5, 0.45 * len(names) + 2), 4.8), layout="constrained")
+    fig, ax = _axes(max(7.5, 0.45 * len(names) + 2), 4.8)
     ax.bar(pos - 0.2, best, width=0.4, color="tab:blue", label=f"best trial {trial} (ξ = {decay:.3f})")
     ax.bar(pos + 0.2, flat, width=0.4, color="tab:grey", alpha=0.7, label="no decay (ξ = 1), same base and head LR")
     ax.set_yscale("log")
@@ -228,7 +232,7 @@ def plot_history(trials: Sequence[TrialInfo], path: Path, *, metric: str = "accu
     pruned = [t for t in trials if t.state == "PRUNED" and t.last_intermediate is not None]
     if not finished:
         return "the optimization history needs a complete trial"
-    fig, ax = plt.subplots(figsize=(7.5, 4.3), layout="constrained")
+    fig, ax = _axes(7.5, 4.3)
     if pruned:
         ax.scatter([t.number for t in pruned], [t.last_intermediate for t in pruned], color="tab:grey", alpha=0.4, marker="v", s=24,
                    label="pruned (last evaluation)")
@@ -249,8 +253,8 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path, *, metric: str
     decays = [t.params["decay"] for t in curves if t.state == "COMPLETE"] or [0.0, 1.0]
     lo, hi = min(decays), max(decays)
     norm = Normalize(vmin=lo, vmax=hi) if hi > lo else Normalize(vmin=lo - 0.05, vmax=hi + 0.05)
-    cmap = plt.get_cmap("plasma")
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    cmap = colormaps["plasma"]
+    fig, ax = _axes(7.5, 4.5)
     complete = [t for t in curves if t.state == "COMPLETE"]
     best = max(complete, key=lambda t: t.value) if complete else None
     for t in curves:
@@ -261,7 +265,7 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path, *, metric: str
         else:
             ax.plot(steps, values, color=cmap(norm(t.params["decay"])), alpha=0.8, lw=2.6 if t is best else 1.2, marker="o", ms=3.5)
     if complete:
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{XI} of complete trials")
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"{XI} of complete trials")
     if len(complete) < len(curves):
         ax.plot([], [], color="grey", alpha=0.5, label="pruned")
     if best is not None:
@@ -271,7 +275,7 @@ def plot_learning_curves(trials: Sequence[TrialInfo], path: Path, *, metric: str
     return None
 
 
-def _finish_integer_axes(fig: plt.Figure, ax: plt.Axes, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+def _finish_integer_axes(fig: Figure, ax: Axes, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     """Labels, integer x ticks (trial numbers, evaluation indices), legend and grid; then save."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -287,7 +291,7 @@ def plot_importance(importances: dict[str, float], n_trials: int, path: Path, *,
     if not importances:
         return "no importances to plot"
     names = sorted(importances, key=importances.get)
-    fig, ax = plt.subplots(figsize=(6.5, 3.2), layout="constrained")
+    fig, ax = _axes(6.5, 3.2)
     ax.barh(names, [importances[n] for n in names], color="tab:green")
     for i, n in enumerate(names):
         ax.text(importances[n], i, f" {importances[n]:.2f}", va="center", fontsize=9)
@@ -307,7 +311,7 @@ def plot_decay_sweep(rows: Sequence[dict], path: Path, *, interval: tuple[float,
     done = [r for r in rows if r["n"] > 0]
     if not done:
         return "the decay sweep has no finished run yet (run `llrd-search confirm ... --decay-sweep` again to resume)"
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), layout="constrained")
+    fig, ax = _axes(7.5, 4.6)
     if interval is not None:
         ax.axvspan(interval[0] - 0.004, interval[1] + 0.004, color="gold", alpha=0.25, lw=0, label="best-ξ interval (paired t, 95 %)")
     ax.errorbar([r["decay"] for r in done], [r["mean"] for r in done], yerr=[r["std"] for r in done], fmt="o-", color="tab:blue",

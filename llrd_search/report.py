@@ -126,14 +126,6 @@ def _lr(x: float) -> str:
     return f"{x:.2e}"
 
 
-def _confirmation(storage: Any, name: str) -> list[dict] | None:
-    try:
-        from .confirm import confirmation_summary
-    except ImportError:
-        return None
-    return confirmation_summary(storage, name)
-
-
 def _model_layers(spec: Any) -> int | None:
     """Layer count from the model's config on disk (only when no trial stored its LR table)."""
     try:
@@ -280,11 +272,12 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
             spec = None  # an Optuna study made elsewhere: report it all the same, minus the spec lines
         trials = trial_infos(study)
         metric = study_metric_name(study)
-        confirmation = _confirmation(storage, study_name)
+        # Looked up when called (not at import): tests stand in a confirmation_summary of their own.
+        from .confirm import confirmation_summary, control_summary, paired_verdict, sweep_summary
+
+        confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)
         control = best_trial(trial_infos(control_study)) if control_study is not None else None
-        from .confirm import control_summary, paired_verdict, sweep_summary
-
         sweep = sweep_summary(storage, study_name)
 
         paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None

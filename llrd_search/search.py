@@ -1,9 +1,11 @@
 """The search layer: create, run, join and read a study, as typed calls.
 
 The CLI parses its arguments, calls one of these and prints what comes back; a user's own script
-calls them the same way (``from llrd_search import run``). Each call opens the storage it needs and
-closes it again. What a run shows while it works goes to a :class:`Watcher` (the CLI's prints and
-draws the progress bar; :class:`Quiet`, the default, shows nothing).
+calls them the same way (``from llrd_search import run``). What a finished search turns into --
+``confirm``, ``report``, ``export``, ``train`` -- lives in :mod:`results_api` and is re-exported
+here (``search.confirm(...)``). Each call opens the storage it needs and closes it again. What a
+run shows while it works goes to a :class:`Watcher` (the CLI's prints and draws the progress bar;
+:class:`Quiet`, the default, shows nothing).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from .results_api import Confirmation, Exported, Report, Trained, confirm, export, report, train  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,8 @@ class RunResult:
 
 class Watcher(Protocol):
     """What a run reports while it works, in this order: created, started, then step and trial
-    (from whichever worker) until the budget is spent, then close (always)."""
+    (from whichever worker) until the budget is spent, then close (always). ``confirm`` reports
+    started … close once per round of runs, and no created."""
 
     def created(self, c: Created) -> None: ...
     def started(self, launch: Launch) -> None: ...

@@ -242,20 +242,21 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once the socket closes
 
 
-def test_unreachable_storage_names_host_and_port(capsys, write_study):
-    port = _closed_port()
-    url = f"postgresql+psycopg://llrd@127.0.0.1:{port}/llrd"
-    _one_error(capsys, ["run", str(write_study()), "--storage", url], "--storage", f"127.0.0.1:{port}", "is PostgreSQL running", case="unreachable storage")
+# (storage URL, command, what the one line must name); {port}: a port nothing listens on, {tmp}: tmp_path
+BAD_STORAGE = [
+    pytest.param("postgresql+psycopg://llrd@127.0.0.1:{port}/llrd", "run", ("--storage", "127.0.0.1:{port}", "is PostgreSQL running"),
+                 id="unreachable storage"),
+    pytest.param("postgresql+psycopg://llrd@127.0.0.1:{port}/llrd", "worker", ("127.0.0.1:{port}",), id="unreachable storage (worker)"),
+    pytest.param("sqlite:///{tmp}/nope/x.db", "run", ("--storage", "nope"), id="SQLite folder missing"),
+]  # fmt: skip
 
 
-def test_unreachable_storage_for_a_worker(capsys):
-    port = _closed_port()
-    url = f"postgresql+psycopg://llrd@127.0.0.1:{port}/llrd"
-    _one_error(capsys, ["worker", "--storage", url, "--study", "x"], f"127.0.0.1:{port}", case="unreachable storage (worker)")
-
-
-def test_missing_sqlite_folder(capsys, tmp_path, write_study):
-    _one_error(capsys, ["run", str(write_study()), "--storage", f"sqlite:///{tmp_path}/nope/x.db"], "--storage", "nope", case="SQLite folder missing")
+@pytest.mark.parametrize(("url", "command", "must"), BAD_STORAGE)
+def test_storage_that_cannot_be_opened(capsys, tmp_path, write_study, request, url, command, must):
+    fill = {"port": _closed_port(), "tmp": tmp_path}
+    url = url.format(**fill)
+    argv = ["run", str(write_study()), "--storage", url] if command == "run" else ["worker", "--storage", url, "--study", "x"]
+    _one_error(capsys, argv, *(m.format(**fill) for m in must), case=request.node.callspec.id)
 
 
 @pytest.mark.postgres
@@ -265,13 +266,15 @@ def test_wrong_password(capsys, write_study, scram_pg):  # noqa: F811
 
 
 @pytest.mark.postgres
-def test_nonexistent_database(capsys, write_study, pg_url):  # noqa: F811 (pg_url: the server must be up)
-    _one_error(capsys, ["run", str(write_study()), "--storage", url_for("llrd_no_such_db_x")], "llrd_no_such_db_x", "createdb", case="database does not exist")
-
-
-@pytest.mark.postgres
-def test_nonexistent_role(capsys, write_study, pg_url):  # noqa: F811
-    _one_error(capsys, ["run", str(write_study()), "--storage", url_for("postgres", user="llrd_no_such_role")], "llrd_no_such_role", case="role does not exist")
+@pytest.mark.parametrize(
+    ("where", "must"),
+    [
+        pytest.param({"db": "llrd_no_such_db_x"}, ("llrd_no_such_db_x", "createdb"), id="database does not exist"),
+        pytest.param({"db": "postgres", "user": "llrd_no_such_role"}, ("llrd_no_such_role",), id="role does not exist"),
+    ],
+)
+def test_nonexistent_database_or_role(capsys, write_study, pg_url, request, where, must):  # noqa: F811 (pg_url: the server must be up)
+    _one_error(capsys, ["run", str(write_study()), "--storage", url_for(**where)], *must, case=request.node.callspec.id)
 
 
 def test_study_name_exists_with_a_different_spec(capsys, tmp_path, write_study):
@@ -328,16 +331,14 @@ def test_export_out_onto_a_folder(capsys, tmp_path, finished):
     _one_error(capsys, ["export", "--storage", url, "--study", name, "--out", str(tmp_path)], "--out", str(tmp_path), "is a folder", case="export --out onto a folder")
 
 
-def test_export_out_into_a_read_only_folder(capsys, finished, readonly_dir):
-    url, name = finished
-    out = readonly_dir / "best.json"
-    _one_error(capsys, ["export", "--storage", url, "--study", name, "--out", str(out)], "--out", str(out), "cannot write", case="export --out read-only")
-
-
-def test_report_out_into_a_read_only_folder(capsys, finished, readonly_dir):
-    url, name = finished
-    _one_error(capsys, ["report", "--storage", url, "--study", name, "--out", str(readonly_dir)], "--out", str(readonly_dir), "cannot write",
-               case="report --out read-only")  # fmt: skip
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [pytest.param("export", "best.json", id="export --out read-only"), pytest.param("report", "", id="report --out read-only")],
+)
+def test_out_into_a_read_only_folder(capsys, finished, readonly_dir, request, command, name):
+    url, study = finished
+    out = readonly_dir / name  # report: the folder itself
+    _one_error(capsys, [command, "--storage", url, "--study", study, "--out", str(out)], "--out", str(out), "cannot write", case=request.node.callspec.id)
 
 
 EXPORT = {

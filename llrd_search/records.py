@@ -1,0 +1,115 @@
+"""Typed records of what a confirmation and a report hand on: confirmed rows, verdicts, the ξ interval.
+
+:mod:`confirm` and :mod:`report` compute these as plain dicts (their documented return values and
+``summary.json``); the search layer (:mod:`results_api`) turns them into these dataclasses, field
+for field and in the same order, so ``dataclasses.asdict`` gives back the very dict (what
+``confirm --format json`` prints). A key added on one side without the other fails loudly
+(``TypeError``) instead of going missing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Self
+
+
+def _finite(x: Any) -> Any:
+    """NaN (a configuration with no finished run) is not JSON: None instead."""
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+@dataclass(kw_only=True)
+class Runs:
+    """One configuration's finished runs; ``by_seed`` (run index → value) is the pairing across rows."""
+
+    accuracies: list[float]
+    by_seed: dict[int, float]
+    mean: float  # NaN with no finished run
+    std: float  # sample std; 0.0 with one run
+    n: int
+    n_failed: int
+
+    HEAD: ClassVar[tuple[str, ...]] = ()  # the keys that come before the runs' in the dict form
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Self:
+        return cls(**row)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready data, keys in the order confirm has always printed (NaN → None)."""
+        data = {k: _finite(v) for k, v in asdict(self).items()}
+        return {**{k: data.pop(k) for k in self.HEAD}, **data}
+
+
+@dataclass(kw_only=True)
+class ConfirmRow(Runs):
+    """One confirmed configuration (:func:`confirm.confirmation_summary` row; ``arm`` "llrd" or "control")."""
+
+    source_trial: int  # a trial of the search, or of its control arm (``NAME.control``)
+    arm: str
+    params: dict[str, float]
+    search_accuracy: float | None  # the source trial's value in the search
+
+    HEAD: ClassVar[tuple[str, ...]] = ("source_trial", "arm", "params", "search_accuracy")
+
+
+@dataclass(kw_only=True)
+class SweepRow(Runs):
+    """One ξ of the decay sweep (:func:`confirm.sweep_summary` row): the winner's LRs at ``decay``."""
+
+    decay: float
+    base_lr: float
+    head_lr: float
+    winner: int  # the confirm source trial whose LRs are swept
+    own: bool  # the winner's own ξ: these are its confirmation runs
+
+    HEAD: ClassVar[tuple[str, ...]] = ("decay", "base_lr", "head_lr", "winner", "own")
+
+
+@dataclass
+class Verdict:
+    """The winner after confirmation and whether noise could explain its lead (:func:`confirm.verdict`)."""
+
+    winner: int
+    mean: float
+    std: float
+    n: int
+    runner_up: int | None
+    lead: float | None
+    noise: float | None  # the 95 % Welch threshold; None: one run each, noise cannot be judged
+    within_noise: bool | None
+
+
+@dataclass
+class PairedVerdict:
+    """LLRD's confirmed winner minus the confirmed control, seed by seed (:func:`confirm.paired_verdict`)."""
+
+    winner: int
+    control: int
+    gain: float
+    ci95: list[float] | None
+    n_seeds: int
+    p: float | None
+    confirmed: bool
+    text: str
+
+
+@dataclass
+class DecayInterval:
+    """The ξ range the report cannot tell from the best (``summary.json``: decay_interval and its method)."""
+
+    low: float
+    high: float
+    method: str  # "sweep", "seeds", "binomial", "unknown-n" or "not-a-proportion"
+
+
+@dataclass
+class ReportVerdict:
+    """``summary.json``'s verdict: the paired one after ``confirm``, else the arms' unconfirmed bests."""
+
+    gain: float | None
+    ci95: list[float] | None
+    n_seeds: int
+    confirmed: bool
+    text: str

@@ -1,0 +1,307 @@
+"""The search layer's second half: what a finished search turns into, as typed calls.
+
+:func:`confirm` re-runs the best configurations with fresh seeds, :func:`report` writes the plots
+and summaries, :func:`export` the best configuration as a file, :func:`train` fine-tunes with
+that file. Each takes typed arguments and returns a dataclass; the CLI (``cli_results``) only
+parses, calls one of them and prints. :mod:`search` re-exports them, so a script reads
+``from llrd_search import search; search.confirm(...)``. Like the CLI's commands they raise
+:class:`LLRDSearchError` subclasses whose one-line messages name the option to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import LLRDSearchError
+from .records import ConfirmRow, DecayInterval, PairedVerdict, ReportVerdict, SweepRow, Verdict
+
+if TYPE_CHECKING:  # optuna and torch are imported when first needed
+    from .confirm import Plan
+    from .search import Watcher
+
+
+def _at_least_one(**values: int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
+
+
+# --------------------------------------------------------------------------- confirm
+
+
+@dataclass
+class Confirmation:
+    """What ``confirm`` found: the confirmed rows best mean first, the verdict, and the control arm's
+    paired comparison and the decay sweep when there are any."""
+
+    plan: Plan  # the linked study (``plan.study_name``), its configurations and seeds
+    configurations: list[ConfirmRow]
+    verdict: Verdict | None  # None: no confirmation run finished yet
+    control: ConfirmRow | None  # the control arm's best, confirmed with the same seeds
+    paired: PairedVerdict | None  # LLRD vs the control, seed by seed
+    sweep: list[SweepRow] | None  # None without --decay-sweep
+
+    @property
+    def winner(self) -> ConfirmRow | None:
+        if self.verdict is None:
+            return None
+        return next(r for r in self.configurations if r.source_trial == self.verdict.winner)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What ``confirm --format json`` prints."""
+        return {
+            "study": self.plan.study_name,
+            "configurations": [r.as_dict() for r in self.configurations],
+            "verdict": None if self.verdict is None else asdict(self.verdict),
+            "control": self.control.as_dict() if self.control else None,
+            "llrd_vs_control": None if self.paired is None else asdict(self.paired),
+            "decay_sweep": [r.as_dict() for r in self.sweep or []],
+        }
+
+
+def confirm(
+    storage: str,
+    study: str,
+    *,
+    top: int = 3,
+    seeds: int = 5,
+    decay_sweep: str | Sequence[float] | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+    objective: str | None = None,
+    watch: Watcher | None = None,
+) -> Confirmation:
+    """Re-run the ``top`` best configurations of ``study`` with ``seeds`` fresh seeds each (linked
+    study ``STUDY.confirm``; resumes where it stopped) and judge the winner.
+
+    ``decay_sweep``: also re-run the winner's LRs at each ξ ("1.0,0.9" or a list), same seeds.
+    ``workers``: local worker processes; ``objective``: ``module:function`` to train with instead
+    of the study's. ``watch`` sees each round of runs: started, step and trial, then close.
+    """
+    from .confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary
+    from .confirm import verdict as judge
+    from .local_workers import threads_per_worker
+    from .train import set_threads
+
+    _at_least_one(top=top, seeds=seeds, workers=workers)
+    decays = None
+    if decay_sweep is not None:  # before anything is written
+        decays = parse_decays(decay_sweep if isinstance(decay_sweep, str) else ",".join(repr(float(x)) for x in decay_sweep))
+    if objective:  # a bad path fails before the linked study is made
+        from .user_objective import load_objective
+
+        load_objective(objective, "--objective")
+    threads = threads_per_worker(workers, threads)
+    set_threads(threads)
+    run_round = _round_runner(storage, workers, threads, objective, watch)
+    plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays)
+    sweep = sweep_summary(storage, study)
+    control = control_summary(storage, study)
+    v, paired = judge(rows), paired_verdict(rows, control)
+    return Confirmation(
+        plan=plan,
+        configurations=[ConfirmRow.of(r) for r in rows],
+        verdict=Verdict(**v) if v else None,
+        control=ConfirmRow.of(control) if control else None,
+        paired=PairedVerdict(**paired) if paired else None,
+        sweep=[SweepRow.of(r) for r in sweep] if sweep is not None else None,
+    )
+
+
+def _round_runner(storage: str, workers: int, threads: int, objective: str | None, watch: Watcher | None) -> Callable[[str], None]:
+    """Run the linked study's queued runs: in this process (one worker) or ``workers`` local processes."""
+    from .search import Launch, Quiet
+
+    watcher = watch or Quiet()
+
+    def run(name: str) -> None:
+        from .metrics import study_metric_name
+        from .storage import opened_study
+        from .vocab import BUDGET_ATTR, best_trial, finished_count
+
+        with opened_study(storage, name) as linked:
+            trials = linked.get_trials(deepcopy=False)
+            best = best_trial(trials)
+            launch = Launch(workers, threads, f"confirming in '{name}'", int(linked.user_attrs[BUDGET_ATTR]), finished_count(trials),
+                            best.value if best is not None else None, study_metric_name(linked))
+        watcher.started(launch)
+        try:
+            from .confirm import retry_hook
+            from .local_workers import run_local_workers
+            from .user_objective import pick_objective
+            from .worker import run_worker
+
+            hook = retry_hook(storage, name)
+
+            def on_end(study: Any, trial: Any) -> None:
+                hook(study, trial)
+                if workers <= 1:  # with more, a monitor thread reports every worker's trials
+                    watcher.trial(study, trial)
+
+            def worker() -> None:
+                run_worker(storage, name, objective_factory=lambda spec: pick_objective(spec, objective, on_step=watcher.step), on_trial_end=on_end)
+
+            if workers <= 1:
+                worker()
+            else:
+                run_local_workers(storage, name, workers, threads, watcher.trial, in_process=worker, objective=objective)
+        finally:
+            watcher.close()
+
+    return run
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    """The files ``report`` wrote (name → path: html, summary, summary_json and one per figure) and
+    what its ``summary.json`` says."""
+
+    study: str
+    storage: str  # the URL, password masked
+    metric: str
+    files: dict[str, Path]
+    verdict: ReportVerdict
+    decay_interval: DecayInterval | None
+    summary: dict[str, Any] = field(repr=False)  # summary.json as written
+
+    @property
+    def html(self) -> Path:
+        return self.files["html"]
+
+
+def report(storage: str, study: str, out: str | Path) -> Report:
+    """Write ``study``'s plots, ``summary.md``, ``summary.json`` and a self-contained ``report.html`` into ``out``."""
+    import json
+
+    from . import report as reporting
+    from .storage import mask_url
+
+    files = reporting.write_report(storage, study, out)
+    data = json.loads(files["summary_json"].read_text(encoding="utf-8"))
+    v, interval = data["verdict"], data["decay_interval"]
+    return Report(
+        study=study,
+        storage=mask_url(storage),
+        metric=data["metric"],
+        files=files,
+        verdict=ReportVerdict(gain=v["gain"], ci95=v["ci95"], n_seeds=v["n_seeds"], confirmed=v["confirmed"], text=v["text"]),
+        decay_interval=DecayInterval(interval[0], interval[1], data["decay_interval_method"]) if interval else None,
+        summary=data,
+    )
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class Exported:
+    """The best (confirmed) configuration as ``export`` wrote it: the document, its text, the file."""
+
+    config: dict[str, Any]  # the document (see README: trial, metric, base_lr, head_lr, decay, groups, ...)
+    text: str  # rendered as ``format``
+    format: str  # "json" or "yaml"
+    out: Path | None  # the file written; None: nothing written
+
+    @property
+    def trial(self) -> int:
+        return self.config["trial"]
+
+    @property
+    def validation_score(self) -> float:
+        return self.config["validation_score"]
+
+    @property
+    def params(self) -> dict[str, float]:
+        from .vocab import PARAMS
+
+        return {p: self.config[p] for p in PARAMS}
+
+    @property
+    def confirmed(self) -> dict[str, Any] | None:
+        """mean, std, n and accuracies of the confirmation runs; None: chosen by the search alone."""
+        return self.config["confirmed"]
+
+
+def export(storage: str, study: str, *, out: str | Path | None = None, format: str | None = None) -> Exported:
+    """The best configuration of ``study`` (the confirmation winner when there is one), rendered as
+    ``format`` (default: YAML for an ``out`` ending .yaml/.yml, else JSON) and written to ``out`` if given."""
+    from .export import export_config, render
+
+    fmt = format or ("yaml" if out and Path(out).suffix in (".yaml", ".yml") else "json")
+    if fmt not in ("json", "yaml"):
+        raise LLRDSearchError(f"--format: '{fmt}' is not one of json, yaml")
+    path = Path(out) if out else None
+    if path is not None:
+        _check_writable(path)  # before the export loads the model: fail in a second, not a minute
+    config = export_config(storage, study)
+    text = render(config, fmt)
+    if path is not None:
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise LLRDSearchError(f"--out: cannot write {path}: {err.strerror}; pick a writable path") from None
+    return Exported(config, text, fmt, path)
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` names a file we can write: not a folder, in an existing folder that takes files."""
+    if out.is_dir():
+        raise LLRDSearchError(f"--out: {out} is a folder; pass a file name, e.g. {out / 'best.json'}")
+    if not out.parent.is_dir():
+        raise LLRDSearchError(f"--out: folder {out.parent} does not exist")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise LLRDSearchError(f"--out: cannot write {out}: it is read-only; pick a writable path")
+    try:  # the folder's permissions and a read-only mount only show when we try
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".llrd-write-check-")
+    except OSError as err:
+        raise LLRDSearchError(f"--out: cannot write {out}: {err.strerror} (folder {out.parent}); pick a writable path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class Trained:
+    """A model fine-tuned with an exported config and saved in ``out`` (with ``metrics.json``)."""
+
+    out: Path
+    metrics: dict[str, Any] = field(repr=False)  # metrics.json as written
+
+    @property
+    def validation_accuracy(self) -> float:
+        return self.metrics["validation_accuracy"]
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.metrics["test_accuracy"]
+
+
+def train(
+    config: str | Path,
+    out: str | Path,
+    *,
+    epochs: int | None = None,
+    train_limit: int | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Trained:
+    """Fine-tune with an exported ``config`` on all the training data (or ``train_limit`` examples)
+    and save the model, tokenizer and ``metrics.json`` into ``out`` (``force``: even if not empty)."""
+    from .finetune import train_from_config
+    from .train import set_threads
+
+    _at_least_one(epochs=epochs, train_limit=train_limit)
+    set_threads(threads)
+    metrics = train_from_config(config, out, epochs=epochs, train_limit=train_limit, force=force, on_step=on_step)
+    return Trained(Path(out), metrics)
