@@ -105,7 +105,7 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
     """Layer count and usable positions from the model's config, and its tokenizer."""
     from transformers import AutoConfig
 
-    from .train import load_tokenizer, position_limit, resolve_model_path
+    from .model import load_tokenizer, position_limit, resolve_model_path
 
     path = resolve_model_path(name)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
