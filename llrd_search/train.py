@@ -1,10 +1,10 @@
 """The fine-tuning loop of one trial, and the device and precision it runs in.
 
-The loop is deliberately plain PyTorch: fused AdamW over the LLRD groups, linear warmup then linear
-decay applied to every group in proportion, gradient clipping, length-bucketed dynamic padding and
-bf16 autocast where the hardware runs it fast. For the length of a trial, :mod:`llrd_search.fastpath`
-swaps in faster stand-ins for a few modules (see docs/performance.md). The model itself comes from
-:mod:`llrd_search.model`.
+The loop is deliberately plain PyTorch: AdamW over the LLRD groups, linear warmup then linear decay
+applied to every group in proportion, gradient clipping, length-bucketed dynamic padding and bf16
+autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.fastpath.fast_path`
+swaps in faster stand-ins for a few modules and builds the (fused) AdamW (see docs/performance.md).
+The model itself comes from :mod:`llrd_search.model`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fastpath
 from .data import Encoded, TaskData
 from .divergence import DivergenceGuard
 from .exceptions import TrainingError
+from .fastpath import FastPath, fast_path
 from .metrics import score
 
 # Model loading moved to model.py; its names stay importable from here (tests and bench/ use them).
@@ -114,14 +114,6 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a kernel for the device (one pass per tensor instead of ~10)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, foreach=True)
-
-
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -184,35 +176,31 @@ def train_and_evaluate(
     dtype: torch.dtype | None,
     on_eval: Callable[[int, float], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
-    fast: dict[str, bool] | None = None,
+    fast: FastPath | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` with the LLRD ``groups``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
-    :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``{"vocab": False}``.
+    :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``FastPath(vocab_rows=False)``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
-    token_ids = np.append(task.train.ids, pad_id)
-    groups, restore = fastpath.speed_up(model, groups, token_ids, seed=seed, device=device, **(fast or {}))
-    optimizer = make_optimizer(groups)
-    fastpath.bind_optimizer(model, optimizer)
-    before_step = fastpath.before_step(model)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup_ratio))
     eval_every = {min(steps_per_epoch, round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
-    params = [p for g in groups for p in g["params"]]
     # On CPU a finiteness check is free; on a GPU it is a sync, so check in chunks of steps.
     check_every = 1 if device.type == "cpu" else 32
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "num_labels", 2))
+    if fast is None:
+        fast = FastPath()
 
     evals: list[tuple[int, float]] = []
     losses: list[torch.Tensor] = []
     step, examples, train_s, eval_s = 0, 0, 0.0, 0.0
-    try:
+    with fast_path(model, groups, fast, token_ids=np.append(task.train.ids, pad_id), seed=seed, device=device) as run:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, linear_schedule(total, cfg.warmup_ratio))
         for _epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             for i, idx in enumerate(batch_order(task.train.lengths, cfg.batch_size, rng, cfg.length_bucketing), 1):
@@ -223,11 +211,10 @@ def train_and_evaluate(
                 if len(losses) >= check_every or i in eval_every:
                     _check_losses(losses, step + 1 - len(losses), guard)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-                before_step()
-                optimizer.step()
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
+                run.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 examples += len(idx)
                 if on_step:
@@ -244,8 +231,6 @@ def train_and_evaluate(
                         on_eval(step, acc)
                     t0 = time.perf_counter()
             train_s += time.perf_counter() - t0
-    finally:
-        restore()
     best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
     return TrainResult(
         best_score=best,

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from llrd_search import fastpath
 from llrd_search import local_workers as lw
 from llrd_search import train as tr
 from llrd_search.data import load_task_data
 from llrd_search.exceptions import LLRDSearchError, TrainingError
-from llrd_search.fastpath import FastDropout, FusedQKV, TrainVocabEmbedding
+from llrd_search.fastpath import FastDropout, FastPath, TrainVocabEmbedding
+from llrd_search.fused_qkv import FusedQKV
 from llrd_search.param_groups import build_param_groups
 from llrd_search.spec import DataSection, ModelSection, TrainSection
 from llrd_search.train import (
@@ -60,8 +62,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 def test_every_group_keeps_its_ratio_to_the_others_at_every_step(setup, monkeypatch):
     template, task = setup
     made: list[torch.optim.Optimizer] = []
-    real = tr.make_optimizer
-    monkeypatch.setattr(tr, "make_optimizer", lambda groups: made.append(real(groups)) or made[-1])
+    real = fastpath.make_optimizer
+    monkeypatch.setattr(fastpath, "make_optimizer", lambda groups, **kw: made.append(real(groups, **kw)) or made[-1])
     seen: list[list[float]] = []
     _, result = _train(template, task, on_step=lambda step, total: seen.append([g["lr"] for g in made[0].param_groups]))
     initial = [g["initial_lr"] for g in made[0].param_groups]
@@ -135,7 +137,9 @@ def test_workers_env(monkeypatch):
 
 def test_make_optimizer_is_fused_on_cpu():
     p = torch.nn.Parameter(torch.zeros(3))
-    assert tr.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True
+    assert fastpath.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True
+    plain = fastpath.make_optimizer([{"params": [p], "lr": 1e-3}], fused=False).defaults
+    assert (plain["fused"], plain["foreach"]) == (None, True)
 
 
 # --------------------------------------------------------------------------- model copies
@@ -175,7 +179,7 @@ def test_train_vocab_rows_match_dense_adamw_exactly(setup):
     vocab = template.model.get_input_embeddings().num_embeddings
     assert len(np.unique(task.train.ids)) < vocab - 3  # some rows are never seen: the case at stake
     sparse, r1 = _train(template, task)
-    dense, r2 = _train(template, task, fast={"vocab": False})
+    dense, r2 = _train(template, task, fast=FastPath(vocab_rows=False))
     assert r1.evals == r2.evals
     for (name, p), q in zip(sparse.state_dict().items(), dense.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -191,7 +195,7 @@ def test_train_vocab_rows_match_dense_adamw_exactly(setup):
 def test_fused_qkv_trains_like_three_linears(setup):
     template, task = setup
     fused, r1 = _train(template, task)
-    plain, r2 = _train(template, task, fast={"fuse_qkv": False})
+    plain, r2 = _train(template, task, fast=FastPath(fused_qkv=False))
     assert r1.evals == r2.evals
     for (name, p), q in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
@@ -258,8 +262,6 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
 def test_training_attention_is_softmax_dropout_matmul():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from llrd_search import fastpath
-
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
@@ -307,7 +309,7 @@ def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
     task = TaskData(train=enc, validation=enc, test=None, id2label={0: "0", 1: "1"}, fingerprint="t")
     cfg = TrainSection(epochs=1, batch_size=8, evals_per_epoch=1, precision="fp32")
     models = []
-    for fast in ({}, {"vocab": False, "fuse_qkv": False}):
+    for fast in (FastPath(), FastPath(vocab_rows=False, fused_qkv=False)):
         model = copy.deepcopy(base)
         before = [type(m) for m in model.modules()]
         groups = build_param_groups(model, base_lr=1e-3, decay=0.8, head_lr=1e-2, weight_decay=0.01)
