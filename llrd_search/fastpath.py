@@ -3,8 +3,8 @@
 For one training run :func:`fast_path` swaps faster stand-ins into the model and builds the
 optimizer; on leaving it puts the original modules back, holding the trained values. Evaluation
 never runs through a stand-in: in eval mode the full embedding table is read, nothing is dropped
-and attention is SDPA. Each stand-in is a field of :class:`FastPath`; :meth:`FastPath.off` turns
-them all off (the plain transformers modules and foreach AdamW).
+and attention is SDPA. Each stand-in is a field of :class:`FastPath`; ``[train] fast_path = false``
+turns them all off (the plain transformers modules and foreach AdamW).
 
 Exact up to float rounding (the same update in another order of operations; ``tests/test_train.py``
 compares every trained weight with the plain path, across eight encoder families):
@@ -15,8 +15,8 @@ compares every trained weight with the plain path, across eight encoder families
   training data are a parameter. Every other row has a zero gradient at every step, so its AdamW
   update is weight decay alone: a scalar, accrued per step and applied when the table is read.
   MiniLM's 30522-row table is half its parameters.
-* ``fused_qkv`` (:class:`~llrd_search.fused_qkv.FusedQKV`): query, key and value projections as one matmul over one
-  [3d, in] parameter. AdamW is elementwise and the clipping norm a sum of squares.
+* ``fused_qkv`` (:class:`~llrd_search.fused_qkv.FusedQKV`): query, key and value projections as
+  one matmul over one [3d, in] parameter. AdamW is elementwise and the clipping norm a sum of squares.
 
 Not exact: these change the numbers a seed trains (CPU only; CUDA's own kernels are fast):
 
@@ -28,12 +28,12 @@ Not exact: these change the numbers a seed trains (CPU only; CUDA's own kernels 
   ``bernoulli_``). The stand-in multiplies q·kᵀ and p·v in the autocast dtype like every autocast
   matmul, so under bf16 the scores and probabilities are rounded to bf16; softmax stays fp32. Its
   masks come from :class:`FastDropout` (numpy's stream) even with ``numpy_dropout`` off. In fp32
-  it is SDPA's arithmetic but for the mask stream.
+  it matches SDPA to float tolerance, but for the mask stream.
 
-Why the inexact two are on by default: they do not move accuracy. Every stand-in on vs off, same
-seeds, fixed config on SST-2: 0.8268 ± 0.0033 vs 0.8245 ± 0.0087 (``docs/performance.md``,
-``bench/ablation.py --accuracy-seeds 4``), for +8-19 % train examples/s; ``tests/test_train.py``
-bounds the bf16 attention against SDPA.
+Why the inexact two are on by default: together they give +14-19 % train examples/s on a bf16 CPU
+and do not move accuracy. Every stand-in on vs off (fused AdamW in both), same seeds 0-3, fixed config
+on SST-2: 0.8268 ± 0.0033 vs 0.8245 ± 0.0087 (``docs/performance.md``, from ``bench/ablation.py
+--accuracy-seeds 4``). ``tests/test_train.py`` bounds the bf16 attention against SDPA.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FastPath:
 
     @classmethod
     def off(cls) -> FastPath:
-        """Every stand-in off: the model's own modules and foreach AdamW."""
+        """Every stand-in off: the model's own modules and foreach AdamW (``[train] fast_path = false``)."""
         return cls(**{f.name: False for f in fields(cls)})
 
 

@@ -3,8 +3,8 @@
 The loop is deliberately plain PyTorch: AdamW over the LLRD groups, linear warmup then linear decay
 applied to every group in proportion, gradient clipping, length-bucketed dynamic padding and bf16
 autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.fastpath.fast_path`
-swaps in faster stand-ins for a few modules and builds the (fused) AdamW (see docs/performance.md).
-The model itself comes from :mod:`llrd_search.model`.
+swaps in faster stand-ins for a few modules and builds the (fused) AdamW; ``[train] fast_path = false``
+trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.model`.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def train_and_evaluate(
 
     ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
-    :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``FastPath(vocab_rows=False)``.
+    :mod:`llrd_search.fastpath` are on when ``cfg.fast_path`` is; ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -194,7 +194,7 @@ def train_and_evaluate(
     check_every = 1 if device.type == "cpu" else 32
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "num_labels", 2))
     if fast is None:
-        fast = FastPath()
+        fast = FastPath() if cfg.fast_path else FastPath.off()
 
     evals: list[tuple[int, float]] = []
     losses: list[torch.Tensor] = []

@@ -278,6 +278,44 @@ def test_training_attention_is_softmax_dropout_matmul():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["fast_path-true", "fast_path-false"])
+def test_train_fast_path_key_reaches_training(setup, tiny_model_dir, toy_data_dir, monkeypatch, on):
+    """``[train] fast_path`` from the study file, through the objective, decides what trains: with false
+    the model keeps its own modules and attention at every step and AdamW is not fused."""
+    import optuna
+
+    from llrd_search import objective as objective_module
+    from llrd_search.spec import parse_spec
+
+    template, task = setup
+    spec = parse_spec({
+        "study": {"name": "fp", "n_trials": 1},
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "data": {"path": str(toy_data_dir)},
+        "train": {"epochs": 1, "batch_size": 16, "precision": "fp32", "device": "cpu", "fast_path": on},
+        "space": {"base_lr": [1e-3], "head_lr": [1e-2], "decay": [0.5]},
+    })
+    models: list[torch.nn.Module] = []
+    real_fresh = objective_module.fresh_model
+    monkeypatch.setattr(objective_module, "fresh_model", lambda t, seed: models.append(real_fresh(t, seed)) or models[-1])
+    made: list[torch.optim.Optimizer] = []
+    real_make = fastpath.make_optimizer
+    monkeypatch.setattr(fastpath, "make_optimizer", lambda groups, **kw: made.append(real_make(groups, **kw)) or made[-1])
+    seen: list[tuple[set[type], str]] = []
+
+    def look(step: int, total: int) -> None:
+        model = models[-1]
+        seen.append(({type(m) for m in model.modules()}, model.config._attn_implementation))
+
+    objective = objective_module.Objective(spec, task=task, template=template, on_step=look)
+    optuna.create_study(direction="maximize").optimize(objective, n_trials=1)
+    stand_ins = {TrainVocabEmbedding, FusedQKV, FastDropout}
+    assert len(seen) == -(-len(task.train) // 16)
+    for types, attention in seen:
+        assert (types & stand_ins, attention) == ((stand_ins, fastpath.ATTENTION) if on else (set(), "sdpa"))
+    assert made[0].defaults["fused"] is (True if on else None)
+
+
 FAMILIES = {
     "bert": {},
     "roberta": {},
@@ -292,8 +330,9 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
-    """Vocabulary rows and fused q/k/v change no number (dropout masks drawn alike on both sides),
-    and every module is back afterwards, across the supported encoder families."""
+    """Fused AdamW, vocabulary rows and fused q/k/v change no number beyond float rounding (dropout
+    masks drawn alike on both sides), and every module is back afterwards, across the supported
+    encoder families."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from llrd_search.data import Encoded, TaskData
@@ -309,7 +348,7 @@ def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
     task = TaskData(train=enc, validation=enc, test=None, id2label={0: "0", 1: "1"}, fingerprint="t")
     cfg = TrainSection(epochs=1, batch_size=8, evals_per_epoch=1, precision="fp32")
     models = []
-    for fast in (FastPath(), FastPath(vocab_rows=False, fused_qkv=False)):
+    for fast in (FastPath(), FastPath(fused_adamw=False, vocab_rows=False, fused_qkv=False)):
         model = copy.deepcopy(base)
         before = [type(m) for m in model.modules()]
         groups = build_param_groups(model, base_lr=1e-3, decay=0.8, head_lr=1e-2, weight_decay=0.01)
