@@ -278,6 +278,44 @@ def test_training_attention_is_softmax_dropout_matmul():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+class _CountingDropout(FastDropout):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padding-mask"])
+def test_bf16_attention_stand_in_matches_sdpa_in_bf16(padded):
+    """The attention stand-in against torch's SDPA on the same bf16 inputs. Dropout probability 0 in
+    the module (but a dropout rate in the call) takes the stand-in's own path without dropping anything.
+
+    Tolerance: atol = rtol = 2**-5, four bf16 ulps at 1.0. The stand-in rounds the scores q·kᵀ and the
+    probabilities to bf16, which SDPA keeps in fp32; that is one bf16 rounding (2**-8 relative) each,
+    which the softmax of scores up to ~4 and the sum over 29 keys amplify a few times (the largest
+    difference on these seeded inputs is about 2**-6). Ignoring the padding mask moves outputs by ~1.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    batch, heads, length, dim = 3, 4, 29, 32
+    q, k, v = (torch.randn(batch, heads, length, dim).bfloat16() for _ in range(3))
+    mask = None
+    if padded:  # transformers' sdpa mask: bool [batch, 1, query, key], True where a key is a real token
+        real = torch.arange(length)[None, :] < torch.tensor([29, 17, 5])[:, None]
+        mask = real[:, None, None, :].expand(batch, 1, length, length)
+    module = torch.nn.Module().train()
+    module.dropout = _CountingDropout(0.0, np.random.default_rng(0))
+    ours, _ = fastpath.attention(module, q, k, v, mask, dropout=0.1, scaling=dim**-0.5)
+    assert module.dropout.calls == 1  # the stand-in's path ran, not the SDPA it hands other calls to
+    reference = sdpa(q, k, v, attn_mask=mask, scale=dim**-0.5).transpose(1, 2)
+    assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape == (batch, length, heads, dim)
+    torch.testing.assert_close(ours.float(), reference.float(), atol=2**-5, rtol=2**-5)
+    if padded:
+        unmasked = sdpa(q, k, v, scale=dim**-0.5).transpose(1, 2).float()
+        assert (ours.float() - unmasked).abs().max() > 0.25  # the tolerance does tell masked from unmasked
+
+
 @pytest.mark.parametrize("on", [True, False], ids=["fast_path-true", "fast_path-false"])
 def test_train_fast_path_key_reaches_training(setup, tiny_model_dir, toy_data_dir, monkeypatch, on):
     """``[train] fast_path`` from the study file, through the objective, decides what trains: with false
