@@ -67,17 +67,6 @@ class Encoded:
         out["labels"] = torch.from_numpy(self.labels[idx])
         return out
 
-    def subset(self, indices: np.ndarray) -> Encoded:
-        lens = self.lengths[indices]
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) else []
-        return Encoded(
-            ids=self.ids[take],
-            offsets=offsets,
-            labels=self.labels[indices],
-            type_ids=None if self.type_ids is None else self.type_ids[take],
-        )
-
 
 @dataclass
 class TaskData:
