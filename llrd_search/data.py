@@ -1,4 +1,6 @@
-"""Data: load splits, map labels, carve a validation split, tokenize once and cache on disk.
+"""Data: map labels, carve a validation split, tokenize once and cache on disk.
+
+The split files themselves are read by :mod:`llrd_search.splits`.
 
 Tokenized splits are stored as flat int32 arrays plus offsets (``.npz``, no pickle) under a key
 made of the data's content hash, the data section of the spec, the tokenizer and ``max_length``.
@@ -22,11 +24,9 @@ import numpy as np
 from .exceptions import DataError
 from .labels import clean_labels, label_mapping
 from .spec import DataSection
+from .splits import column, load_raw_splits, split_files
 
 log = logging.getLogger(__name__)
-
-SPLIT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
-_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -67,17 +67,6 @@ class Encoded:
         out["labels"] = torch.from_numpy(self.labels[idx])
         return out
 
-    def subset(self, indices: np.ndarray) -> Encoded:
-        lens = self.lengths[indices]
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) else []
-        return Encoded(
-            ids=self.ids[take],
-            offsets=offsets,
-            labels=self.labels[indices],
-            type_ids=None if self.type_ids is None else self.type_ids[take],
-        )
-
 
 @dataclass
 class TaskData:
@@ -93,76 +82,7 @@ class TaskData:
         return len(self.id2label)
 
 
-# --------------------------------------------------------------------------- raw splits
-
-
-def _split_files(folder: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix in SPLIT_SUFFIXES and f.stem not in files:
-            files[f.stem] = f
-    return files
-
-
-def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
-    """Load the splits as ``datasets.Dataset`` objects plus a content fingerprint of the source."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    folder = Path(data.path)
-    if folder.is_dir():
-        files = _split_files(folder)
-        if data.train_split not in files:
-            found = ", ".join(f.name for f in files.values()) or "no csv/json/jsonl/parquet files"
-            raise DataError(
-                f"data.path: no '{data.train_split}' split file in {folder} (found: {found}); "
-                f"name files {data.train_split}.csv / {data.validation_split}.csv / {data.test_split}.csv"
-            )
-        wanted = {s: files[s] for s in (data.train_split, data.validation_split, data.test_split) if s in files}
-        digest = hashlib.sha256()
-        splits = {}
-        for split, f in wanted.items():
-            content = f.read_bytes()
-            digest.update(split.encode() + content)
-            if f.suffix != ".parquet":
-                _check_utf8(content, f)
-            try:
-                splits[split] = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
-            except Exception as err:  # pyarrow / csv parser errors: name the file
-                if "corresponds to no data" in str(err) or not f.read_text(errors="replace").strip():
-                    raise DataError(f"data.path: the {split} split is empty ({f} has no rows)") from None
-                raise DataError(f"data.path: cannot read {f}: {err}") from None
-        return splits, digest.hexdigest()
-    if folder.exists() or data.path.startswith((".", "/", "~")):
-        missing = "" if folder.exists() else ": it does not exist"
-        raise DataError(f"data.path: {data.path} is not a folder{missing} (point it at a folder of split files like train.csv)")
-    # A hub dataset id: the real code path for online users; offline it fails with the hub's message.
-    try:
-        dd = datasets.load_dataset(data.path)
-    except Exception as err:
-        raise DataError(f"data.path: cannot load dataset '{data.path}' from the hub or a local folder: {err}") from None
-    fp = hashlib.sha256(json.dumps({k: v._fingerprint for k, v in dd.items()}, sort_keys=True).encode())
-    return dict(dd), fp.hexdigest()
-
-
-def _check_utf8(content: bytes, f: Path) -> None:
-    """Text split files must be UTF-8; the parser's own error hides the cause behind a generic line."""
-    try:
-        content.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"data.path: {f} is not UTF-8 (byte 0x{content[err.start]:02x} at offset {err.start}); convert it, "
-            f"e.g. iconv -f latin1 -t utf-8 {f} > utf8{f.suffix} and rename that to {f.name}"
-        ) from None
-
-
-def _column(ds: Any, name: str, split: str, key: str) -> list:
-    if name not in ds.column_names:
-        raise DataError(
-            f"data.{key}: column '{name}' not in the {split} split (columns: {', '.join(ds.column_names)}); "
-            f"set data.{key} to one of them"
-        )
-    return ds[name]
+# --------------------------------------------------------------------------- sampling
 
 
 def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -279,10 +199,10 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
     train = raw[data.train_split]
     if len(train) == 0:
         raise DataError(f"data.path: the {data.train_split} split is empty")
-    sources = _split_files(Path(data.path)) if Path(data.path).is_dir() else {}
+    sources = split_files(Path(data.path)) if Path(data.path).is_dir() else {}
 
     def labels_of(ds: Any, split: str) -> list:
-        return clean_labels(_column(ds, data.label, split, "label"), split, data.label, sources.get(split))
+        return clean_labels(column(ds, data.label, split, "label"), split, data.label, sources.get(split))
 
     train_labels = labels_of(train, data.train_split)
     id2label = label_mapping(train_labels)
@@ -314,8 +234,8 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
     encoded: dict[str, Encoded] = {}
     for name, (ds, rows) in splits_rows.items():
         split_name = data.train_split if rows is not None else getattr(data, f"{name}_split")
-        texts = _column(ds, data.text, split_name, "text")
-        pairs = _column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
+        texts = column(ds, data.text, split_name, "text")
+        pairs = column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
         labels = y_train if rows is not None else to_ids(labels_of(ds, split_name), split_name)
         if rows is None:
             rows = np.arange(len(labels))

@@ -66,10 +66,10 @@ def choose(study: optuna.Study, summary: list[dict] | None) -> tuple[optuna.tria
 
 def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[int, str], int]:
     """The LR group table, id2label and L, computed on the study's real (pretrained) model."""
-    from .data import load_raw_splits
     from .labels import clean_labels, label_mapping
+    from .model import load_template
     from .param_groups import build_param_groups, count_layers, group_table
-    from .train import load_template
+    from .splits import load_raw_splits
 
     raw, _ = load_raw_splits(spec.data)
     train = raw[spec.data.train_split]

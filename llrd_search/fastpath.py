@@ -1,30 +1,79 @@
-"""Training-time stand-ins that make a CPU trial faster without changing what is trained.
+"""The training step's speed stand-ins, behind one switch: ``with fast_path(model, groups, options) as run:``.
 
-:func:`speed_up` swaps them into a model for the length of one ``train_and_evaluate`` call and
-returns the function that puts the original modules back, with the trained values:
+For one training run :func:`fast_path` swaps faster stand-ins into the model and builds the
+optimizer; on leaving it puts the original modules back, holding the trained values. Evaluation
+never runs through a stand-in: in eval mode the full embedding table is read, nothing is dropped
+and attention is SDPA. Each stand-in is a field of :class:`FastPath`; ``[train] fast_path = false``
+turns them all off (the plain transformers modules and foreach AdamW).
 
-* :class:`TrainVocabEmbedding`: only the word-embedding rows of tokens in the training data are a
-  parameter. Exact: every other row has a zero gradient at every step, so its AdamW update is weight
-  decay alone, a scalar that is applied lazily. MiniLM's 30522-row table is half its parameters.
-* :class:`FusedQKV`: query, key and value projections as one matmul over one [3d, in] parameter.
-  Exact: AdamW is elementwise and the clipping norm a sum of squares.
-* :class:`FastDropout` (CPU): dropout masks from numpy's PCG64; torch's CPU ``bernoulli_`` took
-  ~40 % of MiniLM's forward pass here. Same distribution, another random stream.
-* attention (CPU, models using the transformers attention interface): with dropout, SDPA falls back
-  to its fp32 math path (upcasting q, k, v, then ``bernoulli_``); ours multiplies q·k and p·v in bf16
-  like every autocast matmul, softmax in fp32, and draws the dropout mask with :class:`FastDropout`.
+Exact up to float rounding (the same update in another order of operations; ``tests/test_train.py``
+compares every trained weight with the plain path, across eight encoder families):
 
-Each is measured in ``docs/performance.md`` (``bench/ablation.py``).
+* ``fused_adamw``: ``torch.optim.AdamW(fused=True)``, one pass per tensor instead of ~10 (foreach
+  where torch has no fused kernel for the device).
+* ``vocab_rows`` (:class:`TrainVocabEmbedding`): only the word-embedding rows of tokens in the
+  training data are a parameter. Every other row has a zero gradient at every step, so its AdamW
+  update is weight decay alone: a scalar, accrued per step and applied when the table is read.
+  MiniLM's 30522-row table is half its parameters.
+* ``fused_qkv`` (:class:`~llrd_search.fused_qkv.FusedQKV`): query, key and value projections as
+  one matmul over one [3d, in] parameter. AdamW is elementwise and the clipping norm a sum of squares.
+
+Not exact: these change the numbers a seed trains (CPU only; CUDA's own kernels are fast):
+
+* ``numpy_dropout`` (:class:`FastDropout`): dropout masks from numpy's PCG64; torch's CPU
+  ``bernoulli_`` took ~40 % of MiniLM's forward pass. Same distribution (p rounded to a multiple of
+  1/65536), another random stream: a seed draws other masks than torch would.
+* ``bf16_attention`` (:func:`attention`; models on the transformers attention interface, while
+  training with dropout): SDPA falls back to its fp32 math path there (upcasting q, k, v, then
+  ``bernoulli_``). The stand-in multiplies q·kᵀ and p·v in the autocast dtype like every autocast
+  matmul, so under bf16 the scores and probabilities are rounded to bf16; softmax stays fp32. Its
+  masks come from :class:`FastDropout` (numpy's stream) even with ``numpy_dropout`` off. In fp32
+  it matches SDPA to float tolerance, but for the mask stream.
+
+Why the inexact two are on by default: together they give +14-19 % train examples/s on a bf16 CPU
+and do not move accuracy. Every stand-in on vs off (fused AdamW in both), same seeds 0-3, fixed config
+on SST-2: 0.8268 ± 0.0033 vs 0.8245 ± 0.0087 (``docs/performance.md``, from ``bench/ablation.py
+--accuracy-seeds 4``). ``tests/test_train.py`` bounds the bf16 attention against SDPA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
+from .fused_qkv import fuse_qkv
+
 ATTENTION = "llrd_sdpa"
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Which stand-ins a training run uses (see the module docstring); all on by default."""
+
+    fused_adamw: bool = True
+    vocab_rows: bool = True
+    numpy_dropout: bool = True
+    bf16_attention: bool = True
+    fused_qkv: bool = True
+
+    @classmethod
+    def off(cls) -> FastPath:
+        """Every stand-in off: the model's own modules and foreach AdamW (``[train] fast_path = false``)."""
+        return cls(**{f.name: False for f in fields(cls)})
+
+
+def make_optimizer(groups: list[dict], *, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a kernel for the device and ``fused`` is asked for, else foreach."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True)
+        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(groups, foreach=True)
 
 
 class TrainVocabEmbedding(torch.nn.Module):
@@ -85,99 +134,6 @@ class FastDropout(torch.nn.Module):
         return x * (bits.view(x.shape) >= self.cut).to(x.dtype).mul_(self.scale)
 
 
-QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"), ("query_proj", "key_proj", "value_proj"))
-
-
-class FusedQKV(torch.nn.Module):
-    """Stands in for a self-attention's ``query`` Linear and owns one [3d, in] weight for query, key
-    and value: called with the same input, the three projections are one matmul (one bf16 cast of the
-    input instead of three). :class:`_QKVPart` stands in for ``key`` and ``value``."""
-
-    def __init__(self, linears: list[torch.nn.Linear]):
-        super().__init__()
-        self.originals = linears  # a plain list: not submodules, their weights are not trained here
-        self.size = linears[0].out_features
-        self.weight = torch.nn.Parameter(torch.cat([m.weight.detach() for m in linears]))
-        self.bias = torch.nn.Parameter(torch.cat([m.bias.detach() for m in linears])) if linears[0].bias is not None else None
-        self._cache: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None = None
-
-    def project(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        cache = self._cache
-        if cache is not None and cache[0] is x and part not in cache[2]:
-            cache[2].add(part)
-            if len(cache[2]) == 3:
-                self._cache = None
-            return cache[1][part]
-        if part == 0:
-            out = torch.nn.functional.linear(x, self.weight, self.bias).split(self.size, dim=-1)
-            self._cache = (x, out, {0})
-            return out[0]
-        rows = slice(part * self.size, (part + 1) * self.size)
-        return torch.nn.functional.linear(x, self.weight[rows], None if self.bias is None else self.bias[rows])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(x, 0)
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        for i, m in enumerate(self.originals):
-            m.weight.copy_(self.weight[i * self.size : (i + 1) * self.size])
-            if self.bias is not None:
-                m.bias.copy_(self.bias[i * self.size : (i + 1) * self.size])
-
-
-class _QKVPart(torch.nn.Module):
-    def __init__(self, fused: FusedQKV, part: int):
-        super().__init__()
-        self.fused, self.part = [fused], part  # a list: the weight is registered once, on FusedQKV
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused[0].project(x, self.part)
-
-
-def _fuse_qkv(model: torch.nn.Module, groups: list[dict]) -> tuple[list[dict], Callable[[], None]]:
-    """Swap :class:`FusedQKV` into every attention with three same-shape q/k/v Linears whose weights
-    (and biases) share an optimizer group. Exact: AdamW is elementwise, the norm a sum of squares."""
-    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-    replace: dict[int, torch.Tensor] = {}  # id(old param) -> fused param (first of three) or None
-    undo: list[Callable[[], None]] = []
-    fused_all: list[FusedQKV] = []
-    for module in list(model.modules()):
-        for names in QKV_NAMES:
-            linears = [getattr(module, n, None) for n in names]
-            if not all(type(m) is torch.nn.Linear for m in linears):
-                continue
-            shapes = {(m.in_features, m.out_features, m.bias is not None, m.weight.dtype) for m in linears}
-            tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
-            if len(shapes) != 1 or any(id(t) not in group_of or not t.requires_grad for t in tensors):
-                continue
-            if len({group_of[id(m.weight)] for m in linears}) != 1 or (linears[0].bias is not None and len({group_of[id(m.bias)] for m in linears}) != 1):
-                continue
-            fused = FusedQKV(linears)
-            fused.train(module.training)
-            for i, (name, m) in enumerate(zip(names, linears, strict=True)):
-                setattr(module, name, fused if i == 0 else _QKVPart(fused, i))
-                replace[id(m.weight)] = fused.weight if i == 0 else None
-                if m.bias is not None:
-                    replace[id(m.bias)] = fused.bias if i == 0 else None
-            undo.append(lambda module=module, names=names, linears=linears: [setattr(module, n, m) for n, m in zip(names, linears, strict=True)])
-            fused_all.append(fused)
-    if not fused_all:
-        return groups, lambda: None
-    new_groups = []
-    for g in groups:
-        params = [replace.get(id(p), p) for p in g["params"]]
-        new_groups.append({**g, "params": [p for p in params if p is not None]})
-
-    def restore() -> None:
-        for f in fused_all:
-            f.sync()
-        for fn in undo:
-            fn()
-
-    return new_groups, restore
-
-
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """The ``llrd_sdpa`` attention: SDPA, except when training with dropout (see module docstring)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -208,86 +164,90 @@ def _register_attention() -> bool:
     return True
 
 
-def _swap(model: torch.nn.Module, module: torch.nn.Module, new: torch.nn.Module) -> Callable[[], None]:
-    """Put ``new`` where ``module`` sits in ``model``; returns the function undoing it."""
+def _swap(model: torch.nn.Module, module: torch.nn.Module, new: torch.nn.Module, undo: ExitStack) -> None:
+    """Put ``new`` where ``module`` sits in ``model`` until ``undo`` unwinds."""
     parent_name, _, attr = next(n for n, m in model.named_modules() if m is module).rpartition(".")
     parent = model.get_submodule(parent_name)
     new.train(module.training)
     setattr(parent, attr, new)
-    return lambda: setattr(parent, attr, module)
+    undo.callback(setattr, parent, attr, module)
 
 
-def _train_vocab(model: torch.nn.Module, groups: list[dict], token_ids: np.ndarray) -> tuple[list[dict], Callable[[], None]]:
+def _train_vocab(model: torch.nn.Module, groups: list[dict], token_ids: np.ndarray, undo: ExitStack) -> list[dict]:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if get else None
     if not isinstance(emb, torch.nn.Embedding) or type(emb).forward is not torch.nn.Embedding.forward:
-        return groups, lambda: None
+        return groups
     weight = emb.weight
     uses = sum(p is weight for _, p in model.named_parameters(remove_duplicate=False))
     holders = [g for g in groups if any(p is weight for p in g["params"])]
     if emb.max_norm is not None or emb.sparse or uses != 1 or len(holders) != 1:
-        return groups, lambda: None  # tied, renormed or untrained tables stay dense
+        return groups  # tied, renormed or untrained tables stay dense
     ids = np.unique(token_ids)  # the caller includes the id its batches are padded with
     if emb.padding_idx is not None:
         ids = np.union1d(ids, [emb.padding_idx])
     if len(ids) >= emb.num_embeddings:
-        return groups, lambda: None
+        return groups
     vocab = TrainVocabEmbedding(emb, torch.as_tensor(ids, dtype=torch.long, device=weight.device))
-    undo = _swap(model, emb, vocab)
-    new_groups = [{**g, "params": [vocab.rows if p is weight else p for p in g["params"]]} if g is holders[0] else g for g in groups]
-
-    def restore() -> None:
-        vocab.sync()
-        undo()
-
-    return new_groups, restore
+    _swap(model, emb, vocab, undo)
+    undo.callback(vocab.sync)  # runs first: the trained rows go into the table, then the table goes back
+    return [{**g, "params": [vocab.rows if p is weight else p for p in g["params"]]} if g is holders[0] else g for g in groups]
 
 
-def speed_up(
-    model: torch.nn.Module,
-    groups: list[dict],
-    token_ids: np.ndarray,
-    *,
-    seed: int,
-    device: torch.device,
-    vocab: bool = True,
-    fuse_qkv: bool = True,
-    dropout: bool = True,
-    attention: bool = True,
-) -> tuple[list[dict], Callable[[], None]]:
-    """Swap the stand-ins into ``model`` (already on ``device``; ``token_ids``: every token id the
-    training batches hold, padding included). Each flag turns one on; dropout and attention apply on a CPU only (CUDA has fast
-    ones). Returns the optimizer groups to use and the function restoring the original modules."""
-    groups, restore_vocab = _train_vocab(model, groups, token_ids) if vocab else (groups, lambda: None)
-    groups, restore_qkv = _fuse_qkv(model, groups) if fuse_qkv else (groups, lambda: None)
-    undo: list[Callable[[], None]] = [restore_qkv]
-    cpu = device.type == "cpu"
-    if cpu and (dropout or attention):
+def _cpu_dropout_and_attention(model: torch.nn.Module, options: FastPath, seed: int, undo: ExitStack) -> None:
+    if options.numpy_dropout or options.bf16_attention:
         rng = np.random.default_rng(seed)
         for module in [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0 and not m.inplace]:
             # The attention reads its dropout module's rate; only our attention samples from it.
-            if dropout or any(getattr(parent, "dropout", None) is module for parent in model.modules() if hasattr(parent, "query")):
-                undo.append(_swap(model, module, FastDropout(module.p, rng)))
+            if options.numpy_dropout or any(getattr(parent, "dropout", None) is module for parent in model.modules() if hasattr(parent, "query")):
+                _swap(model, module, FastDropout(module.p, rng), undo)
     config = getattr(model, "config", None)
-    if cpu and attention and getattr(config, "_attn_implementation", None) == "sdpa" and _register_attention():
+    if options.bf16_attention and getattr(config, "_attn_implementation", None) == "sdpa" and _register_attention():
         config._attn_implementation = ATTENTION
-        undo.append(lambda: setattr(config, "_attn_implementation", "sdpa"))
-
-    def restore() -> None:
-        for fn in reversed(undo):
-            fn()
-        restore_vocab()
-
-    return groups, restore
+        undo.callback(setattr, config, "_attn_implementation", "sdpa")
 
 
-def before_step(model: torch.nn.Module) -> Callable[[], None]:
-    """The hook to call right before each optimizer step (accrues the vocabulary rows' decay)."""
-    vocab = next((m for m in model.modules() if isinstance(m, TrainVocabEmbedding)), None)
-    return vocab.before_step if vocab is not None else lambda: None
+@dataclass
+class FastRun:
+    """What :func:`fast_path` yields to the training loop."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # every trained tensor, the stand-ins' own included: what to clip
+    _before_step: Callable[[], None]
+
+    def step(self) -> None:
+        """The optimizer step, with the vocabulary rows' weight decay accrued first."""
+        self._before_step()
+        self.optimizer.step()
 
 
-def bind_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Tell the vocabulary stand-in which optimizer group (LR, weight decay) its rows are in."""
-    for vocab in (m for m in model.modules() if isinstance(m, TrainVocabEmbedding)):
-        vocab.group = next(g for g in optimizer.param_groups if any(p is vocab.rows for p in g["params"]))
+@contextmanager
+def fast_path(
+    model: torch.nn.Module,
+    groups: list[dict],
+    options: FastPath = FastPath(),
+    *,
+    token_ids: np.ndarray,
+    seed: int,
+    device: torch.device,
+) -> Iterator[FastRun]:
+    """Swap the stand-ins ``options`` asks for into ``model`` (already on ``device``), build the
+    optimizer over ``groups`` and yield both; on leaving, even by an exception, put every original
+    module back with the trained values. ``token_ids``: every token id the training batches hold,
+    padding included. Dropout and attention stand-ins apply on a CPU only."""
+    with ExitStack() as undo:  # unwinds in reverse: attention, dropout, q/k/v, vocabulary
+        if options.vocab_rows:
+            groups = _train_vocab(model, groups, token_ids, undo)
+        if options.fused_qkv:
+            groups = fuse_qkv(model, groups, undo)
+        if device.type == "cpu":
+            _cpu_dropout_and_attention(model, options, seed, undo)
+        optimizer = make_optimizer(groups, fused=options.fused_adamw)
+        vocab = next((m for m in model.modules() if isinstance(m, TrainVocabEmbedding)), None)
+        if vocab is not None:  # its rows' LR and weight decay, read at every step
+            vocab.group = next(g for g in optimizer.param_groups if any(p is vocab.rows for p in g["params"]))
+        yield FastRun(optimizer, [p for g in groups for p in g["params"]], vocab.before_step if vocab is not None else _no_op)
+
+
+def _no_op() -> None:
+    pass

@@ -59,7 +59,8 @@ def train_from_config(
     validation accuracy is measured on it, the test accuracy too when the data has a test split.
     """
     from .data import load_task_data
-    from .train import evaluate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
+    from .model import fresh_model, load_template, load_tokenizer
+    from .train import evaluate, pick_device, pick_precision, train_and_evaluate
 
     t_start = time.perf_counter()
     cfg = config if isinstance(config, LLRDConfig) else load_config(config)

@@ -16,9 +16,10 @@ from .arms import distributions
 from .data import TaskData, load_task_data
 from .exceptions import DivergedError
 from .metrics import check_metric
+from .model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from .param_groups import build_param_groups, group_table
 from .spec import SpaceSection, StudySpec
-from .train import ModelTemplate, fresh_model, load_template, load_tokenizer, pick_device, pick_precision, train_and_evaluate
+from .train import pick_device, pick_precision, train_and_evaluate
 from .vocab import SEED_ATTR
 
 log = logging.getLogger(__name__)

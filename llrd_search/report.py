@@ -131,7 +131,7 @@ def _model_layers(spec: Any) -> int | None:
     try:
         from transformers import AutoConfig
 
-        from .train import resolve_model_path
+        from .model import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(spec.model.name), local_files_only=True)
         return int(getattr(config, "num_hidden_layers", 0)) or None

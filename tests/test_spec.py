@@ -62,6 +62,13 @@ def test_unknown_key_suggests_closest():
     assert msg == "study.n_trail: unknown key (did you mean 'n_trials'?)"
 
 
+def test_train_fast_path_is_on_by_default_and_validated():
+    assert parse_spec(VALID).train.fast_path is True
+    assert parse_spec(spec_with(train__fast_path=False)).train.fast_path is False
+    assert problems(spec_with(train__fast_path="fast")) == ["train.fast_path: Input should be a valid boolean, unable to interpret input"]
+    assert problems(spec_with(train__fastpath=False)) == ["train.fastpath: unknown key (did you mean 'fast_path'?)"]
+
+
 def test_missing_section_named():
     data = copy.deepcopy(VALID)
     del data["model"]

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from llrd_search import fastpath
 from llrd_search import local_workers as lw
 from llrd_search import train as tr
 from llrd_search.data import load_task_data
 from llrd_search.exceptions import LLRDSearchError, TrainingError
-from llrd_search.fastpath import FastDropout, FusedQKV, TrainVocabEmbedding
+from llrd_search.fastpath import FastDropout, FastPath, TrainVocabEmbedding
+from llrd_search.fused_qkv import FusedQKV
 from llrd_search.param_groups import build_param_groups
 from llrd_search.spec import DataSection, ModelSection, TrainSection
 from llrd_search.train import (
@@ -60,8 +62,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 def test_every_group_keeps_its_ratio_to_the_others_at_every_step(setup, monkeypatch):
     template, task = setup
     made: list[torch.optim.Optimizer] = []
-    real = tr.make_optimizer
-    monkeypatch.setattr(tr, "make_optimizer", lambda groups: made.append(real(groups)) or made[-1])
+    real = fastpath.make_optimizer
+    monkeypatch.setattr(fastpath, "make_optimizer", lambda groups, **kw: made.append(real(groups, **kw)) or made[-1])
     seen: list[list[float]] = []
     _, result = _train(template, task, on_step=lambda step, total: seen.append([g["lr"] for g in made[0].param_groups]))
     initial = [g["initial_lr"] for g in made[0].param_groups]
@@ -135,7 +137,9 @@ def test_workers_env(monkeypatch):
 
 def test_make_optimizer_is_fused_on_cpu():
     p = torch.nn.Parameter(torch.zeros(3))
-    assert tr.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True
+    assert fastpath.make_optimizer([{"params": [p], "lr": 1e-3}]).defaults["fused"] is True
+    plain = fastpath.make_optimizer([{"params": [p], "lr": 1e-3}], fused=False).defaults
+    assert (plain["fused"], plain["foreach"]) == (None, True)
 
 
 # --------------------------------------------------------------------------- model copies
@@ -175,7 +179,7 @@ def test_train_vocab_rows_match_dense_adamw_exactly(setup):
     vocab = template.model.get_input_embeddings().num_embeddings
     assert len(np.unique(task.train.ids)) < vocab - 3  # some rows are never seen: the case at stake
     sparse, r1 = _train(template, task)
-    dense, r2 = _train(template, task, fast={"vocab": False})
+    dense, r2 = _train(template, task, fast=FastPath(vocab_rows=False))
     assert r1.evals == r2.evals
     for (name, p), q in zip(sparse.state_dict().items(), dense.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
@@ -191,7 +195,7 @@ def test_train_vocab_rows_match_dense_adamw_exactly(setup):
 def test_fused_qkv_trains_like_three_linears(setup):
     template, task = setup
     fused, r1 = _train(template, task)
-    plain, r2 = _train(template, task, fast={"fuse_qkv": False})
+    plain, r2 = _train(template, task, fast=FastPath(fused_qkv=False))
     assert r1.evals == r2.evals
     for (name, p), q in zip(fused.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
@@ -258,8 +262,6 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
 def test_training_attention_is_softmax_dropout_matmul():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from llrd_search import fastpath
-
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
@@ -276,6 +278,82 @@ def test_training_attention_is_softmax_dropout_matmul():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+class _CountingDropout(FastDropout):
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padding-mask"])
+def test_bf16_attention_stand_in_matches_sdpa_in_bf16(padded):
+    """The attention stand-in against torch's SDPA on the same bf16 inputs. Dropout probability 0 in
+    the module (but a dropout rate in the call) takes the stand-in's own path without dropping anything.
+
+    Tolerance: atol = rtol = 2**-5, four bf16 ulps at 1.0. The stand-in rounds the scores q·kᵀ and the
+    probabilities to bf16, which SDPA keeps in fp32; that is one bf16 rounding (2**-8 relative) each,
+    which the softmax of scores up to ~4 and the sum over 29 keys amplify a few times (the largest
+    difference on these seeded inputs is about 2**-6). Ignoring the padding mask moves outputs by ~1.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    batch, heads, length, dim = 3, 4, 29, 32
+    q, k, v = (torch.randn(batch, heads, length, dim).bfloat16() for _ in range(3))
+    mask = None
+    if padded:  # transformers' sdpa mask: bool [batch, 1, query, key], True where a key is a real token
+        real = torch.arange(length)[None, :] < torch.tensor([29, 17, 5])[:, None]
+        mask = real[:, None, None, :].expand(batch, 1, length, length)
+    module = torch.nn.Module().train()
+    module.dropout = _CountingDropout(0.0, np.random.default_rng(0))
+    ours, _ = fastpath.attention(module, q, k, v, mask, dropout=0.1, scaling=dim**-0.5)
+    assert module.dropout.calls == 1  # the stand-in's path ran, not the SDPA it hands other calls to
+    reference = sdpa(q, k, v, attn_mask=mask, scale=dim**-0.5).transpose(1, 2)
+    assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape == (batch, length, heads, dim)
+    torch.testing.assert_close(ours.float(), reference.float(), atol=2**-5, rtol=2**-5)
+    if padded:
+        unmasked = sdpa(q, k, v, scale=dim**-0.5).transpose(1, 2).float()
+        assert (ours.float() - unmasked).abs().max() > 0.25  # the tolerance does tell masked from unmasked
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["fast_path-true", "fast_path-false"])
+def test_train_fast_path_key_reaches_training(setup, tiny_model_dir, toy_data_dir, monkeypatch, on):
+    """``[train] fast_path`` from the study file, through the objective, decides what trains: with false
+    the model keeps its own modules and attention at every step and AdamW is not fused."""
+    import optuna
+
+    from llrd_search import objective as objective_module
+    from llrd_search.spec import parse_spec
+
+    template, task = setup
+    spec = parse_spec({
+        "study": {"name": "fp", "n_trials": 1},
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "data": {"path": str(toy_data_dir)},
+        "train": {"epochs": 1, "batch_size": 16, "precision": "fp32", "device": "cpu", "fast_path": on},
+        "space": {"base_lr": [1e-3], "head_lr": [1e-2], "decay": [0.5]},
+    })
+    models: list[torch.nn.Module] = []
+    real_fresh = objective_module.fresh_model
+    monkeypatch.setattr(objective_module, "fresh_model", lambda t, seed: models.append(real_fresh(t, seed)) or models[-1])
+    made: list[torch.optim.Optimizer] = []
+    real_make = fastpath.make_optimizer
+    monkeypatch.setattr(fastpath, "make_optimizer", lambda groups, **kw: made.append(real_make(groups, **kw)) or made[-1])
+    seen: list[tuple[set[type], str]] = []
+
+    def look(step: int, total: int) -> None:
+        model = models[-1]
+        seen.append(({type(m) for m in model.modules()}, model.config._attn_implementation))
+
+    objective = objective_module.Objective(spec, task=task, template=template, on_step=look)
+    optuna.create_study(direction="maximize").optimize(objective, n_trials=1)
+    stand_ins = {TrainVocabEmbedding, FusedQKV, FastDropout}
+    assert len(seen) == -(-len(task.train) // 16)
+    for types, attention in seen:
+        assert (types & stand_ins, attention) == ((stand_ins, fastpath.ATTENTION) if on else (set(), "sdpa"))
+    assert made[0].defaults["fused"] is (True if on else None)
+
+
 FAMILIES = {
     "bert": {},
     "roberta": {},
@@ -290,8 +368,9 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
-    """Vocabulary rows and fused q/k/v change no number (dropout masks drawn alike on both sides),
-    and every module is back afterwards, across the supported encoder families."""
+    """Fused AdamW, vocabulary rows and fused q/k/v change no number beyond float rounding (dropout
+    masks drawn alike on both sides), and every module is back afterwards, across the supported
+    encoder families."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from llrd_search.data import Encoded, TaskData
@@ -307,7 +386,7 @@ def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
     task = TaskData(train=enc, validation=enc, test=None, id2label={0: "0", 1: "1"}, fingerprint="t")
     cfg = TrainSection(epochs=1, batch_size=8, evals_per_epoch=1, precision="fp32")
     models = []
-    for fast in ({}, {"vocab": False, "fuse_qkv": False}):
+    for fast in (FastPath(), FastPath(fused_adamw=False, vocab_rows=False, fused_qkv=False)):
         model = copy.deepcopy(base)
         before = [type(m) for m in model.modules()]
         groups = build_param_groups(model, base_lr=1e-3, decay=0.8, head_lr=1e-2, weight_decay=0.01)
