@@ -142,6 +142,7 @@ n_trials = {args.trials}
 seed = 0
 sampler = "tpe"
 pruner = "{pruner}"
+control_fraction = 0                 # the peer has no ξ = 1 arm: every trial counts on both sides
 storage = "sqlite:///{path.with_suffix('.db')}"
 [model]
 name = "{args.model}"
