@@ -3,7 +3,7 @@
 Before ``confirm`` the only honest statement is the two arms' search bests, *unconfirmed*: single
 trials at different learning rates and seeds, so no p-value is given for their difference. After
 ``confirm`` the verdict is the paired difference of the confirmed winner and the confirmed control
-over the seeds both ran (:func:`confirm.paired_verdict`). Pure functions over plain data.
+over the seeds both ran (:func:`stats.paired_verdict`). Pure functions over plain data.
 """
 
 from __future__ import annotations
