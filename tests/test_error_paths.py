@@ -4,6 +4,7 @@ of ``run --workers 2``, a sentence-pair dataset, and NaN/inf losses through the 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 import signal
@@ -87,7 +88,7 @@ def _abandon(study: optuna.Study, storage, url: str) -> int:
     return trial.number
 
 
-def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_study, tmp_path):
+def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_study, tmp_path, caplog):
     from llrd_search.resilience import fail_stale
 
     path = write_study(name="doomed", n_trials=3, study={"max_retries": 2})
@@ -95,10 +96,12 @@ def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_s
     spec = load_spec(path)
     storage = open_storage(url, spec)
     study, _ = create_study(spec, storage)
+    caplog.set_level(logging.WARNING, logger="llrd_search.resilience")
     # The first run and its 2 retries all lose their worker.
     deaths = [_abandon(study, storage, url)]
-    for _ in range(2):
+    for retry in (1, 2):
         assert fail_stale(study) == [deaths[-1]]
+        assert caplog.messages[-1] == f"trial {deaths[-1]}: worker lost, marked FAIL and re-queued (retry {retry} of 2)"
         deaths.append(_abandon(study, storage, url))
     params = {n: study.trials[n].params for n in deaths}
     assert params[deaths[0]] == params[deaths[1]] == params[deaths[2]]  # retried with the same params
@@ -115,6 +118,9 @@ def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_s
     assert all(all_trials[n].user_attrs["fail_reason"].startswith("worker lost") for n in deaths)
     assert all_trials[deaths[2]].system_attrs["retry_history"] == deaths[:2]
     assert [t.number for t in all_trials if t.system_attrs.get("failed_trial") == deaths[0]] == deaths[1:]  # no 4th run
+    # The log says so: no "re-queued" for the third death.
+    lost = [m for m in caplog.messages if m.startswith(f"trial {deaths[2]}: worker lost")]
+    assert lost == [f"trial {deaths[2]}: worker lost, marked FAIL; not re-queued: retries exhausted (study.max_retries = 2)"]
 
 
 def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_study, tmp_path, small):
