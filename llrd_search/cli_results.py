@@ -26,7 +26,7 @@ def _lrs(p: dict[str, float]) -> str:
 
 
 def _confirmed(r: ConfirmRow | SweepRow) -> str:
-    return f"{r.mean:.4f} ± {r.std:.4f} (n={r.n})" if r.n else "no finished run"
+    return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -43,9 +43,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         print(f"note: {c.plan.note}", file=sys.stderr)
     print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
     for r in [*c.configurations, *([c.control] if c.control else [])]:
-        failed = f", {r.n_failed} failed" if r.n_failed else ""
         label = f"control {r.source_trial:>2}" if r.arm == "control" else f"trial {r.source_trial:>4}"
-        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}{failed}")
+        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}")
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1

@@ -56,14 +56,18 @@ def interrupted(t: FrozenTrial) -> bool:
     return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
 
 
-def run_stats(trials: list[FrozenTrial], src: Any) -> dict[str, Any]:
-    """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n."""
+def run_stats(trials: list[FrozenTrial], src: Any, planned: int) -> dict[str, Any]:
+    """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n, and
+    why n may fall short of the ``planned`` S: runs that diverged (PRUNED with a ``diverged`` attr, never
+    re-run: the configuration blew up at that seed) and runs that failed (re-queued up to S times)."""
     mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
     accs = [float(t.value) for t in done]
     mean, std = mean_std(accs)
     return {"accuracies": accs, "by_seed": {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in done},
-            "mean": mean, "std": std, "n": len(accs), "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)}
+            "mean": mean, "std": std, "n": len(accs), "n_planned": planned,
+            "n_diverged": sum(t.state == TrialState.PRUNED and "diverged" in t.user_attrs for t in mine),
+            "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)}
 
 
 def linked_runs(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
@@ -89,7 +93,7 @@ def all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] 
             "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
             "params": {p: meta["params"][str(src)][p] for p in PARAMS},
             "search_accuracy": meta["search_accuracy"][str(src)],
-            **run_stats(trials, src),
+            **run_stats(trials, src, meta["seeds"]),
         })
     return rows
 
@@ -105,7 +109,8 @@ def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name:
 
     Keys: ``source_trial``, ``arm``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per
     finished run), ``by_seed`` (run index → accuracy: the pairing), ``mean``, ``std`` (sample std;
-    0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value) and ``n_failed``. A
+    0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value), ``n_planned`` (S),
+    ``n_diverged`` and ``n_failed`` (:func:`run_stats`; :func:`records.runs_text` words them). A
     configuration whose runs all failed comes last with NaN mean. The control arm's row:
     :func:`control_summary`.
     """

@@ -25,6 +25,7 @@ from .confirm import Z95
 from .exceptions import LLRDSearchError
 from .metrics import study_metric_name
 from .plots import TrialInfo, lr_profile, param_importances, trial_infos
+from .records import runs_text
 from .stats import sweep_interval, welch_threshold
 from .storage import load_study, mask_url, opened_storage, spec_of
 from .summary import PAPER_TABLE4, arms_section, summary_data, sweep_section
@@ -212,7 +213,7 @@ def _mean_std(c: dict) -> str:
 
 def _confirmation_section(conf: list[dict], best: TrialInfo | None, metric: str = "accuracy") -> str:
     rows = [f"| {i + 1} | {c['source_trial']} | {_lr(c['params']['base_lr'])} | {_lr(c['params']['head_lr'])} | {c['params']['decay']:.3f} "
-            f"| {_mean_std(c)} | {c['n']} | {c['search_accuracy']:.4f} |"
+            f"| {_mean_std(c)} | {runs_text(c)} | {c['search_accuracy']:.4f} |"
             for i, c in enumerate(conf)]
     done = [c for c in conf if c["n"] > 0]
     if not done:

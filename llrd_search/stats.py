@@ -97,9 +97,10 @@ def welch_threshold(a: dict, b: dict, level: float = 0.95) -> float | None:
 def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
     """Does LLRD help? The confirmed winner (best mean) minus the confirmed control, seed by seed.
 
-    Returns ``{"winner", "control", "gain", "ci95", "n_seeds", "p", "confirmed", "text"}`` (gain and
-    CI in accuracy units, over the seeds both finished); ``confirmed`` is False, and ``ci95`` None,
-    with fewer than two paired seeds. None when either side has no finished run.
+    Returns ``{"winner", "control", "gain", "ci95", "n_seeds", "n_planned", "n_diverged", "p",
+    "confirmed", "text"}`` (gain and CI in accuracy units, over the seeds both finished; ``n_diverged``
+    counts each side's diverged runs, which no pair includes); ``confirmed`` is False, and ``ci95``
+    None, with fewer than two paired seeds. None when either side has no finished run.
     """
     winner = next((r for r in summary if r["n"] > 0), None)
     if winner is None or control is None or control["n"] == 0:
@@ -108,8 +109,14 @@ def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
     if not seeds:
         return None
     d = paired_difference([winner["by_seed"][i] for i in seeds], [control["by_seed"][i] for i in seeds])
+    planned = max(winner.get("n_planned", d["n"]), control.get("n_planned", d["n"]))
+    diverged = {"llrd": winner.get("n_diverged", 0), "control": control.get("n_diverged", 0)}
+    text = verdict_text(d["mean"], d["ci"], d["n"])
+    if d["n"] < planned:  # a lost seed must show: a run that diverged on one side only is evidence too
+        lost = ", ".join(f"{k} diverged in the {arm}" for arm, k in (("LLRD winner", diverged["llrd"]), ("control", diverged["control"])) if k)
+        text += f"; n = {d['n']} of {planned} paired seeds" + (f" ({lost})" if lost else "")
     return {"winner": winner["source_trial"], "control": control["source_trial"], "gain": d["mean"], "ci95": d["ci"],
-            "n_seeds": d["n"], "p": d["p"], "confirmed": d["ci"] is not None, "text": verdict_text(d["mean"], d["ci"], d["n"])}
+            "n_seeds": d["n"], "n_planned": planned, "n_diverged": diverged, "p": d["p"], "confirmed": d["ci"] is not None, "text": text}
 
 
 def verdict(summary: list[dict]) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from .plots import TrialInfo
+from .records import runs_text
 
 # Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", Table 4: BERT-base on IMDb,
 # test error rate (%) by decay factor ξ, as reported in the paper. Only the rows we are sure of;
@@ -62,7 +63,7 @@ def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accura
         ms = f"{r['mean']:.4f} ± {r['std']:.4f}" if r["n"] else "no run finished"
         paper = PAPER_TABLE4.get(round(r["decay"], 6))
         own = " (winner's ξ)" if r["own"] else ""
-        text += f"| {r['decay']:.3f}{own} | {ms} | {r['n']} | {'' if paper is None else f'{paper:.2f}'} |\n"
+        text += f"| {r['decay']:.3f}{own} | {ms} | {runs_text(r)} | {'' if paper is None else f'{paper:.2f}'} |\n"
     extra = sorted(x for x in PAPER_TABLE4 if all(abs(x - r["decay"]) > 1e-9 for r in rows))
     if extra:
         text += "\nThe paper also reports " + ", ".join(f"ξ = {x} → {PAPER_TABLE4[x]:.2f} %" for x in reversed(extra)) + ".\n"
@@ -85,19 +86,18 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
-        "decay_sweep": [{k: _finite(r[k]) for k in ("decay", "mean", "std", "n")} for r in sweep or []],
+        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged")} for r in sweep or []],
     }
     if best is not None:
         out["best"] = {"trial": best.number, "accuracy": best.value, **{p: best.params[p] for p in ("base_lr", "head_lr", "decay")}}
         win = next((r for r in confirmation or [] if r["n"] > 0), None)
         if win is not None:
-            out["best"]["confirmed"] = {"trial": win["source_trial"], "mean": win["mean"], "std": win["std"], "n": win["n"]}
+            out["best"]["confirmed"] = {"trial": win["source_trial"], **{k: win.get(k) for k in ("mean", "std", "n", "n_planned", "n_diverged")}}
     if control is not None:
         out["best_control"] = {"trial": control.number, "accuracy": control.value, "base_lr": control.params["base_lr"],
                                "head_lr": control.params["head_lr"], "decay": control.params.get("decay", 1.0)}
     if paired is not None:
-        out["verdict"] = {"gain": paired["gain"], "ci95": paired["ci95"], "n_seeds": paired["n_seeds"],
-                          "confirmed": paired["confirmed"], "text": paired["text"]}
+        out["verdict"] = {k: paired.get(k) for k in ("gain", "ci95", "n_seeds", "n_planned", "n_diverged", "confirmed", "text")}
     else:
         gain = best.value - control.value if best is not None and control is not None else None
         out["verdict"] = {"gain": gain, "ci95": None, "n_seeds": 0, "confirmed": False, "text": unconfirmed_text(best, control)}

@@ -91,7 +91,7 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
 
     Keys: ``decay``, ``base_lr``, ``head_lr`` (the winner's), ``winner`` (its confirm source trial),
     ``own`` (True for the winner's own ξ: its confirmation runs), ``accuracies``, ``by_seed``,
-    ``mean``, ``std``, ``n``, ``n_failed`` (:func:`confirm.run_stats`).
+    ``mean``, ``std``, ``n``, ``n_planned``, ``n_diverged``, ``n_failed`` (:func:`confirm_rows.run_stats`).
     """
     with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
         linked = linked_runs(store, study_name)
@@ -105,5 +105,5 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
         is_own = xi == float(params["decay"])
         src = winner if is_own else f"{SWEEP}:{xi!r}"
         rows.append({"decay": xi, "base_lr": params["base_lr"], "head_lr": params["head_lr"], "winner": winner, "own": is_own,
-                     **run_stats(trials, src)})
+                     **run_stats(trials, src, meta["seeds"])})
     return rows
