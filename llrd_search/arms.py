@@ -14,9 +14,15 @@ same ``base_lr`` and ``head_lr`` space, with the same sampler, pruner, data and 
 - the budget stays one number on the parent: under the parent's budget lock a worker counts both
   arms' finished, running and waiting trials and asks in the arm that is behind its share
   (:func:`choose_arm`, a pure function of those counts).
+
+A study created before the control arm existed stored a spec without ``control_fraction``; it is
+read back as ``control_fraction = 0`` (:func:`stored_spec_data`), so resuming it never adds an arm
+its budget was not planned with, and the report says the arm was not part of it.
 """
 
 from __future__ import annotations
+
+import json
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -24,7 +30,7 @@ from optuna.trial import FrozenTrial
 from .compat import storage_of
 from .exceptions import SpecError
 from .spec import Range, SpaceSection, StudySpec
-from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR
+from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR, SPEC_ATTR
 
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
@@ -57,6 +63,26 @@ def arm_of(trial: optuna.Trial | FrozenTrial) -> str:
     if arm is None and isinstance(trial, optuna.Trial):
         arm = trial.study.user_attrs.get(ARM_ATTR)
     return CONTROL if arm == CONTROL else LLRD
+
+
+def predates_control_arm(stored: dict, study_attrs: dict) -> bool:
+    """Whether a stored spec comes from a study created before the control arm existed: no
+    ``control_fraction`` in it, and no control arm made for it since (a worker of the first control-arm
+    versions read the default 0.25 into such a study and made one: that study keeps it)."""
+    return "control_fraction" not in (stored.get("study") or {}) and CONTROL_STUDY_ATTR not in study_attrs
+
+
+def stored_spec_data(stored: dict, study_attrs: dict) -> dict:
+    """The stored spec dict to validate: ``control_fraction = 0`` where it predates the control arm,
+    not the 0.25 default a new study file gets."""
+    if not predates_control_arm(stored, study_attrs):
+        return stored
+    return {**stored, "study": {**stored["study"], "control_fraction": 0.0}}
+
+
+def study_predates_control_arm(study: optuna.Study) -> bool:
+    raw = study.user_attrs.get(SPEC_ATTR)
+    return raw is not None and predates_control_arm(json.loads(raw), study.user_attrs)
 
 
 def control_target(fraction: float, total: int) -> int:

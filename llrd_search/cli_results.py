@@ -67,7 +67,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if paired is not None:
         print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired.control} of the control arm): {paired.text}")
     elif c.control is None:
-        print("no control arm to compare with (the search has control_fraction = 0, or its control arm has no complete trial)")
+        print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
     return 0
 
 

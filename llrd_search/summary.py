@@ -34,10 +34,18 @@ def unconfirmed_text(best: TrialInfo | None, control: TrialInfo | None) -> str:
             "single trials at different learning rates and seeds, not a measured gain: run `llrd-search confirm` for the paired verdict")
 
 
-def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, has_arm: bool) -> str:
-    """Markdown: the two arms and the verdict (confirmed or not)."""
+# summary.json's `control_arm`: whether the study has the ξ = 1 arm, and why not.
+ARM_PRESENT, ARM_OFF, ARM_PREDATES = "present", "off", "predates"
+
+
+def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, control_arm: str) -> str:
+    """Markdown: the two arms and the verdict (confirmed or not); ``control_arm`` is one of ``ARM_*``."""
     text = "## Does LLRD help? LLRD arm vs the LR-matched control (ξ = 1)\n\n"
-    if not has_arm:
+    if control_arm == ARM_PREDATES:
+        return text + ("The control arm was not part of this study: it was created by a version of llrd-search from before the "
+                       "control arm existed (its stored spec has no `control_fraction`, read as 0), so nothing here tells LLRD's "
+                       "effect from the learning rates'. Search again in a new study (a new `study.name`) for the LR-matched control.")
+    if control_arm != ARM_PRESENT:
         return text + ("This study has no control arm (`control_fraction = 0` or a grid), so nothing here tells LLRD's effect "
                        "from the learning rates'. Set `[study] control_fraction` (e.g. 0.25) in a new study.")
     rows = []
@@ -78,11 +86,12 @@ def _finite(x: Any) -> Any:
 
 
 def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation: list[dict] | None, paired: dict | None,
-                 interval: dict | None, sweep: list[dict] | None = None) -> dict:
-    """What ``summary.json`` holds (see README: best, best_control, verdict, decay_interval, decay_sweep)."""
+                 interval: dict | None, sweep: list[dict] | None = None, control_arm: str = ARM_PRESENT) -> dict:
+    """What ``summary.json`` holds (see README: best, best_control, control_arm, verdict, decay_interval, decay_sweep)."""
     out: dict[str, Any] = {
         "best": None,
         "best_control": None,
+        "control_arm": control_arm,
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
