@@ -23,6 +23,7 @@ its budget was not planned with, and the report says the arm was not part of it.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -113,6 +114,34 @@ def choose_arm(active: dict[str, int], waiting: dict[str, int], total: int, targ
         return CONTROL
     want = (2 * target * (allocated + 1) + total) // (2 * total)  # round half up, in integers
     return CONTROL if control < want else LLRD
+
+
+def overall_best(llrd: Any, control: Any, confirmed: list[dict] | None = None, control_row: dict | None = None) -> dict | None:
+    """The configuration to use, from either arm: what ``export`` writes and ``summary.json``'s ``winner``.
+
+    ``llrd`` and ``control`` are each arm's best search trial (anything with ``number``, ``value``,
+    ``params``; None when the arm has no complete trial), ``confirmed`` the confirmed LLRD rows best
+    mean first and ``control_row`` the confirmed control's row (:mod:`confirm_rows`). Once an LLRD
+    configuration has confirmed runs, the confirmed means decide (a control whose runs all failed or
+    diverged cannot win); before, the two search bests do. The control wins only when strictly
+    better (export then says it beat the LLRD arm); a tie keeps the LLRD configuration. Returns
+    ``{"arm", "trial" (a trial of that arm's study), "selected_by" ("confirmation" or "search"),
+    "params", "value" (the trial's search value), "confirmed" (its row, or None)}``, or None when
+    neither arm has a trial.
+    """
+    win = next((r for r in confirmed or [] if r["n"] > 0), None)
+    if win is not None:
+        row = control_row if control_row is not None and control_row["n"] > 0 and control_row["mean"] > win["mean"] else win
+        arm = CONTROL if row is control_row else LLRD
+        return {"arm": arm, "trial": row["source_trial"], "selected_by": "confirmation", "params": dict(row.get("params") or {}),
+                "value": row.get("search_accuracy"), "confirmed": row}
+    if control is not None and (llrd is None or control.value > llrd.value):
+        arm, best = CONTROL, control
+    elif llrd is not None:
+        arm, best = LLRD, llrd
+    else:
+        return None
+    return {"arm": arm, "trial": best.number, "selected_by": "search", "params": dict(best.params), "value": best.value, "confirmed": None}
 
 
 def control_spec(spec: StudySpec, total: int) -> StudySpec:

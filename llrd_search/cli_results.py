@@ -75,11 +75,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .search import export
 
     e = export(args.storage, args.study, out=args.out, format=args.format)
+    if e.arm == "control":  # asked for an LLRD setting: say that plain fine-tuning won instead
+        print(f"note: exporting trial {e.trial} of '{e.config['arm_study']}', selected by {e.config['selected_by']}", file=sys.stderr)
     if e.out is None:
         sys.stdout.write(e.text)
         return 0
     extra = f", confirmed {e.confirmed['mean']:.4f} ± {e.confirmed['std']:.4f}" if e.confirmed else ""
-    print(f"wrote {e.out}: trial {e.trial} ({_lrs(e.params)}), validation {e.config['metric']} {e.validation_score:.4f}{extra}", file=sys.stderr)
+    where = f" of {e.config['arm_study']}" if e.arm == "control" else ""
+    print(f"wrote {e.out}: trial {e.trial}{where} ({_lrs(e.params)}), validation {e.config['metric']} {e.validation_score:.4f}{extra}",
+          file=sys.stderr)
     return 0
 
 

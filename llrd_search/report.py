@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .arms import load_control, study_predates_control_arm
+from .arms import load_control, overall_best, study_predates_control_arm
 from .confirm import Z95
 from .exceptions import LLRDSearchError
 from .metrics import study_metric_name
@@ -168,7 +168,7 @@ def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo]
                         f"{_lr(best.params['base_lr'])}, head LR {_lr(best.params['head_lr'])}, ξ = {best.params['decay']:.3f}.")
         sections.append(_interval_section(interval))
         arms = arms or {}
-        sections.append(arms_section(best, arms.get("control"), arms.get("paired"), arms.get("control_arm", ARM_OFF)))
+        sections.append(arms_section(best, arms.get("control"), arms.get("paired"), arms.get("control_arm", ARM_OFF), arms.get("winner")))
         ranked = sorted((t for t in trials if t.state == "COMPLETE"), key=lambda t: -t.value)[:10]
         rows = [f"| {t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |" for t in ranked]
         sections.append(f"## Top complete trials\n\n| trial | {metric} | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
@@ -278,11 +278,11 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
 
         confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)
-        predates = study_predates_control_arm(study)
         control = best_trial(trial_infos(control_study)) if control_study is not None else None
+        control_arm = ARM_PRESENT if control_study is not None else ARM_PREDATES if study_predates_control_arm(study) else ARM_OFF
         sweep = sweep_summary(storage, study_name)
-
-        paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None
+        control_row = control_summary(storage, study_name) if confirmation else None
+        paired = paired_verdict(confirmation, control_row) if confirmation else None
         importances, importance_why = param_importances(study, trials)
     best = best_trial(trials)
     if best is None:
@@ -314,10 +314,10 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     figures = {stem: p for stem, p in paths.items() if stem not in missing_now}
     for stem in missing_now:
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
-    control_arm = ARM_PRESENT if control_study is not None else ARM_PREDATES if predates else ARM_OFF
-    arms = {"control": control, "paired": paired, "control_arm": control_arm}
+    winner = overall_best(best, control, confirmation, control_row)  # what `export` exports
+    arms = {"control": control, "paired": paired, "control_arm": control_arm, "winner": winner}
     sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric, sweep)
-    data = summary_data(best, control, confirmation, paired, interval, sweep, control_arm)
+    data = summary_data(best, control, confirmation, paired, interval, sweep, control_arm, winner)
     (out / "summary.json").write_text(json.dumps({"study": study_name, "metric": metric, **data}, indent=2) + "\n", encoding="utf-8")
     plot_list = "## Plots\n\n" + "\n\n".join(f"![{captions[s]}]({p.name})" for s, p in figures.items())
     (out / "summary.md").write_text("\n\n".join([*sections, plot_list]) + "\n", encoding="utf-8")

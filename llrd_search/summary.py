@@ -38,8 +38,24 @@ def unconfirmed_text(best: TrialInfo | None, control: TrialInfo | None) -> str:
 ARM_PRESENT, ARM_OFF, ARM_PREDATES = "present", "off", "predates"
 
 
-def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, control_arm: str) -> str:
-    """Markdown: the two arms and the verdict (confirmed or not); ``control_arm`` is one of ``ARM_*``."""
+def winner_text(winner: dict | None) -> str:
+    """One sentence: the configuration ``llrd-search export`` writes (:func:`arms.overall_best`)."""
+    if winner is None:
+        return ""
+    p = winner["params"]
+    how = (f"best confirmed mean, {winner['confirmed']['mean']:.4f}" if winner["selected_by"] == "confirmation"
+           else f"best search result, {winner['value']:.4f}; unconfirmed")
+    if winner["arm"] == "control":
+        return (f"Best configuration overall: **the control arm's trial {winner['trial']} (ξ = 1, plain fine-tuning)**, base LR "
+                f"{_lr(p['base_lr'])}, head LR {_lr(p['head_lr'])} ({how}): LLRD did not beat it, and `llrd-search export` "
+                "exports it (decay 1.0, `arm: control`).")
+    return (f"Best configuration overall: LLRD trial {winner['trial']}, ξ = {p['decay']:.3f} ({how}); `llrd-search export` exports it.")
+
+
+def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, control_arm: str,
+                 winner: dict | None = None) -> str:
+    """Markdown: the two arms, the verdict (confirmed or not) and which configuration wins overall;
+    ``control_arm`` is one of ``ARM_*``."""
     text = "## Does LLRD help? LLRD arm vs the LR-matched control (ξ = 1)\n\n"
     if control_arm == ARM_PREDATES:
         return text + ("The control arm was not part of this study: it was created by a version of llrd-search from before the "
@@ -53,10 +69,11 @@ def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict
         rows.append(f"| {arm} | " + (f"{t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |"
                                      if t else "– | no complete trial | | | |"))
     table = "| arm | search best trial | accuracy | base LR | head LR | ξ |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+    tail = f"\n\n{winner_text(winner)}" if winner else ""
     if paired is None:
-        return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**"
+        return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**" + tail
     return (text + table + f"\n\nConfirmed (confirm trial {paired['winner']} vs control trial {paired['control']}, paired seeds): "
-            f"**{paired['text']}**.")
+            f"**{paired['text']}**." + tail)
 
 
 def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accuracy") -> str:
@@ -86,12 +103,16 @@ def _finite(x: Any) -> Any:
 
 
 def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation: list[dict] | None, paired: dict | None,
-                 interval: dict | None, sweep: list[dict] | None = None, control_arm: str = ARM_PRESENT) -> dict:
-    """What ``summary.json`` holds (see README: best, best_control, control_arm, verdict, decay_interval, decay_sweep)."""
+                 interval: dict | None, sweep: list[dict] | None = None, control_arm: str = ARM_PRESENT,
+                 winner: dict | None = None) -> dict:
+    """What ``summary.json`` holds (see README: best, best_control, control_arm, winner, verdict,
+    decay_interval, decay_sweep). ``best`` is the LLRD arm's; ``winner`` (:func:`arms.overall_best`)
+    the configuration of either arm that ``export`` writes."""
     out: dict[str, Any] = {
         "best": None,
         "best_control": None,
         "control_arm": control_arm,
+        "winner": None,
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
@@ -105,6 +126,11 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
     if control is not None:
         out["best_control"] = {"trial": control.number, "accuracy": control.value, "base_lr": control.params["base_lr"],
                                "head_lr": control.params["head_lr"], "decay": control.params.get("decay", 1.0)}
+    if winner is not None:
+        conf = winner["confirmed"]
+        out["winner"] = {"arm": winner["arm"], "trial": winner["trial"], "selected_by": winner["selected_by"], "accuracy": winner["value"],
+                         **{p: winner["params"][p] for p in ("base_lr", "head_lr", "decay")},
+                         "confirmed": None if conf is None else {k: _finite(conf.get(k)) for k in ("mean", "std", "n", "n_planned", "n_diverged")}}
     if paired is not None:
         out["verdict"] = {k: paired.get(k) for k in ("gain", "ci95", "n_seeds", "n_planned", "n_diverged", "confirmed", "text")}
     else:

@@ -68,6 +68,35 @@ def test_verdict_sentences():
     assert verdict_text(-0.02, [-0.03, -0.01], 3).startswith("LLRD hurts here: -2.00 points")
 
 
+def test_overall_best_picks_the_arm_export_writes():
+    from types import SimpleNamespace
+
+    from llrd_search.arms import overall_best
+
+    def t(number, value, decay):
+        return SimpleNamespace(number=number, value=value, params={"base_lr": 1e-4, "head_lr": 1e-3, "decay": decay})
+
+    def row(trial, mean, n=2, decay=0.9):
+        return {"source_trial": trial, "mean": mean, "n": n, "search_accuracy": 0.5, "params": {"base_lr": 1e-4, "head_lr": 1e-3, "decay": decay}}
+
+    llrd, control = t(4, 0.80, 0.9), t(1, 0.82, 1.0)
+    pick = overall_best(llrd, control)
+    assert (pick["arm"], pick["trial"], pick["selected_by"], pick["confirmed"]) == (CONTROL, 1, "search", None)
+    assert overall_best(t(4, 0.82, 0.9), control)["arm"] == LLRD  # a tie: the control did not beat LLRD
+    assert overall_best(llrd, None)["arm"] == LLRD and overall_best(None, control)["arm"] == CONTROL
+    assert overall_best(None, None) is None
+    # Confirmed means decide once an LLRD configuration has runs; the search bests no longer count.
+    confirmed = [row(4, 0.85), row(2, 0.80)]
+    assert overall_best(llrd, control, confirmed, row(1, 0.84, decay=1.0))["arm"] == LLRD
+    assert overall_best(llrd, control, confirmed, row(1, 0.85, decay=1.0))["arm"] == LLRD  # a tie
+    pick = overall_best(llrd, control, confirmed, row(1, 0.86, decay=1.0))
+    assert (pick["arm"], pick["trial"], pick["selected_by"], pick["params"]["decay"]) == (CONTROL, 1, "confirmation", 1.0)
+    assert overall_best(llrd, control, confirmed, row(1, float("nan"), n=0))["arm"] == LLRD  # every control run diverged
+    assert overall_best(llrd, control, confirmed, None)["trial"] == 4  # confirmed before the arm had a complete trial
+    # No LLRD run finished yet: back to the search bests.
+    assert overall_best(llrd, control, [row(4, float("nan"), n=0)], row(1, 0.9, decay=1.0))["selected_by"] == "search"
+
+
 # --------------------------------------------------------------------------- workers
 
 
