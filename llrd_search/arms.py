@@ -14,9 +14,16 @@ same ``base_lr`` and ``head_lr`` space, with the same sampler, pruner, data and 
 - the budget stays one number on the parent: under the parent's budget lock a worker counts both
   arms' finished, running and waiting trials and asks in the arm that is behind its share
   (:func:`choose_arm`, a pure function of those counts).
+
+A study created before the control arm existed stored a spec without ``control_fraction``; it is
+read back as ``control_fraction = 0`` (:func:`stored_spec_data`), so resuming it never adds an arm
+its budget was not planned with, and the report says the arm was not part of it.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -24,7 +31,7 @@ from optuna.trial import FrozenTrial
 from .compat import storage_of
 from .exceptions import SpecError
 from .spec import Range, SpaceSection, StudySpec
-from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR
+from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR, SPEC_ATTR
 
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
@@ -59,6 +66,26 @@ def arm_of(trial: optuna.Trial | FrozenTrial) -> str:
     return CONTROL if arm == CONTROL else LLRD
 
 
+def predates_control_arm(stored: dict, study_attrs: dict) -> bool:
+    """Whether a stored spec comes from a study created before the control arm existed: no
+    ``control_fraction`` in it, and no control arm made for it since (a worker of the first control-arm
+    versions read the default 0.25 into such a study and made one: that study keeps it)."""
+    return "control_fraction" not in (stored.get("study") or {}) and CONTROL_STUDY_ATTR not in study_attrs
+
+
+def stored_spec_data(stored: dict, study_attrs: dict) -> dict:
+    """The stored spec dict to validate: ``control_fraction = 0`` where it predates the control arm,
+    not the 0.25 default a new study file gets."""
+    if not predates_control_arm(stored, study_attrs):
+        return stored
+    return {**stored, "study": {**stored["study"], "control_fraction": 0.0}}
+
+
+def study_predates_control_arm(study: optuna.Study) -> bool:
+    raw = study.user_attrs.get(SPEC_ATTR)
+    return raw is not None and predates_control_arm(json.loads(raw), study.user_attrs)
+
+
 def control_target(fraction: float, total: int) -> int:
     """Control-arm trials out of a budget of ``total``: ``fraction * total`` rounded half up
     (0.25 of 2 is 1, 0.34 of 6 is 2)."""
@@ -87,6 +114,34 @@ def choose_arm(active: dict[str, int], waiting: dict[str, int], total: int, targ
         return CONTROL
     want = (2 * target * (allocated + 1) + total) // (2 * total)  # round half up, in integers
     return CONTROL if control < want else LLRD
+
+
+def overall_best(llrd: Any, control: Any, confirmed: list[dict] | None = None, control_row: dict | None = None) -> dict | None:
+    """The configuration to use, from either arm: what ``export`` writes and ``summary.json``'s ``winner``.
+
+    ``llrd`` and ``control`` are each arm's best search trial (anything with ``number``, ``value``,
+    ``params``; None when the arm has no complete trial), ``confirmed`` the confirmed LLRD rows best
+    mean first and ``control_row`` the confirmed control's row (:mod:`confirm_rows`). Once an LLRD
+    configuration has confirmed runs, the confirmed means decide (a control whose runs all failed or
+    diverged cannot win); before, the two search bests do. The control wins only when strictly
+    better (export then says it beat the LLRD arm); a tie keeps the LLRD configuration. Returns
+    ``{"arm", "trial" (a trial of that arm's study), "selected_by" ("confirmation" or "search"),
+    "params", "value" (the trial's search value), "confirmed" (its row, or None)}``, or None when
+    neither arm has a trial.
+    """
+    win = next((r for r in confirmed or [] if r["n"] > 0), None)
+    if win is not None:
+        row = control_row if control_row is not None and control_row["n"] > 0 and control_row["mean"] > win["mean"] else win
+        arm = CONTROL if row is control_row else LLRD
+        return {"arm": arm, "trial": row["source_trial"], "selected_by": "confirmation", "params": dict(row.get("params") or {}),
+                "value": row.get("search_accuracy"), "confirmed": row}
+    if control is not None and (llrd is None or control.value > llrd.value):
+        arm, best = CONTROL, control
+    elif llrd is not None:
+        arm, best = LLRD, llrd
+    else:
+        return None
+    return {"arm": arm, "trial": best.number, "selected_by": "search", "params": dict(best.params), "value": best.value, "confirmed": None}
 
 
 def control_spec(spec: StudySpec, total: int) -> StudySpec:

@@ -26,7 +26,7 @@ def _lrs(p: dict[str, float]) -> str:
 
 
 def _confirmed(r: ConfirmRow | SweepRow) -> str:
-    return f"{r.mean:.4f} ± {r.std:.4f} (n={r.n})" if r.n else "no finished run"
+    return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -43,9 +43,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         print(f"note: {c.plan.note}", file=sys.stderr)
     print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
     for r in [*c.configurations, *([c.control] if c.control else [])]:
-        failed = f", {r.n_failed} failed" if r.n_failed else ""
         label = f"control {r.source_trial:>2}" if r.arm == "control" else f"trial {r.source_trial:>4}"
-        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}{failed}")
+        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}")
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
@@ -68,7 +67,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if paired is not None:
         print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired.control} of the control arm): {paired.text}")
     elif c.control is None:
-        print("no control arm to compare with (the search has control_fraction = 0, or its control arm has no complete trial)")
+        print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
     return 0
 
 
@@ -76,11 +75,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .search import export
 
     e = export(args.storage, args.study, out=args.out, format=args.format)
+    if e.arm == "control":  # asked for an LLRD setting: say that plain fine-tuning won instead
+        print(f"note: exporting trial {e.trial} of '{e.config['arm_study']}', selected by {e.config['selected_by']}", file=sys.stderr)
     if e.out is None:
         sys.stdout.write(e.text)
         return 0
     extra = f", confirmed {e.confirmed['mean']:.4f} ± {e.confirmed['std']:.4f}" if e.confirmed else ""
-    print(f"wrote {e.out}: trial {e.trial} ({_lrs(e.params)}), validation {e.config['metric']} {e.validation_score:.4f}{extra}", file=sys.stderr)
+    where = f" of {e.config['arm_study']}" if e.arm == "control" else ""
+    print(f"wrote {e.out}: trial {e.trial}{where} ({_lrs(e.params)}), validation {e.config['metric']} {e.validation_score:.4f}{extra}",
+          file=sys.stderr)
     return 0
 
 

@@ -21,10 +21,8 @@ trial, ``seed + offset + i``), so the same data order and head initialisation. W
 a control arm (``NAME.control``), its best trial is re-run with those seeds too (source key
 ``control:N``), and :func:`paired_verdict` compares the confirmed winner with it seed by seed.
 
-Decay sweep (``--decay-sweep``): the confirmed winner's ``base_lr`` and ``head_lr`` re-run at each
-listed ξ with the same S seeds (source key ``sweep:ξ``, user attr ``llrd:sweep`` = ξ), so the rows
-are paired, as Sun et al. did at a fixed LR. The winner's own ξ is its confirmation row (same
-params, same seeds): it is not run twice. The winner is chosen once and kept (its runs are paired).
+The decay sweep (``--decay-sweep``, :mod:`sweep`) queues its runs here too (source key ``sweep:ξ``).
+Reading the runs back, one row per configuration: :mod:`confirm_rows`.
 
 Running ``confirm`` again continues where it stopped. Asking for more (a larger K or S) extends the
 linked study; asking for less never discards runs: the stored K and S are kept.
@@ -32,21 +30,29 @@ linked study; asking for less never discards runs: the stored K and S are kept.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .arms import CONTROL, LLRD, load_control
 from .compat import study_id
-from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError, StudyNotFoundError
+from .confirm_rows import (
+    SUFFIX,
+    confirm_name,
+    confirmation_summary,
+    control_summary,
+    interrupted,
+    is_sweep,
+    read_meta,
+)
+from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError
 from .spec import Range, SpaceSection, StudySpec
-from .stats import mean_std, paired_difference, t_quantile, verdict_text, welch_threshold
+from .stats import paired_verdict, t_quantile, verdict, welch_threshold
 from .storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
+from .sweep import keep_sweep, parse_decays, prepare_sweep, sweep_summary
 from .vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
 from .vocab import CONFIRM_ATTR as META_ATTR
 from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
@@ -62,13 +68,7 @@ def t95(df: float) -> float:
 
 SEED_OFFSET = 100_000
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile (the report's binomial interval)
-SUFFIX = ".confirm"
-SWEEP = "sweep"
 _ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-
-
-def confirm_name(study_name: str) -> str:
-    return study_name + SUFFIX
 
 
 @dataclass
@@ -142,7 +142,7 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
         if len(name) > 128:
             raise StorageError(f"--study: '{study_name}' is too long to add '{SUFFIX}' (128 characters at most)")
         trials = source.get_trials(deepcopy=False)
-        old = _meta(storage, name)
+        old = read_meta(storage, name)
         keep = old["sources"] if old else []
         want_k, want_s = max(top, old["top"] if old else 0), max(seeds, old["seeds"] if old else 0)
         chosen = top_trials(trials, want_k, keep)
@@ -178,83 +178,10 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
             meta["sources"].append(key)
             meta["params"][key] = control.params
             meta["search_accuracy"][key] = control.value
-        if old and "sweep" in old:  # a decay sweep already queued: kept (its runs are paired)
-            meta["sweep"] = old["sweep"]
-            for key in (k for k in old["sources"] if _is_sweep(k)):
-                meta["sources"].append(key)
-                meta["params"][key] = old["params"][key]
-                meta["search_accuracy"][key] = None
+        keep_sweep(old, meta)  # a decay sweep already queued stays (its runs are paired)
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
-        return Plan(study_name, name, [k for k in meta["sources"] if not _is_sweep(k)], want_s, created, note)
-
-
-def _is_sweep(src: Any) -> bool:
-    return str(src).startswith(SWEEP + ":")
-
-
-def parse_decays(text: str) -> list[float]:
-    """``--decay-sweep`` text ("1.0,0.95,0.9") → distinct ξ values, largest first; each 0 < ξ ≤ 1."""
-    hint = "pass comma-separated values with 0 < ξ <= 1, e.g. --decay-sweep 1.0,0.95,0.9,0.8,0.7"
-    parts = [p.strip() for p in str(text).split(",")]
-    if not any(parts):
-        raise LLRDSearchError(f"--decay-sweep: no ξ given; {hint}")
-    out: set[float] = set()
-    for part in parts:
-        try:
-            xi = float(part)
-        except ValueError:
-            raise LLRDSearchError(f"--decay-sweep: {part!r} is not a number; {hint}") from None
-        if not 0.0 < xi <= 1.0:  # NaN fails too
-            raise LLRDSearchError(f"--decay-sweep: ξ = {part} is out of range; {hint}")
-        out.add(xi)
-    return sorted(out, reverse=True)
-
-
-def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
-    """Queue the decay sweep in the linked study (after :func:`prepare`): the confirmed winner's
-    LRs at each ξ of ``decays`` plus its own, S seeds each. Runs nothing; returns ``meta["sweep"]``.
-
-    The winner is the confirmed best mean (the search's best when no confirmation run finished),
-    chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
-    """
-    with opened_storage(url) as storage:
-        linked = load_study(storage, confirm_name(study_name))
-        meta = json.loads(linked.user_attrs[META_ATTR])
-        sweep = meta.get("sweep")
-        if sweep is None:
-            rows = [r for r in _all_rows(storage, study_name) or [] if r["arm"] == LLRD and r["n"]]
-            best = min(rows, key=lambda r: (-r["mean"], r["source_trial"]), default=None)
-            sweep = {"winner": best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int)), "decays": []}
-        params = meta["params"][str(sweep["winner"])]
-        sweep["decays"] = sorted(set(sweep["decays"]) | set(decays) | {float(params["decay"])}, reverse=True)
-        for xi in sweep["decays"]:
-            key = f"{SWEEP}:{xi!r}"
-            if xi != float(params["decay"]) and key not in meta["sources"]:
-                meta["sources"].append(key)
-                meta["params"][key] = {"base_lr": params["base_lr"], "head_lr": params["head_lr"], "decay": xi}
-                meta["search_accuracy"][key] = None
-        meta["sweep"] = sweep
-        linked.set_user_attr(META_ATTR, json.dumps(meta))
-        top_up(storage, linked)
-        return sweep
-
-
-def _meta(storage: optuna.storages.BaseStorage, name: str, strict: bool = True) -> dict[str, Any] | None:
-    try:
-        study = load_study(storage, name)
-    except StudyNotFoundError:
-        return None
-    raw = study.user_attrs.get(META_ATTR)
-    if raw is None and not strict:
-        return None  # a study that merely has the name: nothing confirmed
-    if raw is None:
-        raise StorageError(f"--study: a study '{name}' exists but is not a llrd-search confirmation; rename or delete it")
-    return json.loads(raw)
-
-
-def _interrupted(t: FrozenTrial) -> bool:
-    return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
+        return Plan(study_name, name, [k for k in meta["sources"] if not is_sweep(k)], want_s, created, note)
 
 
 def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
@@ -272,7 +199,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
         for src in meta["sources"]:
             mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
             active = sum(t.state in _ACTIVE for t in mine)
-            failed = sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine)
+            failed = sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)
             if failed >= seeds:
                 continue
             # A failed run is replaced by one with its own seed: run i stays paired across configurations.
@@ -283,7 +210,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
                          ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
                 if "seed_base" in meta:
                     attrs[SEED_ATTR] = meta["seed_base"] + rep
-                if _is_sweep(src):
+                if is_sweep(src):
                     attrs[SWEEP_ATTR] = float(meta["params"][str(src)]["decay"])
                 linked.enqueue_trial(meta["params"][str(src)], user_attrs=attrs)
                 added += 1
@@ -304,132 +231,6 @@ def retry_hook(url: str, study_name: str) -> Callable[[optuna.Study, FrozenTrial
                 top_up(storage, load_study(storage, study_name))
 
     return hook
-
-
-def _runs(trials: list[FrozenTrial], src: Any) -> dict[str, Any]:
-    """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n."""
-    mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
-    done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
-    accs = [float(t.value) for t in done]
-    mean, std = mean_std(accs)
-    return {"accuracies": accs, "by_seed": {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in done},
-            "mean": mean, "std": std, "n": len(accs), "n_failed": sum(t.state == TrialState.FAIL and not _interrupted(t) for t in mine)}
-
-
-def _linked(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
-    meta = _meta(store, confirm_name(study_name), strict=False)
-    if meta is None:
-        return None
-    return meta, load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
-
-
-def _all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    linked = _linked(store, study_name)
-    if linked is None:
-        return None
-    meta, trials = linked
-    rows = []
-    for src in meta["sources"]:
-        if _is_sweep(src):
-            continue  # the decay sweep's runs: sweep_summary
-        rows.append({
-            "source_trial": int(str(src).rsplit(":", 1)[-1]),
-            "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
-            "params": {p: meta["params"][str(src)][p] for p in PARAMS},
-            "search_accuracy": meta["search_accuracy"][str(src)],
-            **_runs(trials, src),
-        })
-    return rows
-
-
-def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    """The decay sweep, one row per ξ (largest first), or None before ``confirm --decay-sweep``.
-
-    Keys: ``decay``, ``base_lr``, ``head_lr`` (the winner's), ``winner`` (its confirm source trial),
-    ``own`` (True for the winner's own ξ: its confirmation runs), ``accuracies``, ``by_seed``,
-    ``mean``, ``std``, ``n``, ``n_failed``.
-    """
-    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
-        linked = _linked(store, study_name)
-    if linked is None or "sweep" not in linked[0]:
-        return None
-    meta, trials = linked
-    winner = meta["sweep"]["winner"]
-    params = meta["params"][str(winner)]
-    rows = []
-    for xi in meta["sweep"]["decays"]:
-        is_own = xi == float(params["decay"])
-        src = winner if is_own else f"{SWEEP}:{xi!r}"
-        rows.append({"decay": xi, "base_lr": params["base_lr"], "head_lr": params["head_lr"], "winner": winner, "own": is_own,
-                     **_runs(trials, src)})
-    return rows
-
-
-def _rows(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
-        return _all_rows(store, study_name)
-
-
-def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
-    """One dict per confirmed LLRD-arm configuration, best mean first; None when ``study_name`` has
-    no linked confirmation study.
-
-    Keys: ``source_trial``, ``arm``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per
-    finished run), ``by_seed`` (run index → accuracy: the pairing), ``mean``, ``std`` (sample std;
-    0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value) and ``n_failed``. A
-    configuration whose runs all failed comes last with NaN mean. The control arm's row:
-    :func:`control_summary`.
-    """
-    rows = _rows(storage, study_name)
-    if rows is None:
-        return None
-    llrd = [r for r in rows if r["arm"] == LLRD]
-    return sorted(llrd, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
-
-
-def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
-    """The confirmed control-arm configuration (same keys as a :func:`confirmation_summary` row;
-    ``source_trial`` numbers a trial of ``NAME.control``), or None when none was confirmed."""
-    return next((r for r in _rows(storage, study_name) or [] if r["arm"] == CONTROL), None)
-
-
-def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
-    """Does LLRD help? The confirmed winner (best mean) minus the confirmed control, seed by seed.
-
-    Returns ``{"winner", "control", "gain", "ci95", "n_seeds", "p", "confirmed", "text"}`` (gain and
-    CI in accuracy units, over the seeds both finished); ``confirmed`` is False, and ``ci95`` None,
-    with fewer than two paired seeds. None when either side has no finished run.
-    """
-    winner = next((r for r in summary if r["n"] > 0), None)
-    if winner is None or control is None or control["n"] == 0:
-        return None
-    seeds = sorted(set(winner["by_seed"]) & set(control["by_seed"]))
-    if not seeds:
-        return None
-    d = paired_difference([winner["by_seed"][i] for i in seeds], [control["by_seed"][i] for i in seeds])
-    return {"winner": winner["source_trial"], "control": control["source_trial"], "gain": d["mean"], "ci95": d["ci"],
-            "n_seeds": d["n"], "p": d["p"], "confirmed": d["ci"] is not None, "text": verdict_text(d["mean"], d["ci"], d["n"])}
-
-
-def verdict(summary: list[dict]) -> dict[str, Any] | None:
-    """The winner after confirmation and whether noise could explain its lead over the runner-up.
-
-    The lead is within noise when Welch's t-test on the seed means does not reject at 95 % (the
-    same test the report uses for its best-xi interval). None when nothing finished.
-    """
-    done = [r for r in summary if r["n"] > 0]
-    if not done:
-        return None
-    winner = done[0]
-    out: dict[str, Any] = {"winner": winner["source_trial"], "mean": winner["mean"], "std": winner["std"], "n": winner["n"]}
-    if len(done) < 2:
-        out.update(runner_up=None, lead=None, noise=None, within_noise=None)
-        return out
-    second = done[1]
-    lead = winner["mean"] - second["mean"]
-    noise = welch_threshold(winner, second)  # None: one run has no spread, noise cannot be judged
-    out.update(runner_up=second["source_trial"], lead=lead, noise=noise, within_noise=None if noise is None else lead < noise)
-    return out
 
 
 def _pending(url: str, name: str) -> int:

@@ -1,7 +1,9 @@
 """Export the best configuration as a file to keep in git, and load it back for your own training.
 
 The file holds everything needed to reproduce the optimizer: model, data and training settings, the
-three LLRD numbers, and the per-group LR table computed on the real model. :func:`load_config` reads
+three LLRD numbers, and the per-group LR table computed on the real model. The best configuration
+may come from the search's ξ = 1 control arm (``arm = "control"``): then it is plain fine-tuning,
+decay 1.0, and ``arm_study`` (``NAME.control``) is the study its ``trial`` numbers. :func:`load_config` reads
 it back; ``LLRDConfig.param_groups(model)`` calls the very function the search used and checks the
 result against the file's table, so a different model fails loudly instead of training silently
 with the wrong learning rates::
@@ -24,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from .arms import CONTROL, CONTROL_SUFFIX, LLRD, load_control, overall_best
 from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
 from .metrics import study_metric_name
 from .storage import load_study, mask_url, opened_storage, spec_of
@@ -52,16 +55,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def choose(study: optuna.Study, summary: list[dict] | None) -> tuple[optuna.trial.FrozenTrial, dict | None]:
-    """The trial to export: the confirmation winner when confirmed runs exist, else the search's best."""
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    confirmed = [r for r in summary or [] if r["n"] > 0]
-    if confirmed:
-        return trials[confirmed[0]["source_trial"]], confirmed[0]
+def _best(trials: dict[int, optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
     complete = [t for t in trials.values() if t.state == TrialState.COMPLETE and t.value is not None]
-    if not complete:
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def choose(study: optuna.Study, summary: list[dict] | None, control_row: dict | None = None) -> tuple[optuna.trial.FrozenTrial, dict | None, str]:
+    """The trial to export, its confirmation row (None when chosen by the search) and its arm.
+
+    :func:`arms.overall_best` decides, as for the report: the confirmed winner against the confirmed
+    control (``control_row``) when confirmed runs exist, else the two arms' search bests. When the
+    ξ = 1 control arm wins, the trial is one of ``NAME.control``: plain fine-tuning, decay 1.0.
+    """
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    control_study = load_control(study)
+    control_trials = {t.number: t for t in control_study.get_trials(deepcopy=False)} if control_study is not None else {}
+    pick = overall_best(_best(trials), _best(control_trials), summary, control_row)
+    if pick is None:
         raise NoCompleteTrialError(f"--study: '{study.study_name}' has no complete trial yet; run the search first")
-    return max(complete, key=lambda t: (t.value, -t.number)), None
+    return (control_trials if pick["arm"] == CONTROL else trials)[pick["trial"]], pick["confirmed"], pick["arm"]
 
 
 def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[int, str], int]:
@@ -81,11 +93,11 @@ def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[i
     return group_table(groups), id2label, count_layers(template.model)
 
 
-def build_config(study: optuna.Study, url: str, summary: list[dict] | None = None) -> dict[str, Any]:
+def build_config(study: optuna.Study, url: str, summary: list[dict] | None = None, control_row: dict | None = None) -> dict[str, Any]:
     """The exported document as a plain dict (``url`` is only used masked)."""
     spec = spec_of(study)
     metric = study_metric_name(study)
-    trial, confirmed = choose(study, summary)
+    trial, confirmed, arm = choose(study, summary, control_row)
     params = {p: float(trial.params[p]) for p in PARAMS}
     table, id2label, n_layers = real_groups(spec, params)
     stored = trial.user_attrs.get("lr_groups")
@@ -99,7 +111,9 @@ def build_config(study: optuna.Study, url: str, summary: list[dict] | None = Non
         "study": study.study_name,
         "trial": trial.number,
         "storage": mask_url(url),
-        "selected_by": f"confirmation (best mean over {confirmed['n']} seeds)" if confirmed else "search (best single run)",
+        "arm": arm,  # "control": the ξ = 1 arm beat LLRD, and this is plain fine-tuning (decay 1.0)
+        "arm_study": study.study_name + CONTROL_SUFFIX if arm == CONTROL else study.study_name,  # the study `trial` numbers
+        "selected_by": _selected_by(confirmed, arm),
         "metric": metric,
         "validation_score": trial.value,  # the validation value of `metric`
         # Kept for files and scripts from before `metric`; only an accuracy is called one.
@@ -122,13 +136,18 @@ def build_config(study: optuna.Study, url: str, summary: list[dict] | None = Non
     }
 
 
+def _selected_by(confirmed: dict | None, arm: str) -> str:
+    how = f"confirmation (best mean over {confirmed['n']} seeds)" if confirmed else "search (best single run)"
+    return how + ("; the ξ = 1 control arm beat the LLRD arm, so this is plain fine-tuning (decay 1.0)" if arm == CONTROL else "")
+
+
 def export_config(url: str, study_name: str) -> dict[str, Any]:
     """Build the export document for ``study_name`` (after confirmation when it exists)."""
-    from .confirm import confirmation_summary
+    from .confirm import confirmation_summary, control_summary
 
     with opened_storage(url) as storage:
         study = load_study(storage, study_name)
-        return build_config(study, url, confirmation_summary(storage, study_name))
+        return build_config(study, url, confirmation_summary(storage, study_name), control_summary(storage, study_name))
 
 
 def render(config: dict[str, Any], fmt: str = "json") -> str:
@@ -161,6 +180,7 @@ class LLRDConfig:
     metric: str = "accuracy"
     validation_score: float | None = None
     confirmed: dict[str, Any] | None = None
+    arm: str = LLRD  # "control": the search's ξ = 1 arm won, and decay is 1.0
     convention: str = CONVENTION
     versions: dict[str, str] = field(default_factory=dict)
     source: str = "<config>"
@@ -252,6 +272,8 @@ def _problems(doc: dict[str, Any]) -> list[str]:
         problems.append(f"train.weight_decay: must be a number (got {doc['train']['weight_decay']!r})")
     if "seed" in doc and not (isinstance(doc["seed"], int) and not isinstance(doc["seed"], bool)):
         problems.append(f"seed: must be a whole number (got {doc['seed']!r})")
+    if doc.get("arm") is not None and doc["arm"] not in (LLRD, CONTROL):
+        problems.append(f"arm: must be {LLRD!r} or {CONTROL!r} (got {doc['arm']!r})")
     if doc.get("id2label") is not None and not isinstance(doc["id2label"], dict):
         problems.append(f"id2label: must be a mapping of class id to label (got {doc['id2label']!r})")
     elif isinstance(doc.get("id2label"), dict) and not all(str(k).lstrip("-").isdigit() for k in doc["id2label"]):
@@ -283,6 +305,7 @@ def load_config(path: str | Path) -> LLRDConfig:
         metric=str(doc.get("metric") or "accuracy"),
         validation_score=doc.get("validation_score", doc.get("validation_accuracy")),
         confirmed=doc.get("confirmed"),
+        arm=str(doc.get("arm") or LLRD),
         convention=doc.get("convention", CONVENTION),
         versions=dict(doc.get("versions") or {}),
         source=str(path),

@@ -19,6 +19,14 @@ def _finite(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def runs_text(row: dict) -> str:
+    """A row's n as tables and the CLI show it: "5" when all planned runs finished, else e.g.
+    "4 of 5, 1 diverged" (a diverged or failed run is never silently left out of n)."""
+    n, planned = row["n"], row.get("n_planned", row["n"])
+    extra = [f"{row[key]} {word}" for key, word in (("n_diverged", "diverged"), ("n_failed", "failed")) if row.get(key)]
+    return str(n) if n == planned and not extra else ", ".join([f"{n} of {planned}", *extra])
+
+
 @dataclass(kw_only=True)
 class Runs:
     """One configuration's finished runs; ``by_seed`` (run index → value) is the pairing across rows."""
@@ -28,6 +36,8 @@ class Runs:
     mean: float  # NaN with no finished run
     std: float  # sample std; 0.0 with one run
     n: int
+    n_planned: int  # S: n falls short by the runs that diverged, failed for good, or have not run yet
+    n_diverged: int  # ended PRUNED by the divergence guard; never re-run (a result about the configuration)
     n_failed: int
 
     HEAD: ClassVar[tuple[str, ...]] = ()  # the keys that come before the runs' in the dict form
@@ -35,6 +45,11 @@ class Runs:
     @classmethod
     def of(cls, row: dict[str, Any]) -> Self:
         return cls(**row)
+
+    @property
+    def n_text(self) -> str:
+        """n as the CLI and the report show it: "5", or "4 of 5, 1 diverged" (:func:`runs_text`)."""
+        return runs_text({"n": self.n, "n_planned": self.n_planned, "n_diverged": self.n_diverged, "n_failed": self.n_failed})
 
     def as_dict(self) -> dict[str, Any]:
         """The row as JSON-ready data, keys in the order confirm has always printed (NaN → None)."""
@@ -90,6 +105,8 @@ class PairedVerdict:
     gain: float
     ci95: list[float] | None
     n_seeds: int
+    n_planned: int  # S: the pairs there would be had every run of both sides finished
+    n_diverged: dict[str, int]  # diverged runs per side ({"llrd": k, "control": m}): seeds no pair includes
     p: float | None
     confirmed: bool
     text: str

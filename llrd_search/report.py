@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .arms import load_control
+from .arms import load_control, overall_best, study_predates_control_arm
 from .confirm import Z95
 from .exceptions import LLRDSearchError
 from .metrics import study_metric_name
 from .plots import TrialInfo, lr_profile, param_importances, trial_infos
+from .records import runs_text
 from .stats import sweep_interval, welch_threshold
 from .storage import load_study, mask_url, opened_storage, spec_of
-from .summary import PAPER_TABLE4, arms_section, summary_data, sweep_section
+from .summary import ARM_OFF, ARM_PREDATES, ARM_PRESENT, PAPER_TABLE4, arms_section, summary_data, sweep_section
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo]
                         f"{_lr(best.params['base_lr'])}, head LR {_lr(best.params['head_lr'])}, ξ = {best.params['decay']:.3f}.")
         sections.append(_interval_section(interval))
         arms = arms or {}
-        sections.append(arms_section(best, arms.get("control"), arms.get("paired"), bool(arms.get("has_arm"))))
+        sections.append(arms_section(best, arms.get("control"), arms.get("paired"), arms.get("control_arm", ARM_OFF), arms.get("winner")))
         ranked = sorted((t for t in trials if t.state == "COMPLETE"), key=lambda t: -t.value)[:10]
         rows = [f"| {t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |" for t in ranked]
         sections.append(f"## Top complete trials\n\n| trial | {metric} | base LR | head LR | ξ |\n|---|---|---|---|---|\n" + "\n".join(rows))
@@ -212,7 +213,7 @@ def _mean_std(c: dict) -> str:
 
 def _confirmation_section(conf: list[dict], best: TrialInfo | None, metric: str = "accuracy") -> str:
     rows = [f"| {i + 1} | {c['source_trial']} | {_lr(c['params']['base_lr'])} | {_lr(c['params']['head_lr'])} | {c['params']['decay']:.3f} "
-            f"| {_mean_std(c)} | {c['n']} | {c['search_accuracy']:.4f} |"
+            f"| {_mean_std(c)} | {runs_text(c)} | {c['search_accuracy']:.4f} |"
             for i, c in enumerate(conf)]
     done = [c for c in conf if c["n"] > 0]
     if not done:
@@ -278,9 +279,10 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)
         control = best_trial(trial_infos(control_study)) if control_study is not None else None
+        control_arm = ARM_PRESENT if control_study is not None else ARM_PREDATES if study_predates_control_arm(study) else ARM_OFF
         sweep = sweep_summary(storage, study_name)
-
-        paired = paired_verdict(confirmation, control_summary(storage, study_name)) if confirmation else None
+        control_row = control_summary(storage, study_name) if confirmation else None
+        paired = paired_verdict(confirmation, control_row) if confirmation else None
         importances, importance_why = param_importances(study, trials)
     best = best_trial(trials)
     if best is None:
@@ -312,9 +314,10 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     figures = {stem: p for stem, p in paths.items() if stem not in missing_now}
     for stem in missing_now:
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
-    arms = {"control": control, "paired": paired, "has_arm": control_study is not None}
+    winner = overall_best(best, control, confirmation, control_row)  # what `export` exports
+    arms = {"control": control, "paired": paired, "control_arm": control_arm, "winner": winner}
     sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric, sweep)
-    data = summary_data(best, control, confirmation, paired, interval, sweep)
+    data = summary_data(best, control, confirmation, paired, interval, sweep, control_arm, winner)
     (out / "summary.json").write_text(json.dumps({"study": study_name, "metric": metric, **data}, indent=2) + "\n", encoding="utf-8")
     plot_list = "## Plots\n\n" + "\n\n".join(f"![{captions[s]}]({p.name})" for s, p in figures.items())
     (out / "summary.md").write_text("\n\n".join([*sections, plot_list]) + "\n", encoding="utf-8")

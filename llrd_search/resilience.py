@@ -149,18 +149,19 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     retry_seconds = RETRY_SECONDS
 
 
-def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], bool]:
     """Re-queue a dead worker's trial as WAITING with the same params, at most ``max_retries`` times.
 
     Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` / ``retry_history``
     system attrs, so its static helpers work), but the copy does not inherit the dead run's
     outcome attrs (fail_reason, worker, partial evals): only what was set before it started.
+    The callback returns whether it re-queued (False: retries exhausted); Optuna ignores the value.
     """
 
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if len(history) > max_retries:
-            return
+            return False
         system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith(ATTR_PREFIX)}
         user_attrs[RETRY_OF_ATTR] = trial.number
@@ -173,7 +174,9 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
                 system_attrs=system_attrs,
             )
         )
+        return True
 
+    callback.max_retries = max_retries  # fail_stale names the limit in its log line
     return callback
 
 
@@ -207,10 +210,21 @@ def fail_stale(study: optuna.Study) -> list[int]:
     callback = storage.get_heartbeat_stale_trial_callback()
     for row_id in reaped:
         frozen = storage.get_trial(row_id)
-        log.warning("trial %d: worker lost, marked FAIL%s", frozen.number, " and re-queued" if callback else "")
-        if callback is not None:
-            callback(study, frozen)
+        log.warning("trial %d: worker lost, marked FAIL%s", frozen.number, _requeue(callback, study, frozen))
     return [storage.get_trial(i).number for i in reaped]
+
+
+def _requeue(callback: Callable | None, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """Hand a reaped trial to the storage's stale-trial callback; say what came of it (for the log)."""
+    if callback is None:
+        return "; not re-queued (no retry callback)"
+    requeued = callback(study, trial)
+    limit = getattr(callback, "max_retries", "?")
+    if requeued is False:
+        return f"; not re-queued: retries exhausted (study.max_retries = {limit})"
+    if requeued is True:
+        return f" and re-queued (retry {len(trial.system_attrs.get('retry_history', [])) + 1} of {limit})"
+    return "; handed to the storage's stale-trial callback"  # a callback not made by retry_stale_trial
 
 
 def _trials_with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:

@@ -212,7 +212,13 @@ class Exported:
 
     @property
     def trial(self) -> int:
+        """The trial of ``config["arm_study"]``: the search, or its control arm ``NAME.control``."""
         return self.config["trial"]
+
+    @property
+    def arm(self) -> str:
+        """Which arm the configuration comes from: "llrd", or "control" when the ξ = 1 arm won (plain fine-tuning, decay 1.0)."""
+        return self.config["arm"]
 
     @property
     def validation_score(self) -> float:
@@ -231,7 +237,8 @@ class Exported:
 
 
 def export(storage: str, study: str, *, out: str | Path | None = None, format: str | None = None) -> Exported:
-    """The best configuration of ``study`` (the confirmation winner when there is one), rendered as
+    """The best configuration of ``study`` over both arms (:func:`arms.overall_best`: the confirmation
+    winner when there is one; the control arm's when it beat LLRD), rendered as
     ``format`` (default: YAML for an ``out`` ending .yaml/.yml, else JSON) and written to ``out`` if given."""
     from .export import export_config, render
 

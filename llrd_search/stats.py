@@ -4,7 +4,9 @@
   both configurations with the same seed (same data order and head initialisation);
 - :func:`welch_threshold`: the smallest difference of two seed means Welch's t-test calls real;
 - :func:`sweep_interval`: the ξ values of a decay sweep that paired seeds cannot tell from the best;
-- :func:`mean_std`: sample mean and standard deviation.
+- :func:`mean_std`: sample mean and standard deviation;
+- :func:`paired_verdict` and :func:`verdict`: those tests applied to confirmation rows (``mean``,
+  ``std``, ``n``, ``by_seed``), for ``confirm`` and the report.
 
 Nothing here compares single trials at different learning rates: such a difference mixes the
 decay's effect with the learning rate's and the seed's, and no p-value can separate them.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from scipy import stats as _st
 
@@ -89,6 +92,52 @@ def welch_threshold(a: dict, b: dict, level: float = 0.95) -> float | None:
         return 0.0
     df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
     return t_quantile(df, level) * math.sqrt(va + vb)
+
+
+def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
+    """Does LLRD help? The confirmed winner (best mean) minus the confirmed control, seed by seed.
+
+    Returns ``{"winner", "control", "gain", "ci95", "n_seeds", "n_planned", "n_diverged", "p",
+    "confirmed", "text"}`` (gain and CI in accuracy units, over the seeds both finished; ``n_diverged``
+    counts each side's diverged runs, which no pair includes); ``confirmed`` is False, and ``ci95``
+    None, with fewer than two paired seeds. None when either side has no finished run.
+    """
+    winner = next((r for r in summary if r["n"] > 0), None)
+    if winner is None or control is None or control["n"] == 0:
+        return None
+    seeds = sorted(set(winner["by_seed"]) & set(control["by_seed"]))
+    if not seeds:
+        return None
+    d = paired_difference([winner["by_seed"][i] for i in seeds], [control["by_seed"][i] for i in seeds])
+    planned = max(winner.get("n_planned", d["n"]), control.get("n_planned", d["n"]))
+    diverged = {"llrd": winner.get("n_diverged", 0), "control": control.get("n_diverged", 0)}
+    text = verdict_text(d["mean"], d["ci"], d["n"])
+    if d["n"] < planned:  # a lost seed must show: a run that diverged on one side only is evidence too
+        lost = ", ".join(f"{k} diverged in the {arm}" for arm, k in (("LLRD winner", diverged["llrd"]), ("control", diverged["control"])) if k)
+        text += f"; n = {d['n']} of {planned} paired seeds" + (f" ({lost})" if lost else "")
+    return {"winner": winner["source_trial"], "control": control["source_trial"], "gain": d["mean"], "ci95": d["ci"],
+            "n_seeds": d["n"], "n_planned": planned, "n_diverged": diverged, "p": d["p"], "confirmed": d["ci"] is not None, "text": text}
+
+
+def verdict(summary: list[dict]) -> dict[str, Any] | None:
+    """The winner after confirmation and whether noise could explain its lead over the runner-up.
+
+    The lead is within noise when Welch's t-test on the seed means does not reject at 95 % (the
+    same test the report uses for its best-xi interval). None when nothing finished.
+    """
+    done = [r for r in summary if r["n"] > 0]
+    if not done:
+        return None
+    winner = done[0]
+    out: dict[str, Any] = {"winner": winner["source_trial"], "mean": winner["mean"], "std": winner["std"], "n": winner["n"]}
+    if len(done) < 2:
+        out.update(runner_up=None, lead=None, noise=None, within_noise=None)
+        return out
+    second = done[1]
+    lead = winner["mean"] - second["mean"]
+    noise = welch_threshold(winner, second)  # None: one run has no spread, noise cannot be judged
+    out.update(runner_up=second["source_trial"], lead=lead, noise=noise, within_noise=None if noise is None else lead < noise)
+    return out
 
 
 def verdict_text(gain: float, ci: list[float] | None, n: int) -> str:

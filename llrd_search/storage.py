@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .arms import predates_control_arm, stored_spec_data
 from .compat import study_id
 from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
 from .metrics import set_study_metric
@@ -227,7 +228,7 @@ def spec_of(study: optuna.Study) -> StudySpec:
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StudyNotFoundError(f"study '{study.study_name}' was not created by llrd-search (no spec stored in it)")
-    spec = parse_spec(json.loads(raw), source=f"spec stored in study '{study.study_name}'")
+    spec = parse_spec(stored_spec_data(json.loads(raw), study.user_attrs), source=f"spec stored in study '{study.study_name}'")
     spec.study.n_trials = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
     return spec
 
@@ -271,7 +272,9 @@ def stored_spec_json(spec: StudySpec) -> str:
 
 def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.Study, stored: dict[str, Any], budget: int) -> None:
     name = spec.study.name
-    old = parse_spec(stored)
+    old = parse_spec(stored_spec_data(stored, study.user_attrs))
+    if predates_control_arm(stored, study.user_attrs) and "control_fraction" not in spec.study.model_fields_set:
+        spec.study.control_fraction = 0.0  # the file's default 0.25 would add an arm this study was not planned with
     diff = _diff(old.identity(), spec.identity())
     if diff:
         raise StudyConflictError(

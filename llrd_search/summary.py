@@ -3,7 +3,7 @@
 Before ``confirm`` the only honest statement is the two arms' search bests, *unconfirmed*: single
 trials at different learning rates and seeds, so no p-value is given for their difference. After
 ``confirm`` the verdict is the paired difference of the confirmed winner and the confirmed control
-over the seeds both ran (:func:`confirm.paired_verdict`). Pure functions over plain data.
+over the seeds both ran (:func:`stats.paired_verdict`). Pure functions over plain data.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from .plots import TrialInfo
+from .records import runs_text
 
 # Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", Table 4: BERT-base on IMDb,
 # test error rate (%) by decay factor ξ, as reported in the paper. Only the rows we are sure of;
@@ -33,10 +34,34 @@ def unconfirmed_text(best: TrialInfo | None, control: TrialInfo | None) -> str:
             "single trials at different learning rates and seeds, not a measured gain: run `llrd-search confirm` for the paired verdict")
 
 
-def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, has_arm: bool) -> str:
-    """Markdown: the two arms and the verdict (confirmed or not)."""
+# summary.json's `control_arm`: whether the study has the ξ = 1 arm, and why not.
+ARM_PRESENT, ARM_OFF, ARM_PREDATES = "present", "off", "predates"
+
+
+def winner_text(winner: dict | None) -> str:
+    """One sentence: the configuration ``llrd-search export`` writes (:func:`arms.overall_best`)."""
+    if winner is None:
+        return ""
+    p = winner["params"]
+    how = (f"best confirmed mean, {winner['confirmed']['mean']:.4f}" if winner["selected_by"] == "confirmation"
+           else f"best search result, {winner['value']:.4f}; unconfirmed")
+    if winner["arm"] == "control":
+        return (f"Best configuration overall: **the control arm's trial {winner['trial']} (ξ = 1, plain fine-tuning)**, base LR "
+                f"{_lr(p['base_lr'])}, head LR {_lr(p['head_lr'])} ({how}): LLRD did not beat it, and `llrd-search export` "
+                "exports it (decay 1.0, `arm: control`).")
+    return (f"Best configuration overall: LLRD trial {winner['trial']}, ξ = {p['decay']:.3f} ({how}); `llrd-search export` exports it.")
+
+
+def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict | None, control_arm: str,
+                 winner: dict | None = None) -> str:
+    """Markdown: the two arms, the verdict (confirmed or not) and which configuration wins overall;
+    ``control_arm`` is one of ``ARM_*``."""
     text = "## Does LLRD help? LLRD arm vs the LR-matched control (ξ = 1)\n\n"
-    if not has_arm:
+    if control_arm == ARM_PREDATES:
+        return text + ("The control arm was not part of this study: it was created by a version of llrd-search from before the "
+                       "control arm existed (its stored spec has no `control_fraction`, read as 0), so nothing here tells LLRD's "
+                       "effect from the learning rates'. Search again in a new study (a new `study.name`) for the LR-matched control.")
+    if control_arm != ARM_PRESENT:
         return text + ("This study has no control arm (`control_fraction = 0` or a grid), so nothing here tells LLRD's effect "
                        "from the learning rates'. Set `[study] control_fraction` (e.g. 0.25) in a new study.")
     rows = []
@@ -44,10 +69,11 @@ def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict
         rows.append(f"| {arm} | " + (f"{t.number} | {t.value:.4f} | {_lr(t.params['base_lr'])} | {_lr(t.params['head_lr'])} | {t.params['decay']:.3f} |"
                                      if t else "– | no complete trial | | | |"))
     table = "| arm | search best trial | accuracy | base LR | head LR | ξ |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+    tail = f"\n\n{winner_text(winner)}" if winner else ""
     if paired is None:
-        return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**"
+        return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**" + tail
     return (text + table + f"\n\nConfirmed (confirm trial {paired['winner']} vs control trial {paired['control']}, paired seeds): "
-            f"**{paired['text']}**.")
+            f"**{paired['text']}**." + tail)
 
 
 def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accuracy") -> str:
@@ -62,7 +88,7 @@ def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accura
         ms = f"{r['mean']:.4f} ± {r['std']:.4f}" if r["n"] else "no run finished"
         paper = PAPER_TABLE4.get(round(r["decay"], 6))
         own = " (winner's ξ)" if r["own"] else ""
-        text += f"| {r['decay']:.3f}{own} | {ms} | {r['n']} | {'' if paper is None else f'{paper:.2f}'} |\n"
+        text += f"| {r['decay']:.3f}{own} | {ms} | {runs_text(r)} | {'' if paper is None else f'{paper:.2f}'} |\n"
     extra = sorted(x for x in PAPER_TABLE4 if all(abs(x - r["decay"]) > 1e-9 for r in rows))
     if extra:
         text += "\nThe paper also reports " + ", ".join(f"ξ = {x} → {PAPER_TABLE4[x]:.2f} %" for x in reversed(extra)) + ".\n"
@@ -77,27 +103,36 @@ def _finite(x: Any) -> Any:
 
 
 def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation: list[dict] | None, paired: dict | None,
-                 interval: dict | None, sweep: list[dict] | None = None) -> dict:
-    """What ``summary.json`` holds (see README: best, best_control, verdict, decay_interval, decay_sweep)."""
+                 interval: dict | None, sweep: list[dict] | None = None, control_arm: str = ARM_PRESENT,
+                 winner: dict | None = None) -> dict:
+    """What ``summary.json`` holds (see README: best, best_control, control_arm, winner, verdict,
+    decay_interval, decay_sweep). ``best`` is the LLRD arm's; ``winner`` (:func:`arms.overall_best`)
+    the configuration of either arm that ``export`` writes."""
     out: dict[str, Any] = {
         "best": None,
         "best_control": None,
+        "control_arm": control_arm,
+        "winner": None,
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
-        "decay_sweep": [{k: _finite(r[k]) for k in ("decay", "mean", "std", "n")} for r in sweep or []],
+        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged")} for r in sweep or []],
     }
     if best is not None:
         out["best"] = {"trial": best.number, "accuracy": best.value, **{p: best.params[p] for p in ("base_lr", "head_lr", "decay")}}
         win = next((r for r in confirmation or [] if r["n"] > 0), None)
         if win is not None:
-            out["best"]["confirmed"] = {"trial": win["source_trial"], "mean": win["mean"], "std": win["std"], "n": win["n"]}
+            out["best"]["confirmed"] = {"trial": win["source_trial"], **{k: win.get(k) for k in ("mean", "std", "n", "n_planned", "n_diverged")}}
     if control is not None:
         out["best_control"] = {"trial": control.number, "accuracy": control.value, "base_lr": control.params["base_lr"],
                                "head_lr": control.params["head_lr"], "decay": control.params.get("decay", 1.0)}
+    if winner is not None:
+        conf = winner["confirmed"]
+        out["winner"] = {"arm": winner["arm"], "trial": winner["trial"], "selected_by": winner["selected_by"], "accuracy": winner["value"],
+                         **{p: winner["params"][p] for p in ("base_lr", "head_lr", "decay")},
+                         "confirmed": None if conf is None else {k: _finite(conf.get(k)) for k in ("mean", "std", "n", "n_planned", "n_diverged")}}
     if paired is not None:
-        out["verdict"] = {"gain": paired["gain"], "ci95": paired["ci95"], "n_seeds": paired["n_seeds"],
-                          "confirmed": paired["confirmed"], "text": paired["text"]}
+        out["verdict"] = {k: paired.get(k) for k in ("gain", "ci95", "n_seeds", "n_planned", "n_diverged", "confirmed", "text")}
     else:
         gain = best.value - control.value if best is not None and control is not None else None
         out["verdict"] = {"gain": gain, "ci95": None, "n_seeds": 0, "confirmed": False, "text": unconfirmed_text(best, control)}

@@ -68,6 +68,35 @@ def test_verdict_sentences():
     assert verdict_text(-0.02, [-0.03, -0.01], 3).startswith("LLRD hurts here: -2.00 points")
 
 
+def test_overall_best_picks_the_arm_export_writes():
+    from types import SimpleNamespace
+
+    from llrd_search.arms import overall_best
+
+    def t(number, value, decay):
+        return SimpleNamespace(number=number, value=value, params={"base_lr": 1e-4, "head_lr": 1e-3, "decay": decay})
+
+    def row(trial, mean, n=2, decay=0.9):
+        return {"source_trial": trial, "mean": mean, "n": n, "search_accuracy": 0.5, "params": {"base_lr": 1e-4, "head_lr": 1e-3, "decay": decay}}
+
+    llrd, control = t(4, 0.80, 0.9), t(1, 0.82, 1.0)
+    pick = overall_best(llrd, control)
+    assert (pick["arm"], pick["trial"], pick["selected_by"], pick["confirmed"]) == (CONTROL, 1, "search", None)
+    assert overall_best(t(4, 0.82, 0.9), control)["arm"] == LLRD  # a tie: the control did not beat LLRD
+    assert overall_best(llrd, None)["arm"] == LLRD and overall_best(None, control)["arm"] == CONTROL
+    assert overall_best(None, None) is None
+    # Confirmed means decide once an LLRD configuration has runs; the search bests no longer count.
+    confirmed = [row(4, 0.85), row(2, 0.80)]
+    assert overall_best(llrd, control, confirmed, row(1, 0.84, decay=1.0))["arm"] == LLRD
+    assert overall_best(llrd, control, confirmed, row(1, 0.85, decay=1.0))["arm"] == LLRD  # a tie
+    pick = overall_best(llrd, control, confirmed, row(1, 0.86, decay=1.0))
+    assert (pick["arm"], pick["trial"], pick["selected_by"], pick["params"]["decay"]) == (CONTROL, 1, "confirmation", 1.0)
+    assert overall_best(llrd, control, confirmed, row(1, float("nan"), n=0))["arm"] == LLRD  # every control run diverged
+    assert overall_best(llrd, control, confirmed, None)["trial"] == 4  # confirmed before the arm had a complete trial
+    # No LLRD run finished yet: back to the search bests.
+    assert overall_best(llrd, control, [row(4, float("nan"), n=0)], row(1, 0.9, decay=1.0))["selected_by"] == "search"
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -176,3 +205,55 @@ def test_search_confirm_report_give_a_confirmed_paired_verdict(write_study, tmp_
     assert summary["decay_sweep"] == [] and summary["best"]["decay"] < 1.0
     assert summary["decay_interval"] is not None and summary["decay_interval_method"]
     assert v["text"] in (out / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- studies from before the control arm
+
+
+def test_stored_spec_without_control_fraction_reads_as_no_control_arm():
+    from llrd_search.arms import stored_spec_data
+    from llrd_search.vocab import CONTROL_STUDY_ATTR
+
+    old = {"study": {"name": "old", "n_trials": 4}}
+    assert stored_spec_data(old, {})["study"]["control_fraction"] == 0.0
+    assert "control_fraction" not in old["study"]  # the stored dict itself is left alone
+    # Such a study that a worker already gave an arm (reading the default) keeps that arm's fraction.
+    assert stored_spec_data(old, {CONTROL_STUDY_ATTR: "old.control"}) is old
+    assert stored_spec_data({"study": {"control_fraction": 0.3}}, {})["study"]["control_fraction"] == 0.3
+
+
+def test_a_study_from_before_the_control_arm_resumes_without_one(write_study, tmp_path, capsys):
+    import optuna
+
+    from llrd_search.storage import spec_of
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    path = write_study(name="old", n_trials=2)
+    assert main(["create", str(path), "--storage", url]) == 0
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="old", storage=storage)
+    stored = json.loads(study.user_attrs["llrd:spec"])
+    del stored["study"]["control_fraction"]  # what a version from before the control arm stored
+    study.set_user_attr("llrd:spec", json.dumps(stored))
+    assert spec_of(study).study.control_fraction == 0.0 and not spec_of(study).has_control_arm
+    storage.engine.dispose()
+    # Its study file, unchanged since: no control_fraction line, which a new study reads as 0.25.
+    path.write_text(path.read_text().replace("control_fraction = 0.0\n", ""))
+    assert load_spec(path).study.control_fraction == 0.25
+    assert main(["run", str(path), "--storage", url, "--threads", "1"]) == 0
+    assert states(url, "old") == {"COMPLETE": 2}  # the whole budget in its one arm, as planned
+    storage = open_storage(url)
+    try:
+        assert [s.study_name for s in storage.get_all_studies()] == ["old"]  # no old.control made
+    finally:
+        storage.engine.dispose()
+    out = tmp_path / "report"
+    assert main(["report", "--storage", url, "--study", "old", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["control_arm"] == "predates" and summary["best_control"] is None
+    assert "The control arm was not part of this study" in (out / "summary.md").read_text()
+    # Asking for the arm explicitly changes the spec: a one-line conflict, never an arm added mid-study.
+    path.write_text(path.read_text().replace("[study]\n", "[study]\ncontrol_fraction = 0.25\n"))
+    capsys.readouterr()
+    assert main(["create", str(path), "--storage", url]) != 0
+    assert "study.control_fraction was 0.0, now 0.25" in capsys.readouterr().err

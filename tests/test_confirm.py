@@ -194,3 +194,31 @@ def test_in_process_failure_is_replaced_before_the_worker_asks_again(searched):
     assert all(t.user_attrs.get("llrd:confirm_of") == plan.sources[0] for t in trials)  # no sampled point ran
     assert summary[0]["n"] == 2 and summary[0]["n_failed"] == 1
     assert summary[0]["accuracies"] == [0.52, 0.53]
+
+
+def test_run_stats_count_diverged_and_failed_runs_and_runs_text_words_them():
+    from llrd_search.confirm_rows import run_stats
+    from llrd_search.records import runs_text
+
+    params = {"base_lr": 1e-4, "head_lr": 1e-3, "decay": 0.9}
+
+    def run(rep: int, state: TrialState, value: float | None = None, **attrs) -> optuna.trial.FrozenTrial:
+        dists = {k: optuna.distributions.FloatDistribution(1e-9, 1.0) for k in params}
+        return optuna.trial.create_trial(state=state, value=value, params=params, distributions=dists,
+                                         user_attrs={"llrd:confirm_of": 7, "llrd:confirm_rep": rep, **attrs})
+
+    trials = [
+        run(0, TrialState.COMPLETE, 0.8),
+        run(1, TrialState.PRUNED, diverged="loss became nan at step 2 (learning rate too high?)"),
+        run(2, TrialState.FAIL, fail_reason="TrainingError: out of memory"),
+        run(2, TrialState.COMPLETE, 0.9),  # the failed run's replacement
+        run(3, TrialState.FAIL, fail_reason="interrupted (Ctrl-C or SIGTERM)"),  # not a failure of the configuration
+        run(4, TrialState.WAITING),
+    ]
+    row = run_stats(trials, 7, planned=5)
+    assert (row["n"], row["n_planned"], row["n_diverged"], row["n_failed"]) == (2, 5, 1, 1)
+    assert row["by_seed"] == {0: 0.8, 2: 0.9}
+    assert runs_text(row) == "2 of 5, 1 diverged, 1 failed"
+    assert runs_text({"n": 5, "n_planned": 5, "n_diverged": 0, "n_failed": 0}) == "5"
+    assert runs_text({"n": 4, "n_planned": 5, "n_diverged": 0, "n_failed": 0}) == "4 of 5"  # one still to run
+    assert runs_text({"n": 3}) == "3"  # a row from before n_planned was recorded

@@ -4,6 +4,8 @@ of ``run --workers 2``, a sentence-pair dataset, and NaN/inf losses through the 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 import random
 import signal
@@ -87,7 +89,7 @@ def _abandon(study: optuna.Study, storage, url: str) -> int:
     return trial.number
 
 
-def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_study, tmp_path):
+def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_study, tmp_path, caplog):
     from llrd_search.resilience import fail_stale
 
     path = write_study(name="doomed", n_trials=3, study={"max_retries": 2})
@@ -95,10 +97,12 @@ def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_s
     spec = load_spec(path)
     storage = open_storage(url, spec)
     study, _ = create_study(spec, storage)
+    caplog.set_level(logging.WARNING, logger="llrd_search.resilience")
     # The first run and its 2 retries all lose their worker.
     deaths = [_abandon(study, storage, url)]
-    for _ in range(2):
+    for retry in (1, 2):
         assert fail_stale(study) == [deaths[-1]]
+        assert caplog.messages[-1] == f"trial {deaths[-1]}: worker lost, marked FAIL and re-queued (retry {retry} of 2)"
         deaths.append(_abandon(study, storage, url))
     params = {n: study.trials[n].params for n in deaths}
     assert params[deaths[0]] == params[deaths[1]] == params[deaths[2]]  # retried with the same params
@@ -115,6 +119,9 @@ def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_s
     assert all(all_trials[n].user_attrs["fail_reason"].startswith("worker lost") for n in deaths)
     assert all_trials[deaths[2]].system_attrs["retry_history"] == deaths[:2]
     assert [t.number for t in all_trials if t.system_attrs.get("failed_trial") == deaths[0]] == deaths[1:]  # no 4th run
+    # The log says so: no "re-queued" for the third death.
+    lost = [m for m in caplog.messages if m.startswith(f"trial {deaths[2]}: worker lost")]
+    assert lost == [f"trial {deaths[2]}: worker lost, marked FAIL; not re-queued: retries exhausted (study.max_retries = 2)"]
 
 
 def test_a_child_worker_that_dies_makes_run_fail_without_losing_a_trial(write_study, tmp_path, small):
@@ -225,3 +232,45 @@ def test_non_finite_loss_in_one_trial_ends_that_trial_only(write_study, monkeypa
     assert [t.state.name for t in all_trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert "loss became nan" in all_trials[1].user_attrs["diverged"]
     assert all(torch.isfinite(torch.tensor(t.value)) for t in all_trials if t.state.name == "COMPLETE")
+
+
+def test_a_diverged_confirm_and_sweep_run_shows_in_n_everywhere(write_study, tmp_path, monkeypatch, capsys):
+    # Run 1 of every LLRD configuration (ξ < 1) trains at an absurd LR and diverges (PRUNED, never
+    # re-run); the control and the ξ = 1 sweep point, same seed, do not. n must say so, not just drop.
+    real = objective_module.train_and_evaluate
+    rep1_seed = 100_001  # study.seed 0 + trial_seed_offset 0 + confirm.SEED_OFFSET + run 1
+
+    def absurd_for_rep1(model, task, groups, cfg, *, seed, **kw):
+        if seed == rep1_seed and len({g["lr"] for g in groups if g["layer"] != "head"}) > 1:
+            groups = [{**g, "lr": 10.0} for g in groups]
+        return real(model, task, groups, cfg, seed=seed, **kw)
+
+    monkeypatch.setattr(objective_module, "train_and_evaluate", absurd_for_rep1)
+    url = f"sqlite:///{tmp_path / 'div.db'}"
+    path = write_study(name="div", n_trials=3, study={"control_fraction": 0.34}, train={"epochs": 3})
+    assert main(["run", str(path), "--storage", url, "--threads", "1"]) == 0
+    capsys.readouterr()
+    args = ["confirm", "--storage", url, "--study", "div", "--top", "1", "--seeds", "2", "--decay-sweep", "1.0", "--threads", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    (diverged,) = [t for t in trials(url, "div.confirm") if t.state.name == "PRUNED"]
+    assert diverged.user_attrs["diverged"].startswith("loss ") and diverged.user_attrs["llrd:confirm_rep"] == 1
+    lines = out.splitlines()
+    assert any(line.lstrip().startswith("trial ") and line.endswith("(n = 1 of 2, 1 diverged)") for line in lines), out
+    assert any(line.lstrip().startswith("control ") and line.endswith("(n = 2)") for line in lines), out
+    assert "ξ = 1.000" in out and any("(n = 1 of 2, 1 diverged)  (the winner" in line for line in lines), out
+    assert "n = 1 of 2 paired seeds (1 diverged in the LLRD winner)" in out
+    assert main(args) == 0  # resuming does not re-run a diverged run: it is a result, not a failure
+    assert len(trials(url, "div.confirm")) == 6
+
+    report_dir = tmp_path / "report"
+    assert main(["report", "--storage", url, "--study", "div", "--out", str(report_dir)]) == 0
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert {k: summary["best"]["confirmed"][k] for k in ("n", "n_planned", "n_diverged")} == {"n": 1, "n_planned": 2, "n_diverged": 1}
+    v = summary["verdict"]
+    assert (v["n_seeds"], v["n_planned"], v["n_diverged"], v["confirmed"]) == (1, 2, {"llrd": 1, "control": 0}, False)
+    by_decay = {r["decay"]: (r["n"], r["n_planned"], r["n_diverged"]) for r in summary["decay_sweep"]}
+    assert by_decay[1.0] == (2, 2, 0) and sorted(by_decay.values()) == [(1, 2, 1), (2, 2, 0)]
+    text = (report_dir / "summary.md").read_text()
+    assert text.count("| 1 of 2, 1 diverged |") == 2  # the confirmation table and the sweep table
+    assert "n = 1 of 2 paired seeds (1 diverged in the LLRD winner)" in text

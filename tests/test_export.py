@@ -240,3 +240,74 @@ def test_export_without_a_complete_trial_says_so(searched):
         empty.set_user_attr(key, value)
     with pytest.raises(LLRDSearchError, match="no complete trial"):
         build_config(empty, "sqlite:///x.db")
+
+
+# --------------------------------------------------------------------------- when the ξ = 1 control arm wins
+
+
+def _two_arm_search(write_study, tmp_path, control_value: float) -> str:
+    """A 3-trial study with a control arm (2 LLRD trials, 1 control) where every LLRD trial scores 0.7
+    and the control ``control_value``; no training (the objective only samples)."""
+    from llrd_search.arms import CONTROL, arm_of
+    from llrd_search.objective import suggest
+    from llrd_search.worker import run_worker
+
+    url = f"sqlite:///{tmp_path / 'arms.db'}"
+    path = write_study(name="arms", n_trials=3, study={"control_fraction": 0.34})
+    assert main(["create", str(path), "--storage", url]) == 0
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            return control_value if arm_of(trial) == CONTROL else 0.7
+
+        return objective
+
+    assert run_worker(url, "arms", objective_factory=factory) == 3
+    return url
+
+
+def test_export_says_so_and_exports_plain_fine_tuning_when_the_control_arm_wins(write_study, tmp_path, tiny_model_dir, capsys):
+    url = _two_arm_search(write_study, tmp_path, control_value=0.8)
+    control = optuna.load_study(study_name="arms.control", storage=url)
+    (best_control,) = control.get_trials(deepcopy=False)
+    out = tmp_path / "best.json"
+    capsys.readouterr()
+    assert main(["export", "--storage", url, "--study", "arms", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: exporting trial {best_control.number} of 'arms.control'" in err and "control arm beat the LLRD arm" in err
+    doc = json.loads(out.read_text())
+    assert (doc["arm"], doc["arm_study"], doc["trial"], doc["decay"]) == ("control", "arms.control", best_control.number, 1.0)
+    assert doc["base_lr"] == best_control.params["base_lr"] and doc["validation_score"] == 0.8
+    assert doc["selected_by"].startswith("search") and "plain fine-tuning (decay 1.0)" in doc["selected_by"]
+    assert len({g["lr"] for g in doc["groups"] if g["name"] != "head"}) == 1  # every encoder layer at base_lr: no decay
+    cfg = load_config(out)
+    assert cfg.arm == "control" and cfg.decay == 1.0
+    cfg.param_groups(_tiny_classifier(tiny_model_dir))  # checks against the file's table
+    # The report names the same configuration as the best overall.
+    assert main(["report", "--storage", url, "--study", "arms", "--out", str(tmp_path / "rep")]) == 0
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert {k: summary["winner"][k] for k in ("arm", "trial", "selected_by", "decay")} == {
+        "arm": "control", "trial": best_control.number, "selected_by": "search", "decay": 1.0}
+    assert summary["best"]["decay"] < 1.0  # `best` stays the LLRD arm's best
+    assert "LLRD did not beat it, and `llrd-search export` exports it" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("llrd_runs", "control_runs", "arm"), [(0.9, 0.6, "llrd"), (0.7, 0.75, "control")])
+def test_export_follows_the_confirmed_means_over_the_search_bests(write_study, tmp_path, llrd_runs, control_runs, arm):
+    from llrd_search import confirm
+
+    url = _two_arm_search(write_study, tmp_path, control_value=0.8)  # the search's bests: control 0.8, LLRD 0.7
+    plan = confirm.prepare(url, "arms", top=1, seeds=2)
+    linked = optuna.load_study(study_name=plan.study_name, storage=url)
+    for _ in range(4):
+        trial = linked.ask()
+        linked.tell(trial, control_runs if trial.user_attrs["llrd:arm"] == "control" else llrd_runs)
+    config = export_config(url, "arms")
+    assert config["arm"] == arm and config["selected_by"].startswith("confirmation (best mean over 2 seeds)")
+    assert config["confirmed"] == {"mean": pytest.approx(max(llrd_runs, control_runs)), "std": 0.0, "n": 2,
+                                   "accuracies": [max(llrd_runs, control_runs)] * 2}
+    if arm == "control":
+        assert (config["arm_study"], config["decay"]) == ("arms.control", 1.0) and "control arm beat the LLRD arm" in config["selected_by"]
+    else:
+        assert (config["arm_study"], config["trial"]) == ("arms", plan.sources[0]) and config["decay"] < 1.0

@@ -1,0 +1,127 @@
+"""Reading a confirmation back: one row per re-run configuration of the linked study ``NAME.confirm``.
+
+:mod:`confirm` plans and runs the linked study; this module only reads it, so the report, export
+and the decay sweep (:mod:`sweep`) can read it without the planning code. A run belongs to the
+configuration named by its ``llrd:confirm_of`` tag (a search trial number, ``control:N`` for the
+control arm's best, ``sweep:ξ`` for a decay-sweep point); run ``llrd:confirm_rep`` = i of every
+configuration trained with the same seed, which is what pairs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .arms import CONTROL, LLRD
+from .exceptions import StorageError, StudyNotFoundError
+from .stats import mean_std
+from .storage import load_study, opened_storage
+from .vocab import CONFIRM_ATTR as META_ATTR
+from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
+from .vocab import CONFIRM_REP_ATTR as REP_ATTR
+from .vocab import PARAMS
+
+SUFFIX = ".confirm"
+SWEEP = "sweep"
+
+
+def confirm_name(study_name: str) -> str:
+    return study_name + SUFFIX
+
+
+def is_sweep(src: Any) -> bool:
+    """Whether a source key names a decay-sweep point (``sweep:ξ``)."""
+    return str(src).startswith(SWEEP + ":")
+
+
+def read_meta(storage: optuna.storages.BaseStorage, name: str, strict: bool = True) -> dict[str, Any] | None:
+    """The plan stored in the linked study ``name``; None when there is no such study."""
+    try:
+        study = load_study(storage, name)
+    except StudyNotFoundError:
+        return None
+    raw = study.user_attrs.get(META_ATTR)
+    if raw is None and not strict:
+        return None  # a study that merely has the name: nothing confirmed
+    if raw is None:
+        raise StorageError(f"--study: a study '{name}' exists but is not a llrd-search confirmation; rename or delete it")
+    return json.loads(raw)
+
+
+def interrupted(t: FrozenTrial) -> bool:
+    return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
+
+
+def run_stats(trials: list[FrozenTrial], src: Any, planned: int) -> dict[str, Any]:
+    """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n, and
+    why n may fall short of the ``planned`` S: runs that diverged (PRUNED with a ``diverged`` attr, never
+    re-run: the configuration blew up at that seed) and runs that failed (re-queued up to S times)."""
+    mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
+    done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
+    accs = [float(t.value) for t in done]
+    mean, std = mean_std(accs)
+    return {"accuracies": accs, "by_seed": {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in done},
+            "mean": mean, "std": std, "n": len(accs), "n_planned": planned,
+            "n_diverged": sum(t.state == TrialState.PRUNED and "diverged" in t.user_attrs for t in mine),
+            "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)}
+
+
+def linked_runs(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
+    """The plan and the trials of ``study_name``'s linked study, or None before ``confirm``."""
+    meta = read_meta(store, confirm_name(study_name), strict=False)
+    if meta is None:
+        return None
+    return meta, load_study(store, confirm_name(study_name)).get_trials(deepcopy=False)
+
+
+def all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    """Every confirmed configuration of either arm (the decay sweep's points excluded), in plan order."""
+    linked = linked_runs(store, study_name)
+    if linked is None:
+        return None
+    meta, trials = linked
+    rows = []
+    for src in meta["sources"]:
+        if is_sweep(src):
+            continue  # the decay sweep's runs: sweep.sweep_summary
+        rows.append({
+            "source_trial": int(str(src).rsplit(":", 1)[-1]),
+            "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
+            "params": {p: meta["params"][str(src)][p] for p in PARAMS},
+            "search_accuracy": meta["search_accuracy"][str(src)],
+            **run_stats(trials, src, meta["seeds"]),
+        })
+    return rows
+
+
+def _rows(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
+        return all_rows(store, study_name)
+
+
+def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> list[dict] | None:
+    """One dict per confirmed LLRD-arm configuration, best mean first; None when ``study_name`` has
+    no linked confirmation study.
+
+    Keys: ``source_trial``, ``arm``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per
+    finished run), ``by_seed`` (run index → accuracy: the pairing), ``mean``, ``std`` (sample std;
+    0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value), ``n_planned`` (S),
+    ``n_diverged`` and ``n_failed`` (:func:`run_stats`; :func:`records.runs_text` words them). A
+    configuration whose runs all failed comes last with NaN mean. The control arm's row:
+    :func:`control_summary`.
+    """
+    rows = _rows(storage, study_name)
+    if rows is None:
+        return None
+    llrd = [r for r in rows if r["arm"] == LLRD]
+    return sorted(llrd, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+
+
+def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
+    """The confirmed control-arm configuration (same keys as a :func:`confirmation_summary` row;
+    ``source_trial`` numbers a trial of ``NAME.control``), or None when none was confirmed."""
+    return next((r for r in _rows(storage, study_name) or [] if r["arm"] == CONTROL), None)
