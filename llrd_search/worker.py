@@ -45,6 +45,7 @@ from .compat import rdb_of, storage_of, study_id, trial_id
 from .exceptions import RepeatedFailureError
 from .resilience import count_states
 from .spec import StudySpec
+from .steps import step_hook
 from .storage import budget_lock, fail_stale, load_study, opened_storage, spec_of
 from .vocab import BUDGET_ATTR, FINISHED_STATES
 
@@ -187,7 +188,7 @@ def run_worker(
         # Data, tokenizer and model load once, before any trial: a setup error is one clear error,
         # not a string of failed trials.
         objective = (objective_factory or _default_objective)(spec)
-        with _Signals() as signals, _step_checks(objective, signals):
+        with _Signals() as signals:
             while True:
                 # Waiting for the lock can be interrupted; once it is held, a signal is held until the
                 # trial is inside the try below, whose KeyboardInterrupt branch marks it FAIL.
@@ -233,7 +234,10 @@ def run_worker(
                     signals.check()
                     with signals.deferred():
                         trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-                    value = objective(trial)
+                    # Checked at every training step too: a signal whose KeyboardInterrupt Python
+                    # dropped (raised inside a GC or weakref callback) still stops the trial.
+                    with step_hook(lambda _step, _total: signals.check()):
+                        value = objective(trial)
                 except optuna.TrialPruned:
                     with signals.deferred():
                         _finish(arms[arm], trial, TrialState.PRUNED, wall_seconds=round(time.perf_counter() - t0, 3))
@@ -272,27 +276,6 @@ def run_worker(
                     heartbeat.stop()
                 if on_trial_end is not None:
                     on_trial_end(study, storage.get_trial(trial_id(trial)))
-
-
-@contextlib.contextmanager
-def _step_checks(objective: Any, signals: _Signals) -> Iterator[None]:
-    """Check for a held signal at every training step of an objective with an ``on_step`` hook, so
-    a signal whose KeyboardInterrupt Python dropped still stops the trial at its next step."""
-    if not hasattr(objective, "on_step"):
-        yield
-        return
-    original = objective.on_step
-
-    def hook(step: int, total: int) -> None:
-        signals.check()
-        if original is not None:
-            original(step, total)
-
-    objective.on_step = hook
-    try:
-        yield
-    finally:
-        objective.on_step = original
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None, **attrs: Any) -> bool:
