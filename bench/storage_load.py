@@ -173,6 +173,10 @@ def main() -> None:
 
     import psycopg
 
+    from llrd_search.storage import quiet_optuna
+
+    quiet_optuna()  # as llrd-search's own entry points do: no Optuna INFO line per study and trial
+
     admin = psycopg.connect(ADMIN.format(host=args.host, port=args.port, user=args.user), autocommit=True)
     db = f"llrd_bench_{uuid.uuid4().hex[:8]}"
     admin.execute(f'CREATE DATABASE "{db}"')

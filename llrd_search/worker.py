@@ -46,7 +46,7 @@ from .exceptions import RepeatedFailureError
 from .resilience import count_states
 from .spec import StudySpec
 from .steps import step_hook
-from .storage import budget_lock, fail_stale, load_study, opened_storage, spec_of
+from .storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
 from .vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def run_worker(
     Ctrl-C and SIGTERM (when called from the main thread) end the current trial as FAIL with reason
     "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
     """
+    quiet_optuna()
     with opened_storage(storage_url) as bootstrap:
         study_name = parent_name(bootstrap, study_name)  # a worker pointed at NAME.control joins NAME
         spec = spec_of(load_study(bootstrap, study_name))
