@@ -38,7 +38,7 @@ from llrd_search.resilience import is_transient, retrying
 from llrd_search.spec import load_spec
 from llrd_search.steps import step_callback, step_hook
 from llrd_search.storage import create_study, open_storage
-from llrd_search.worker import INTERRUPTED, error_signature, run_worker
+from llrd_search.worker import INTERRUPTED, FailureCounter, error_signature, run_worker
 
 # Trials on 64 examples: SLOW_EPOCHS makes one last a few seconds, long enough to be hit mid-trial.
 SLOW_EPOCHS = 25
@@ -78,6 +78,17 @@ def test_error_signature_ignores_numbers_but_not_the_error():
     assert a == b
     assert a != error_signature(ValueError("loss became nan at step 13 (lr 1.5e-3)"))
     assert a != error_signature(RuntimeError("CUDA out of memory"))
+
+
+def test_the_failure_counter_gives_up_at_the_limit_of_identical_errors_in_a_row():
+    failures = FailureCounter(limit=3)
+    nan = [RuntimeError(f"loss became nan at step {i}") for i in range(5)]
+    assert [failures.record(e) for e in nan[:2]] == [False, False]
+    assert not failures.record(ValueError("CUDA out of memory"))  # another error starts the count over
+    assert [failures.record(e) for e in nan[:3]] == [False, False, True]
+    assert failures.repeats == 3
+    failures.reset()  # a trial that completed
+    assert not failures.record(nan[4]) and failures.repeats == 1
 
 
 def test_step_hooks_reach_only_their_block_and_thread():
