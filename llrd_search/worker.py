@@ -247,10 +247,12 @@ def run_worker(
     # It opened a moment ago: a failure now is an outage (patient).
     with opened_storage(storage_url, spec, patient=True) as storage:
         study = load_study(storage, study_name, spec, worker_index)
-        claimer = _Claimer(storage, study, spec, worker_index)
         # Data, tokenizer and model load once, before any trial: a setup error is one clear error,
-        # not a string of failed trials.
+        # not a string of failed trials. And before the budget lock is first taken (for the control
+        # arm): a worker waiting at the lock is ready to train, so workers started together compete
+        # for the first trials as equals instead of one loading its model while others run them.
         objective = (objective_factory or _default_objective)(spec)
+        claimer = _Claimer(storage, study, spec, worker_index)
         with Signals() as signals:
             while True:
                 claimed = claimer.claim(signals)
