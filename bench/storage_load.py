@@ -105,13 +105,12 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
     from llrd_search.spec import parse_spec
-    from llrd_search.storage import create_study, open_storage
+    from llrd_search.storage import create_study, opened_storage
 
     name = f"load-m{m}-{uuid.uuid4().hex[:6]}"
     n_trials = m * per_worker
-    storage = open_storage(url)
-    create_study(parse_spec(_spec(name, n_trials)), storage, n_trials)
-    storage.engine.dispose()
+    with opened_storage(url) as storage:
+        create_study(parse_spec(_spec(name, n_trials)), storage, n_trials)
 
     ctx = mp.get_context("fork")  # the parent imported everything: children start in milliseconds
     barrier, results = ctx.Barrier(m + 1), ctx.Queue()
@@ -138,9 +137,8 @@ def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
 
     import optuna
 
-    storage = open_storage(url)
-    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    storage.engine.dispose()
+    with opened_storage(url) as storage:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
     merged = {k: [x for r in collected for x in r["times"][k]] for k in ("ask", "report", "tell")}
     return {
@@ -172,6 +170,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import psycopg
+
+    from llrd_search.storage import quiet_optuna
+
+    quiet_optuna()  # as llrd-search's own entry points do: no Optuna INFO line per study and trial
 
     admin = psycopg.connect(ADMIN.format(host=args.host, port=args.port, user=args.user), autocommit=True)
     db = f"llrd_bench_{uuid.uuid4().hex[:8]}"

@@ -7,14 +7,15 @@ library's WSGI server with one thread per request (the web page polls several en
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .exceptions import LLRDSearchError
-from .storage import mask_url, open_storage
+from .storage import mask_url, opened_storage
 
 NO_AUTH_WARNING = (
     "warning: the dashboard has no authentication and can delete studies; anyone who reaches "
@@ -51,25 +52,28 @@ def dashboard_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/dashboard/"
 
 
-def make_dashboard_server(url: str, host: str = "127.0.0.1", port: int = 8080) -> WSGIServer:
-    """A bound (not yet serving) WSGI server for optuna-dashboard on ``url``; port 0 picks a free one."""
+@contextlib.contextmanager
+def dashboard_server(url: str, host: str = "127.0.0.1", port: int = 8080) -> Iterator[WSGIServer]:
+    """A bound (not yet serving) WSGI server for optuna-dashboard on ``url``; port 0 picks a free
+    one. The server and its storage are closed on leaving the block, however it is left."""
     import optuna_dashboard
 
-    app = optuna_dashboard.wsgi(open_storage(url))
-    server_class = _IPv6ThreadingServer if ":" in host else _ThreadingServer
-    try:
-        return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    except OSError as err:
-        raise LLRDSearchError(f"--host/--port: cannot listen on {host}:{port} ({err.strerror or err}); pick another --port") from None
+    with opened_storage(url) as storage:
+        server_class = _IPv6ThreadingServer if ":" in host else _ThreadingServer
+        try:
+            server = make_server(host, port, optuna_dashboard.wsgi(storage), server_class=server_class, handler_class=_QuietHandler)
+        except OSError as err:
+            raise LLRDSearchError(f"--host/--port: cannot listen on {host}:{port} ({err.strerror or err}); pick another --port") from None
+        try:
+            yield server
+        finally:
+            server.server_close()
 
 
 def serve(url: str, host: str = "127.0.0.1", port: int = 8080, *, say: Callable[[str], None] = print) -> None:
     """Serve until interrupted, after saying where (never with the storage password)."""
     if not is_loopback(host):
         say(NO_AUTH_WARNING.format(host=host, port=port))
-    server = make_dashboard_server(url, host, port)
-    try:
+    with dashboard_server(url, host, port) as server:
         say(f"optuna-dashboard for {mask_url(url)} at {dashboard_url(host, server.server_port)}  (Ctrl-C stops it)")
         server.serve_forever()
-    finally:
-        server.server_close()

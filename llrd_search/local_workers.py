@@ -7,6 +7,7 @@ every finished trial. Defaults to one single-threaded worker per CPU core: see :
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,28 +117,27 @@ def run_local_workers(
 
         env["PGPASSWORD"] = str(make_url(url).password)
     first = 1 if in_process is not None else 0
-    monitor = _TrialMonitor(url, name, on_trial)  # before any worker starts: it reports every trial they finish
     procs: list[subprocess.Popen] = []
-    try:
-        for i in range(first, workers):
-            argv = ["worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
-            argv += ["--objective", objective] if objective else []
-            procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env=env))
-        if in_process is not None:
-            in_process()
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except BaseException:
-        # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
-        # give them time to mark their trials FAIL (a second signal is harmless: they defer it). The
-        # same when worker 0 stopped on an error (e.g. repeated failures): the others would too.
-        _stop(procs, wait=30)
-        raise
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        monitor.stop()
+    with monitored(url, name, on_trial):  # before any worker starts: it reports every trial they finish
+        try:
+            for i in range(first, workers):
+                argv = ["worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
+                argv += ["--objective", objective] if objective else []
+                procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env=env))
+            if in_process is not None:
+                in_process()
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.5)
+        except BaseException:
+            # Ctrl-C reached the children too, but `kill PID` / SIGTERM reached only us: pass it on, then
+            # give them time to mark their trials FAIL (a second signal is harmless: they defer it). The
+            # same when worker 0 stopped on an error (e.g. repeated failures): the others would too.
+            _stop(procs, wait=30)
+            raise
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
     failed = [p.returncode for p in procs if p.returncode]
     if failed:
         raise LLRDSearchError(f"{len(failed)} of {workers} workers exited with an error (see their messages above)")
@@ -154,29 +154,38 @@ def _stop(procs: list[subprocess.Popen], wait: float) -> None:
             p.kill()
 
 
+@contextlib.contextmanager
+def monitored(url: str, name: str, on_trial: Callable[[Any, Any], None], every: float = 2.0) -> Iterator[_TrialMonitor]:
+    """A :class:`_TrialMonitor` of study ``name`` for the block: on leaving it, a last poll reports
+    what finished meanwhile, then the storage is closed."""
+    from .storage import opened_study
+
+    with opened_study(url, name) as study:
+        monitor = _TrialMonitor(study, on_trial, every)
+        try:
+            yield monitor
+        finally:
+            monitor.stop()
+
+
 class _TrialMonitor:
     """Calls ``on_trial(study, trial)`` once for every trial that finishes after it was made,
     whichever worker ran it, in trial-number order within each poll."""
 
-    def __init__(self, url: str, name: str, on_trial: Callable[[Any, Any], None], every: float = 2.0):
-        import optuna
-
-        from .storage import open_storage
+    def __init__(self, study: Any, on_trial: Callable[[Any, Any], None], every: float = 2.0):
+        from .arms import arm_trials
 
         self.on_trial, self.every = on_trial, every
         # The snapshot is taken here, not in the thread: a trial finishing before the thread first
         # ran would be in it and never reported.
-        self._storage = open_storage(url)
-        self._study = optuna.load_study(study_name=name, storage=self._storage)
-        from .arms import arm_trials
-
-        self.seen = {(arm, t.number) for arm, ts in arm_trials(self._study).items() for t in ts if t.state.is_finished()}
+        self._study = study
+        self.seen = {(arm, t.number) for arm, ts in arm_trials(study).items() for t in ts if t.state.is_finished()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="llrd-trial-monitor")
         self._thread.start()
 
     def _run(self) -> None:
-        from .storage import close_storage
+        from .compat import rdb_of
 
         try:
             while True:
@@ -188,7 +197,9 @@ class _TrialMonitor:
                 if stopping:
                     return
         finally:
-            close_storage(self._storage)
+            rdb = rdb_of(self._study)
+            if rdb is not None:
+                rdb.remove_session()  # this thread's; the storage itself is closed by monitored()
 
     def _poll(self, study: Any) -> None:
         from .arms import arm_trials

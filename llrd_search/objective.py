@@ -19,6 +19,7 @@ from .metrics import check_metric
 from .model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from .param_groups import build_param_groups, group_table
 from .spec import SpaceSection, StudySpec
+from .steps import step_callback
 from .train import pick_device, pick_precision, train_and_evaluate
 from .vocab import SEED_ATTR
 
@@ -47,7 +48,11 @@ def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:
 
 
 class Objective:
-    """Callable objective for one worker process. Build once, call once per trial."""
+    """Callable objective for one worker process. Build once, call once per trial.
+
+    ``on_step(step, total)`` runs at every training step, after the hooks whoever calls the
+    objective installed with :func:`steps.step_hook` (a worker's signal check).
+    """
 
     def __init__(
         self,
@@ -110,7 +115,7 @@ class Objective:
                 device=self.device,
                 dtype=self.dtype,
                 on_eval=on_eval,
-                on_step=self.on_step,
+                on_step=step_callback(self.on_step),
             )
         except DivergedError as err:
             # PRUNED, not FAIL: the point was tried and is bad (its LRs are too high). It uses its

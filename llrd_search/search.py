@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .results_api import Confirmation, Exported, Report, Trained, confirm, export, report, train  # noqa: F401
+from .steps import StepHook
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ def storage_url(study_file: str | Path, spec: Any, storage: str | None = None) -
     return storage or spec.study.storage or default_storage(study_file)
 
 
-def preflight(spec: Any) -> Any:
+def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
     """Load data, tokenizer and model and map the LR groups before anything is written to storage,
     so a bad study file or dataset fails with one line and leaves no half-made study behind.
-    Returns the built-in objective, loaded."""
+    Returns the built-in objective, loaded, calling ``on_step(step, total)`` at each step."""
     from .exceptions import ModelError
     from .model import fresh_model
     from .objective import Objective
@@ -118,7 +119,7 @@ def preflight(spec: Any) -> Any:
             "model.trust_remote_code = true: every worker runs Python code from the repository of '%s' "
             "when it loads the model; use it only for a repository you trust", spec.model.name
         )
-    objective = Objective(spec)
+    objective = Objective(spec, on_step=on_step)
     try:
         build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
     except ModelError as err:
@@ -181,7 +182,7 @@ def run(
 
     watch = watch or Quiet()
     spec = load_spec(study_file)
-    objective = preflight(spec)
+    objective = preflight(spec, on_step=watch.step)
     created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
     watch.created(created)
     url, name = created.url, spec.study.name
@@ -198,8 +199,6 @@ def run(
     where = f"on {objective.device.type}" if hasattr(objective, "device") else f"running {spec.train.objective}"
     best, metric = _best_and_metric(url, name)
     watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric))
-    if hasattr(objective, "on_step"):
-        objective.on_step = watch.step
     try:
         from .worker import run_worker
 

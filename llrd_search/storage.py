@@ -2,7 +2,7 @@
 
 The validated spec lives in the study's user attrs, so a worker on another machine needs only the
 storage URL and the study name. A study is created once: its paper points are enqueued by whoever
-wins the creation, never per worker. Passwords never leave this module unmasked.
+wins the creation, never per worker. Passwords leave it only masked (urls.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 from sqlalchemy import text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .arms import predates_control_arm, stored_spec_data
@@ -40,39 +40,21 @@ from .resilience import budget_lock as budget_lock  # re-exported: workers impor
 from .resilience import fail_stale as fail_stale
 from .sampling import make_sampler
 from .spec import PAPER_POINTS, StudySpec, parse_spec
+from .urls import error_reason, open_hint, where
+from .urls import mask_url as mask_url  # re-exported: most modules import it from here
+from .urls import shareable_url as shareable_url
 from .vocab import BUDGET_ATTR, ENQUEUED_ATTR, FINGERPRINT_ATTR, FINISHED_STATES, SPEC_ATTR
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# We drive heartbeats ourselves around ask/tell (see worker.py), which Optuna warns about.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe for logs, errors and reports)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<invalid storage URL>"
-
-
-def shareable_url(url: str) -> tuple[str, bool]:
-    """(URL without its password, whether it had one): a command others can paste, with the
-    password supplied by libpq's PGPASSWORD or ~/.pgpass instead of the command line."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return "<invalid storage URL>", False
-    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, parsed.query)
-    return bare.render_as_string(hide_password=False), parsed.password is not None
-
-
-def _where(url: str) -> str:
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite":
-        return f"SQLite file {u.database}"
-    return f"{u.get_backend_name()} at {u.host or 'localhost'}:{u.port or 5432}/{u.database}"
+def quiet_optuna() -> None:
+    """Silence, for this process, Optuna's INFO lines (one per study made and trial told: our
+    progress line says it) and its warning that heartbeats belong to ``Study.optimize`` (workers
+    beat around ask/tell on purpose, see worker.py). Called where a process starts (``cli.main``,
+    ``worker.run_worker``), never on import: importing llrd_search changes nothing global."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -129,7 +111,7 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
         raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} (for PostgreSQL: pip install 'psycopg[binary]')") from None
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
-        raise StorageError(f"--storage: cannot open {_where(url)}: {_reason(err, url)}{_hint(err, url)}") from None
+        raise StorageError(f"--storage: cannot open {where(url)}: {error_reason(err, url)}{open_hint(err, url)}") from None
     return storage
 
 
@@ -175,27 +157,6 @@ def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool) -> Resilien
             log.warning("cannot open the storage yet (%s); retrying in %.1fs", "server busy" if busy else "schema being created" if race else "unreachable", delay)
         time.sleep(delay)
         delay = min(5.0, delay * 2)
-
-
-def _hint(err: Exception, url: str) -> str:
-    msg = str(getattr(err, "orig", None) or err)
-    u = make_url(url)
-    if "password authentication failed" in msg or "no password supplied" in msg:
-        return " (check the user and password in --storage, or PGPASSWORD / ~/.pgpass)"
-    if f'database "{u.database}" does not exist' in msg:
-        return f" (create it first: createdb -h {u.host or 'localhost'} {u.database})"
-    if f'role "{u.username}" does not exist' in msg:
-        return " (check the user name in --storage)"
-    if "refused" in msg or "timeout expired" in msg or "could not translate host name" in msg:
-        return f" (is PostgreSQL running and reachable at {u.host or 'localhost'}:{u.port or 5432}?)"
-    return ""
-
-
-def _reason(err: Exception, url: str) -> str:
-    msg = str(getattr(err, "orig", None) or err).strip().splitlines()
-    first = msg[0] if msg else type(err).__name__
-    password = make_url(url).password
-    return first.replace(str(password), "***") if password else first
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
@@ -250,7 +211,7 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     except optuna.exceptions.DuplicatedStudyError:
         study, new = load_study(storage, name), False
     except SQLAlchemyError as err:
-        raise StorageError(f"--storage: cannot create the study in {_where(storage.url)}: {_reason(err, storage.url)}") from None
+        raise StorageError(f"--storage: cannot create the study in {where(storage.url)}: {error_reason(err, storage.url)}") from None
     # A create running beside this one may be writing the same study: decide and write under its lock.
     with budget_lock(storage, study_id(study)):
         attrs = study.user_attrs
@@ -348,7 +309,7 @@ def load_study(storage: optuna.storages.BaseStorage, name: str, spec: StudySpec 
     try:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except SQLAlchemyError as err:
-        raise StorageError(f"--storage: cannot read studies: {_reason(err, storage.url)}") from None
+        raise StorageError(f"--storage: cannot read studies: {error_reason(err, storage.url)}") from None
     if name not in names:
         hint = f" (studies there: {', '.join(names[:10])})" if names else " (the storage holds no study yet; run 'llrd-search create STUDY.toml' first)"
         raise StudyNotFoundError(f"--study: no study named '{name}'{hint}")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -79,12 +80,9 @@ class _FakeServer:
     def serve_forever(self) -> None:
         raise KeyboardInterrupt
 
-    def server_close(self) -> None:
-        pass
-
 
 def test_dashboard_warns_off_loopback_and_never_prints_the_password(monkeypatch, capsys):
-    monkeypatch.setattr(dashboard, "make_dashboard_server", lambda url, host, port: _FakeServer())
+    monkeypatch.setattr(dashboard, "dashboard_server", lambda url, host, port: contextlib.nullcontext(_FakeServer()))
     secret = "postgresql+psycopg://bob:hunter2-pw@db.example:5432/llrd"
     assert main(["dashboard", "--storage", secret, "--host", "0.0.0.0"]) == 0
     out, err = capsys.readouterr()
@@ -105,5 +103,5 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        with pytest.raises(Exception, match="pick another --port"):
-            dashboard.make_dashboard_server(url, "127.0.0.1", s.getsockname()[1])
+        with pytest.raises(Exception, match="pick another --port"), dashboard.dashboard_server(url, "127.0.0.1", s.getsockname()[1]):
+            pass

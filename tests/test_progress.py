@@ -9,7 +9,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from llrd_search.console import Progress
-from llrd_search.local_workers import _TrialMonitor
+from llrd_search.local_workers import _TrialMonitor, monitored
 from llrd_search.storage import open_storage
 
 DIST = {k: FloatDistribution(1e-6, 1.0) for k in ("base_lr", "head_lr", "decay")}
@@ -30,11 +30,10 @@ def test_trials_finishing_together_get_distinct_counts(tmp_path, capsys):
     study = optuna.create_study(study_name="p", storage=open_storage(url), direction="maximize")
     _add(study, 7)
     progress = Progress(12, 7, None)
-    monitor = _TrialMonitor(url, "p", progress.trial, every=3600)  # polls only when stopped: deterministic
-    _add(study, 2)  # two workers finish at once: one poll sees both
-    _add(study, 1, TrialState.FAIL)  # printed, not counted
-    _add(study, 1, TrialState.PRUNED)
-    monitor.stop()
+    with monitored(url, "p", progress.trial, every=3600):  # polls only when the block ends: deterministic
+        _add(study, 2)  # two workers finish at once: one poll sees both
+        _add(study, 1, TrialState.FAIL)  # printed, not counted
+        _add(study, 1, TrialState.PRUNED)
     assert _counts(capsys.readouterr().err) == ["8/12", "9/12", "9/12", "10/12"]  # was 9, 9, 9, 10 (counted from storage)
 
 
@@ -60,6 +59,6 @@ def test_the_monitor_reports_a_trial_that_finished_before_its_thread_ran(tmp_pat
         _add(study, 1)  # finishes right after the monitor was made, before its thread's first poll
 
     monkeypatch.setattr(_TrialMonitor, "__init__", slow_thread)
-    monitor = _TrialMonitor(url, "p", lambda _s, t: seen.append(t.number), every=3600)
-    monitor.stop()
+    with monitored(url, "p", lambda _s, t: seen.append(t.number), every=3600):
+        pass
     assert seen == [0]

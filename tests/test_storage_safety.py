@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -292,3 +293,22 @@ def test_budget_lock_is_reentrant_in_one_thread(tmp_path):
     thread.join(timeout=20)
     assert done.is_set()
     storage.engine.dispose()
+
+
+# --------------------------------------------------------------------------- no import-time side effects
+
+
+def test_importing_the_library_changes_no_global_setting():
+    # A script importing llrd_search keeps Optuna's logging and its warnings filters as they were;
+    # only a process entry point (main, a worker) quiets Optuna, and says so by calling quiet_optuna.
+    code = """
+import sys, warnings, optuna
+before = (optuna.logging.get_verbosity(), list(warnings.filters))
+import llrd_search.cli, llrd_search.dashboard, llrd_search.local_workers, llrd_search.search, llrd_search.storage, llrd_search.worker
+assert (optuna.logging.get_verbosity(), list(warnings.filters)) == before, "changed on import"
+llrd_search.storage.quiet_optuna()
+assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+assert any(f[0] == "ignore" and f[1] is not None and f[1].pattern.startswith("Heartbeat of storage") for f in warnings.filters)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -36,8 +36,9 @@ from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.objective import suggest
 from llrd_search.resilience import is_transient, retrying
 from llrd_search.spec import load_spec
+from llrd_search.steps import step_callback, step_hook
 from llrd_search.storage import create_study, open_storage
-from llrd_search.worker import INTERRUPTED, error_signature, run_worker
+from llrd_search.worker import INTERRUPTED, FailureCounter, error_signature, run_worker
 
 # Trials on 64 examples: SLOW_EPOCHS makes one last a few seconds, long enough to be hit mid-trial.
 SLOW_EPOCHS = 25
@@ -77,6 +78,37 @@ def test_error_signature_ignores_numbers_but_not_the_error():
     assert a == b
     assert a != error_signature(ValueError("loss became nan at step 13 (lr 1.5e-3)"))
     assert a != error_signature(RuntimeError("CUDA out of memory"))
+
+
+def test_the_failure_counter_gives_up_at_the_limit_of_identical_errors_in_a_row():
+    failures = FailureCounter(limit=3)
+    nan = [RuntimeError(f"loss became nan at step {i}") for i in range(5)]
+    assert [failures.record(e) for e in nan[:2]] == [False, False]
+    assert not failures.record(ValueError("CUDA out of memory"))  # another error starts the count over
+    assert [failures.record(e) for e in nan[:3]] == [False, False, True]
+    assert failures.repeats == 3
+    failures.reset()  # a trial that completed
+    assert not failures.record(nan[4]) and failures.repeats == 1
+
+
+def test_step_hooks_reach_only_their_block_and_thread():
+    seen = []
+    other_thread = []
+
+    def own(step, _total):
+        seen.append(("own", step))
+
+    assert step_callback() is None and step_callback(own) is own
+    with step_hook(lambda step, _t: seen.append(("outer", step))):
+        with step_hook(lambda step, _t: seen.append(("inner", step))):
+            step_callback(own)(1, 2)
+            thread = threading.Thread(target=lambda: other_thread.append(step_callback()))
+            thread.start()
+            thread.join()
+        step_callback()(2, 2)
+    assert step_callback() is None
+    assert seen == [("outer", 1), ("inner", 1), ("own", 1), ("outer", 2)]
+    assert other_thread == [None]
 
 
 def test_retrying_rides_out_transient_errors_only():
@@ -279,9 +311,8 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
     steps: list[int] = []
 
     class Objective:
-        on_step = None
-
         def __call__(self, trial):
+            on_step = step_callback()  # what the built-in objective's training loop calls at each step
             suggest(trial, load_spec(write_study(name="dropped", n_trials=3)).space)
             target = type("Target", (), {})()
             ref = weakref.ref(target, lambda _r: signal.raise_signal(signal.SIGTERM))  # noqa: F841
@@ -289,7 +320,7 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
             for step in range(1, 51):
                 time.sleep(0.01)
                 steps.append(step)
-                self.on_step(step, 50)
+                on_step(step, 50)
             return 0.5
 
     with pytest.raises(KeyboardInterrupt):
@@ -297,6 +328,21 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
     assert steps == [1]  # stopped at the first step after the signal, not at the end of the study
     (t,) = trials(url, "dropped")
     assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == INTERRUPTED
+
+
+def test_the_built_in_objective_runs_the_installed_step_hooks_then_its_own(write_study):
+    from llrd_search.objective import Objective
+
+    calls = []
+    objective = Objective(load_spec(write_study(name="hooks", n_trials=1)), on_step=lambda step, _t: calls.append(("own", step)))
+    with step_hook(lambda step, _t: calls.append(("hook", step))):
+        objective(optuna.create_study(direction="maximize").ask())
+    steps = [step for who, step in calls if who == "own"]
+    assert steps == list(range(1, len(steps) + 1)) and steps
+    assert calls == [(who, step) for step in steps for who in ("hook", "own")]
+    calls.clear()
+    objective(optuna.create_study(direction="maximize").ask())  # the block has ended: its hook is gone
+    assert calls and {who for who, _ in calls} == {"own"}
 
 
 def test_interrupt_during_ask_leaves_no_running_trial(write_study, tmp_path, monkeypatch):
