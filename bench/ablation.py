@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from llrd_search.fastpath import FastPath
+from llrd_search.engine.fastpath import FastPath
 
 OFF = FastPath.off()
 # name -> (fastpath options, word embeddings frozen); each row adds one change to the one above.
@@ -51,10 +51,10 @@ def main() -> None:
 
     from compare_hf import cpu_name  # bench/ is on sys.path when this script runs
 
-    from llrd_search import train as tr
-    from llrd_search.fastpath import fast_path
-    from llrd_search.objective import Objective
-    from llrd_search.param_groups import build_param_groups
+    from llrd_search.engine import train as tr
+    from llrd_search.engine.fastpath import fast_path
+    from llrd_search.engine.objective import Objective
+    from llrd_search.engine.param_groups import build_param_groups
     from llrd_search.spec import parse_spec
 
     spec = parse_spec({
@@ -153,8 +153,8 @@ def print_profile(prof, wall: float, steps: int, examples: int) -> None:
 
 def accuracy(objective, seeds: int) -> None:
     """Full trials of the benchmark's fixed config with every stand-in on vs off: same seeds."""
-    from llrd_search import train as tr
-    from llrd_search.param_groups import build_param_groups
+    from llrd_search.engine import train as tr
+    from llrd_search.engine.param_groups import build_param_groups
 
     off = replace(FastPath.off(), fused_adamw=True)  # both arms step fused AdamW, as when docs/performance.md was measured
     print(f"\nfixed config base_lr 1e-4, head_lr 1e-3, decay 0.9; final validation accuracy, seeds 0..{seeds - 1}")

@@ -58,7 +58,7 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 1.
     On a CUDA machine: the GPU's peaks (fp32 without TF32, bf16), measured the same way."""
     import torch
 
-    from llrd_search.train import cpu_has_fast_bf16
+    from llrd_search.engine.train import cpu_has_fast_bf16
 
     if torch.cuda.is_available():
         return gpu_matmul_peak()
@@ -123,7 +123,7 @@ def write_slice(folder: Path, train_limit: int, seed: int, source: Path = SST2) 
     """The same stratified train slice for both sides, as CSV; the full validation split."""
     import pandas as pd
 
-    from llrd_search.data import stratified_indices
+    from llrd_search.engine.data import stratified_indices
 
     train = pd.read_csv(source / "train.csv")
     if 0 < train_limit < len(train):
@@ -184,8 +184,8 @@ def run_ours(toml: Path, env: dict, workers: int) -> dict:
 
 
 def run_peer(data: Path, args: argparse.Namespace, json_out: Path, env: dict, extra: list[str]) -> dict:
+    from llrd_search.engine.train import resolve_model_path
     from llrd_search.spec import PAPER_POINTS
-    from llrd_search.train import resolve_model_path
 
     t0 = time.time()
     cmd = [sys.executable, str(REPO / "bench" / "hf_peer.py"), "--data", str(data), "--model", resolve_model_path(args.model),
@@ -223,7 +223,7 @@ def ours_fixed(argv: list[str]) -> None:
     """(subprocess) Our objective on one fixed config for seeds 0..S-1, through the library."""
     import optuna
 
-    from llrd_search.objective import Objective
+    from llrd_search.engine.objective import Objective
     from llrd_search.spec import load_spec
 
     toml, params, seeds, out = Path(argv[0]), json.loads(argv[1]), int(argv[2]), Path(argv[3])
@@ -375,7 +375,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from llrd_search.train import resolve_model_path
+    from llrd_search.engine.train import resolve_model_path
 
     args.cuda = torch.cuda.is_available()
 

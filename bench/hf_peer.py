@@ -4,7 +4,7 @@
 AdamW as ``TrainingArguments.optim`` says), LLRD added the way the maintainers recommend (subclass,
 override ``create_optimizer``), the search through ``Trainer.hyperparameter_search(backend="optuna")``
 with ``model_init`` so every trial starts from the pretrained weights. The LLRD groups come from
-``llrd_search.param_groups.build_param_groups``, so both sides train exactly the same LR per tensor.
+``llrd_search.engine.param_groups.build_param_groups``, so both sides train exactly the same LR per tensor.
 
 Run by ``bench/compare_hf.py`` in its own process; it writes one JSON file of timings. Only timing
 hooks are added (a callback and a timed ``evaluate``); they do not change what is trained.
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         TrainingArguments,
     )
 
-    from llrd_search.param_groups import build_param_groups
+    from llrd_search.engine.param_groups import build_param_groups
 
     transformers.logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

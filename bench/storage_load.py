@@ -42,7 +42,7 @@ def _spec(name: str, n_trials: int) -> dict:
 
 
 def _child(url: str, study: str, index: int, barrier, results, pool_size: int) -> None:
-    from llrd_search import resilience, storage, worker
+    from llrd_search.study import resilience, storage, worker
 
     if pool_size != 1:
         base = storage.engine_kwargs
@@ -105,7 +105,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
     from llrd_search.spec import parse_spec
-    from llrd_search.storage import create_study, opened_storage
+    from llrd_search.study.storage import create_study, opened_storage
 
     name = f"load-m{m}-{uuid.uuid4().hex[:6]}"
     n_trials = m * per_worker
@@ -171,7 +171,7 @@ def main() -> None:
 
     import psycopg
 
-    from llrd_search.storage import quiet_optuna
+    from llrd_search.study.storage import quiet_optuna
 
     quiet_optuna()  # as llrd-search's own entry points do: no Optuna INFO line per study and trial
 

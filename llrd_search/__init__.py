@@ -12,23 +12,27 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build_param_groups": "llrd_search.param_groups",
-    "group_table": "llrd_search.param_groups",
-    "layer_lrs": "llrd_search.param_groups",
+    "build_param_groups": "llrd_search.engine.param_groups",
+    "group_table": "llrd_search.engine.param_groups",
+    "layer_lrs": "llrd_search.engine.param_groups",
     "load_spec": "llrd_search.spec",
-    "load_config": "llrd_search.export",
+    "load_config": "llrd_search.results.export",
     "StudySpec": "llrd_search.spec",
     "LLRDSearchError": "llrd_search.exceptions",
-    "suggest_param_groups": "llrd_search.user_objective",
-    "trial_seed": "llrd_search.user_objective",
-    "arm_of": "llrd_search.arms",
-    "study_metric_name": "llrd_search.metrics",
+    "suggest_param_groups": "llrd_search.engine.user_objective",
+    "trial_seed": "llrd_search.engine.user_objective",
+    "arm_of": "llrd_search.study.arms",
+    "study_metric_name": "llrd_search.engine.metrics",
     # The search layer: what the CLI calls, for scripts of your own.
     "create": "llrd_search.search",
     "run": "llrd_search.search",
     "join": "llrd_search.search",
     "status": "llrd_search.search",
     "summary": "llrd_search.search",
+    "confirm": "llrd_search.search",
+    "report": "llrd_search.search",
+    "export": "llrd_search.search",
+    "train": "llrd_search.search",
 }
 
 __all__ = ["__version__", *_LAZY]

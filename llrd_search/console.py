@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # optuna is imported when first needed: `llrd-search --help` stays quick
-    from .search import Created, Launch
+    from llrd_search.records import Created, Launch
 
 
 def short_metric(metric: str) -> str:
@@ -21,7 +21,7 @@ def short_metric(metric: str) -> str:
 def trial_line(t: Any, metric: str = "acc") -> str:
     from optuna.trial import TrialState
 
-    from .vocab import ARM_ATTR
+    from llrd_search.vocab import ARM_ATTR
 
     p = t.params
     acc = f"{metric}={t.value:.4f}" if t.value is not None else f"{metric}=-"
@@ -34,7 +34,7 @@ def trial_line(t: Any, metric: str = "acc") -> str:
 
 
 def best_value(study: Any) -> float | None:
-    from .vocab import best_trial
+    from llrd_search.vocab import best_trial
 
     best = best_trial(study.get_trials(deepcopy=False))
     return best.value if best is not None else None
@@ -94,8 +94,8 @@ class Progress:
         The count is this object's own: one more for each COMPLETE or PRUNED trial reported. Read
         from the storage instead, two trials finishing between two reports both printed the count
         after the second (``[9/12]`` twice). Trials are keyed by arm: each arm numbers its own."""
-        from .arms import arm_of
-        from .vocab import is_finished
+        from llrd_search.study.arms import arm_of
+        from llrd_search.vocab import is_finished
 
         key = (arm_of(trial), trial.number)
         if key in self.reported:
@@ -112,7 +112,7 @@ class Progress:
 
 def print_created(c: Created) -> None:
     """What ``create`` and ``run`` say once the study exists (all on stderr)."""
-    from .storage import mask_url
+    from llrd_search.study.storage import mask_url
 
     if c.note:
         say(f"note: {c.note}")

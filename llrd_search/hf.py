@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError
 
 
 class PruningCallback(TrainerCallback):
@@ -63,7 +63,7 @@ class PruningCallback(TrainerCallback):
     def _name_metric(self) -> None:
         """Name the study's metric after ``metric`` (e.g. ``eval_f1``), so the report, export and
         optuna-dashboard label values by it rather than by the study file's ``train.metric``."""
-        from .metrics import set_study_metric
+        from llrd_search.engine.metrics import set_study_metric
 
         self._named = True
         study = getattr(self.trial, "study", None)  # a FixedTrial has no study

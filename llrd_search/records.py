@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 
 def _finite(x: Any) -> Any:
@@ -130,3 +130,83 @@ class ReportVerdict:
     n_seeds: int
     confirmed: bool
     text: str
+
+
+# --------------------------------------------------------------------------- the search layer's results
+
+
+@dataclass
+class Created:
+    """A study made (or found, and resumed) in its storage."""
+
+    study_name: str
+    url: str
+    created: bool
+    budget: int
+    finished: int
+    note: str | None = None  # the budget was capped to the grid's size
+    control_study: str | None = None  # the control arm's study, when the search has one
+    control_trials: int = 0  # of the budget, the trials the control arm tunes
+
+
+@dataclass
+class Launch:
+    """The local workers a run starts, and where the study stands when they start."""
+
+    workers: int
+    threads: int
+    where: str  # "on cpu", "on cuda", or "running my_objective.py"
+    budget: int
+    finished: int
+    best: float | None
+    metric: str
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.finished
+
+
+@dataclass
+class Best:
+    """A study's (or its control arm's) best COMPLETE trial."""
+
+    trial: int
+    value: float
+    params: dict[str, float]
+
+
+@dataclass
+class Summary:
+    """A study's best trial by its metric, and its control arm's best (unconfirmed)."""
+
+    metric: str
+    best: Best | None
+    control_best: Best | None
+
+
+@dataclass
+class RunResult:
+    created: Created
+    summary: Summary
+
+
+class Watcher(Protocol):
+    """What a run reports while it works, in this order: created, started, then step and trial
+    (from whichever worker) until the budget is spent, then close (always). ``confirm`` reports
+    started … close once per round of runs, and no created."""
+
+    def created(self, c: Created) -> None: ...
+    def started(self, launch: Launch) -> None: ...
+    def step(self, step: int, total: int) -> None: ...
+    def trial(self, study: Any, trial: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class Quiet:
+    """A :class:`Watcher` that shows nothing."""
+
+    def created(self, c: Created) -> None: ...
+    def started(self, launch: Launch) -> None: ...
+    def step(self, step: int, total: int) -> None: ...
+    def trial(self, study: Any, trial: Any) -> None: ...
+    def close(self) -> None: ...

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import LLRDSearchError
-from .records import ConfirmRow, DecayInterval, PairedVerdict, ReportVerdict, SweepRow, Verdict
+from llrd_search.exceptions import LLRDSearchError
+from llrd_search.records import ConfirmRow, DecayInterval, PairedVerdict, ReportVerdict, SweepRow, Verdict
 
 if TYPE_CHECKING:  # optuna and torch are imported when first needed
-    from .confirm import Plan
-    from .search import Watcher
+    from llrd_search.records import Watcher
+    from llrd_search.study.confirm import Plan
 
 
 def _at_least_one(**values: int | None) -> None:
@@ -83,17 +83,17 @@ def confirm(
     ``workers``: local worker processes; ``objective``: ``module:function`` to train with instead
     of the study's. ``watch`` sees each round of runs: started, step and trial, then close.
     """
-    from .confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary
-    from .confirm import verdict as judge
-    from .local_workers import threads_per_worker
-    from .train import set_threads
+    from llrd_search.engine.train import set_threads
+    from llrd_search.study.confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary
+    from llrd_search.study.confirm import verdict as judge
+    from llrd_search.study.local_workers import threads_per_worker
 
     _at_least_one(top=top, seeds=seeds, workers=workers)
     decays = None
     if decay_sweep is not None:  # before anything is written
         decays = parse_decays(decay_sweep if isinstance(decay_sweep, str) else ",".join(repr(float(x)) for x in decay_sweep))
     if objective:  # a bad path fails before the linked study is made
-        from .user_objective import load_objective
+        from llrd_search.engine.user_objective import load_objective
 
         load_objective(objective, "--objective")
     threads = threads_per_worker(workers, threads)
@@ -115,14 +115,14 @@ def confirm(
 
 def _round_runner(storage: str, workers: int, threads: int, objective: str | None, watch: Watcher | None) -> Callable[[str], None]:
     """Run the linked study's queued runs: in this process (one worker) or ``workers`` local processes."""
-    from .search import Launch, Quiet
+    from llrd_search.records import Launch, Quiet
 
     watcher = watch or Quiet()
 
     def run(name: str) -> None:
-        from .metrics import study_metric_name
-        from .storage import opened_study
-        from .vocab import BUDGET_ATTR, best_trial, finished_count
+        from llrd_search.engine.metrics import study_metric_name
+        from llrd_search.study.storage import opened_study
+        from llrd_search.vocab import BUDGET_ATTR, best_trial, finished_count
 
         with opened_study(storage, name) as linked:
             trials = linked.get_trials(deepcopy=False)
@@ -131,10 +131,10 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
                             best.value if best is not None else None, study_metric_name(linked))
         watcher.started(launch)
         try:
-            from .confirm import retry_hook
-            from .local_workers import run_local_workers
-            from .user_objective import pick_objective
-            from .worker import run_worker
+            from llrd_search.engine.user_objective import pick_objective
+            from llrd_search.study.confirm import retry_hook
+            from llrd_search.study.local_workers import run_local_workers
+            from llrd_search.study.worker import run_worker
 
             hook = retry_hook(storage, name)
 
@@ -181,8 +181,8 @@ def report(storage: str, study: str, out: str | Path) -> Report:
     """Write ``study``'s plots, ``summary.md``, ``summary.json`` and a self-contained ``report.html`` into ``out``."""
     import json
 
-    from . import report as reporting
-    from .storage import mask_url
+    from llrd_search.results import report as reporting
+    from llrd_search.study.storage import mask_url
 
     files = reporting.write_report(storage, study, out)
     data = json.loads(files["summary_json"].read_text(encoding="utf-8"))
@@ -226,7 +226,7 @@ class Exported:
 
     @property
     def params(self) -> dict[str, float]:
-        from .vocab import PARAMS
+        from llrd_search.vocab import PARAMS
 
         return {p: self.config[p] for p in PARAMS}
 
@@ -240,7 +240,7 @@ def export(storage: str, study: str, *, out: str | Path | None = None, format: s
     """The best configuration of ``study`` over both arms (:func:`arms.overall_best`: the confirmation
     winner when there is one; the control arm's when it beat LLRD), rendered as
     ``format`` (default: YAML for an ``out`` ending .yaml/.yml, else JSON) and written to ``out`` if given."""
-    from .export import export_config, render
+    from llrd_search.results.export import export_config, render
 
     fmt = format or ("yaml" if out and Path(out).suffix in (".yaml", ".yml") else "json")
     if fmt not in ("json", "yaml"):
@@ -305,8 +305,8 @@ def train(
 ) -> Trained:
     """Fine-tune with an exported ``config`` on all the training data (or ``train_limit`` examples)
     and save the model, tokenizer and ``metrics.json`` into ``out`` (``force``: even if not empty)."""
-    from .finetune import train_from_config
-    from .train import set_threads
+    from llrd_search.engine.train import set_threads
+    from llrd_search.results.finetune import train_from_config
 
     _at_least_one(epochs=epochs, train_limit=train_limit)
     set_threads(threads)

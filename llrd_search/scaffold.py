@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .exceptions import DataError, LLRDSearchError, ModelError
-from .spec import DataSection, ModelSection
+from llrd_search.exceptions import DataError, LLRDSearchError, ModelError
+from llrd_search.spec import DataSection, ModelSection
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "question", "document", "utterance", "body")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"), ("text_a", "text_b"))
@@ -62,8 +62,8 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
 
 def inspect_data(folder: str | Path) -> DataInfo:
     """Splits, columns, classes and whether there is a validation split, from a folder of split files."""
-    from .labels import label_mapping
-    from .splits import load_raw_splits, split_files
+    from llrd_search.engine.labels import label_mapping
+    from llrd_search.engine.splits import load_raw_splits, split_files
 
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
@@ -106,7 +106,7 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
     """Layer count and usable positions from the model's config, and its tokenizer."""
     from transformers import AutoConfig
 
-    from .model import load_tokenizer, position_limit, resolve_model_path
+    from llrd_search.engine.model import load_tokenizer, position_limit, resolve_model_path
 
     path = resolve_model_path(name)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():

@@ -13,94 +13,18 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .results_api import Confirmation, Exported, Report, Trained, confirm, export, report, train  # noqa: F401
-from .steps import StepHook
+from llrd_search.engine.steps import StepHook
+from llrd_search.records import Best, Created, Launch, Quiet, RunResult, Summary, Watcher  # noqa: F401  (part of this API)
+from llrd_search.results_api import Confirmation, Exported, Report, Trained, confirm, export, report, train  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Created:
-    """A study made (or found, and resumed) in its storage."""
-
-    study_name: str
-    url: str
-    created: bool
-    budget: int
-    finished: int
-    note: str | None = None  # the budget was capped to the grid's size
-    control_study: str | None = None  # the control arm's study, when the search has one
-    control_trials: int = 0  # of the budget, the trials the control arm tunes
-
-
-@dataclass
-class Launch:
-    """The local workers a run starts, and where the study stands when they start."""
-
-    workers: int
-    threads: int
-    where: str  # "on cpu", "on cuda", or "running my_objective.py"
-    budget: int
-    finished: int
-    best: float | None
-    metric: str
-
-    @property
-    def remaining(self) -> int:
-        return self.budget - self.finished
-
-
-@dataclass
-class Best:
-    """A study's (or its control arm's) best COMPLETE trial."""
-
-    trial: int
-    value: float
-    params: dict[str, float]
-
-
-@dataclass
-class Summary:
-    """A study's best trial by its metric, and its control arm's best (unconfirmed)."""
-
-    metric: str
-    best: Best | None
-    control_best: Best | None
-
-
-@dataclass
-class RunResult:
-    created: Created
-    summary: Summary
-
-
-class Watcher(Protocol):
-    """What a run reports while it works, in this order: created, started, then step and trial
-    (from whichever worker) until the budget is spent, then close (always). ``confirm`` reports
-    started … close once per round of runs, and no created."""
-
-    def created(self, c: Created) -> None: ...
-    def started(self, launch: Launch) -> None: ...
-    def step(self, step: int, total: int) -> None: ...
-    def trial(self, study: Any, trial: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-class Quiet:
-    """A :class:`Watcher` that shows nothing."""
-
-    def created(self, c: Created) -> None: ...
-    def started(self, launch: Launch) -> None: ...
-    def step(self, step: int, total: int) -> None: ...
-    def trial(self, study: Any, trial: Any) -> None: ...
-    def close(self) -> None: ...
-
-
 def storage_url(study_file: str | Path, spec: Any, storage: str | None = None) -> str:
     """``storage``, else the study file's ``study.storage``, else a SQLite file beside it."""
-    from .spec import default_storage
+    from llrd_search.spec import default_storage
 
     return storage or spec.study.storage or default_storage(study_file)
 
@@ -109,10 +33,10 @@ def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
     """Load data, tokenizer and model and map the LR groups before anything is written to storage,
     so a bad study file or dataset fails with one line and leaves no half-made study behind.
     Returns the built-in objective, loaded, calling ``on_step(step, total)`` at each step."""
-    from .exceptions import ModelError
-    from .model import fresh_model
-    from .objective import Objective
-    from .param_groups import build_param_groups
+    from llrd_search.engine.model import fresh_model
+    from llrd_search.engine.objective import Objective
+    from llrd_search.engine.param_groups import build_param_groups
+    from llrd_search.exceptions import ModelError
 
     if spec.model.trust_remote_code:
         logging.getLogger("llrd_search").warning(
@@ -125,7 +49,7 @@ def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
     except ModelError as err:
         raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
     if spec.train.objective:  # a study naming a broken objective is not created
-        from .user_objective import load_objective
+        from llrd_search.engine.user_objective import load_objective
 
         load_objective(spec.train.objective, "train.objective")
     return objective
@@ -133,11 +57,11 @@ def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
 
 def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_file: str | Path = "") -> Created:
     """Create (or resume) the study of a loaded ``spec`` in ``url``, with its control arm."""
-    from .arms import arm_trials, control_target, ensure_control_arm
-    from .compat import study_id
-    from .grid import cap_budget
-    from .storage import budget_lock, create_study, opened_storage, shareable_url
-    from .vocab import BUDGET_ATTR, finished_count
+    from llrd_search.study.arms import arm_trials, control_target, ensure_control_arm
+    from llrd_search.study.compat import study_id
+    from llrd_search.study.grid import cap_budget
+    from llrd_search.study.storage import budget_lock, create_study, opened_storage, shareable_url
+    from llrd_search.vocab import BUDGET_ATTR, finished_count
 
     if spec.study.storage and shareable_url(spec.study.storage)[1]:
         # Never stored in the study (see storage.stored_spec_json), but study files get shared and committed.
@@ -158,7 +82,7 @@ def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_
 
 def create(study_file: str | Path, *, storage: str | None = None, n_trials: int | None = None) -> Created:
     """Check the study file, its data and model, then create (or resume) its study."""
-    from .spec import load_spec
+    from llrd_search.spec import load_spec
 
     spec = load_spec(study_file)
     preflight(spec)
@@ -176,9 +100,9 @@ def run(
 ) -> RunResult:
     """Create (or resume) the study, run it with local workers until its budget is spent, and
     return its best trials. ``workers``/``threads``: ``--workers``/``--threads`` (None: chosen)."""
-    from .local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
-    from .spec import load_spec
-    from .train import set_threads
+    from llrd_search.engine.train import set_threads
+    from llrd_search.spec import load_spec
+    from llrd_search.study.local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
 
     watch = watch or Quiet()
     spec = load_spec(study_file)
@@ -188,7 +112,7 @@ def run(
     url, name = created.url, spec.study.name
     if spec.train.objective:
         # The user's training code picks its own threads and device: one worker unless asked.
-        from .user_objective import load_objective
+        from llrd_search.engine.user_objective import load_objective
 
         workers = workers or workers_from_env() or 1
         objective = load_objective(spec.train.objective, "train.objective")
@@ -200,7 +124,7 @@ def run(
     best, metric = _best_and_metric(url, name)
     watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric))
     try:
-        from .worker import run_worker
+        from llrd_search.study.worker import run_worker
 
         if workers <= 1:
             run_worker(url, name, objective_factory=lambda _spec: objective, on_trial_end=watch.trial)
@@ -213,9 +137,9 @@ def run(
 
 
 def _best_and_metric(url: str, name: str) -> tuple[float | None, str]:
-    from .metrics import study_metric_name
-    from .storage import opened_study
-    from .vocab import best_trial
+    from llrd_search.engine.metrics import study_metric_name
+    from llrd_search.study.storage import opened_study
+    from llrd_search.vocab import best_trial
 
     with opened_study(url, name) as study:
         best = best_trial(study.get_trials(deepcopy=False))
@@ -224,10 +148,10 @@ def _best_and_metric(url: str, name: str) -> tuple[float | None, str]:
 
 def summary(url: str, name: str) -> Summary:
     """The study's best trial and its control arm's (unconfirmed)."""
-    from .arms import load_control
-    from .metrics import study_metric_name
-    from .storage import opened_study
-    from .vocab import best_trial
+    from llrd_search.engine.metrics import study_metric_name
+    from llrd_search.study.arms import load_control
+    from llrd_search.study.storage import opened_study
+    from llrd_search.vocab import best_trial
 
     def as_best(t: Any) -> Best | None:
         return Best(t.number, t.value, dict(t.params)) if t is not None else None
@@ -244,11 +168,11 @@ def summary(url: str, name: str) -> Summary:
 def join(storage: str, study: str, *, worker_index: int = 0, objective: str | None = None, on_trial_end: Any = None) -> int:
     """Join ``study`` as one worker and run trials until its budget is spent; returns how many this
     worker ran. ``objective``: a ``path.py:function`` to train with instead of the study's."""
-    from .worker import run_worker
+    from llrd_search.study.worker import run_worker
 
     factory = None
     if objective:
-        from .user_objective import load_objective
+        from llrd_search.engine.user_objective import load_objective
 
         user = load_objective(objective, "--objective")  # a bad path fails before joining the study
         factory = lambda _spec: user  # noqa: E731
@@ -295,10 +219,10 @@ def status(url: str, name: str) -> Status:
     """Where study ``name`` stands: one read of the storage, closed again."""
     from optuna.trial import TrialState
 
-    from .arms import CONTROL, arm_of, arm_trials
-    from .metrics import study_metric_name
-    from .storage import mask_url, opened_study
-    from .vocab import BUDGET_ATTR, best_trial, finished_count, state_counts
+    from llrd_search.engine.metrics import study_metric_name
+    from llrd_search.study.arms import CONTROL, arm_of, arm_trials
+    from llrd_search.study.storage import mask_url, opened_study
+    from llrd_search.vocab import BUDGET_ATTR, best_trial, finished_count, state_counts
 
     with opened_study(url, name) as study:
         metric = study_metric_name(study)

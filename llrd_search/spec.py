@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .exceptions import SpecError
+from llrd_search.exceptions import SpecError
 
 # The paper's point (Sun et al. 2019) and its no-decay control, enqueued once at study creation.
 PAPER_POINTS: list[dict[str, float]] = [

@@ -20,6 +20,7 @@ import psutil
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from llrd_search.study import compat
 from llrd_search.vocab import PARAMS
 
 
@@ -101,7 +102,7 @@ def running_trial_of(url: str, name: str, pids: list[int]) -> tuple[int, optuna.
         if t.state.name != "RUNNING" or not owner.isdigit() or int(owner) not in pids or set(t.params) != set(PARAMS):
             continue
         beating = _heartbeating(url) if beating is None else beating
-        if t._trial_id in beating:
+        if compat.trial_id(t) in beating:
             return int(owner), t
     return None
 
@@ -120,7 +121,7 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 
 def run_worker_threads(url: str, name: str, n: int, objective_factory: Callable, timeout: float = 120) -> list[Exception]:
     """Run ``n`` in-process workers on threads until the study's budget is spent; their errors."""
-    from llrd_search.worker import run_worker
+    from llrd_search.study.worker import run_worker
 
     errors: list[Exception] = []
 

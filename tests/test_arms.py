@@ -9,12 +9,13 @@ import pytest
 from _fleet import run_worker_threads, states, trials
 from scipy import stats as st
 
-from llrd_search.arms import CONTROL, LLRD, arm_of, choose_arm, control_target
 from llrd_search.cli import main
-from llrd_search.objective import suggest
+from llrd_search.engine.objective import suggest
 from llrd_search.spec import load_spec
 from llrd_search.stats import paired_difference, verdict_text
-from llrd_search.storage import create_study, open_storage
+from llrd_search.study import compat
+from llrd_search.study.arms import CONTROL, LLRD, arm_of, choose_arm, control_target
+from llrd_search.study.storage import create_study, open_storage
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -71,7 +72,7 @@ def test_verdict_sentences():
 def test_overall_best_picks_the_arm_export_writes():
     from types import SimpleNamespace
 
-    from llrd_search.arms import overall_best
+    from llrd_search.study.arms import overall_best
 
     def t(number, value, decay):
         return SimpleNamespace(number=number, value=value, params={"base_lr": 1e-4, "head_lr": 1e-3, "decay": decay})
@@ -132,7 +133,7 @@ def test_three_workers_keep_the_arms_at_their_share(write_study, tmp_path):
     assert {t.params["decay"] for t in control} == {1.0} and all(t.params["decay"] < 1.0 for t in llrd)
     assert {arm_of(t) for t in llrd} == {LLRD} and {arm_of(t) for t in control} == {CONTROL}
     # Trial ids are global to the storage: in ask order the arms follow choose_arm's sequence.
-    order = [arm_of(t) for t in sorted(llrd + control, key=lambda t: t._trial_id)]
+    order = [arm_of(t) for t in sorted(llrd + control, key=lambda t: compat.trial_id(t))]
     assert order == [LLRD, CONTROL, LLRD, LLRD, LLRD, CONTROL, LLRD, LLRD]
     out = main(["status", "--storage", url, "--study", "share", "--format", "json"])
     assert out == 0
@@ -211,7 +212,7 @@ def test_search_confirm_report_give_a_confirmed_paired_verdict(write_study, tmp_
 
 
 def test_stored_spec_without_control_fraction_reads_as_no_control_arm():
-    from llrd_search.arms import stored_spec_data
+    from llrd_search.study.storage import stored_spec_data
     from llrd_search.vocab import CONTROL_STUDY_ATTR
 
     old = {"study": {"name": "old", "n_trials": 4}}
@@ -225,7 +226,7 @@ def test_stored_spec_without_control_fraction_reads_as_no_control_arm():
 def test_a_study_from_before_the_control_arm_resumes_without_one(write_study, tmp_path, capsys):
     import optuna
 
-    from llrd_search.storage import spec_of
+    from llrd_search.study.storage import spec_of
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     path = write_study(name="old", n_trials=2)

@@ -219,7 +219,7 @@ def test_max_length_above_the_models_positions(capsys, tmp_path, write_study):
 def test_position_limit_of_model_families():
     from transformers import BertConfig, DebertaV2Config, RobertaConfig
 
-    from llrd_search.train import position_limit
+    from llrd_search.engine.train import position_limit
 
     assert position_limit(BertConfig(max_position_embeddings=512)) == 512
     assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # ids start after padding
@@ -299,7 +299,7 @@ def finished(tmp_path, write_study) -> tuple[str, str]:
     from optuna.trial import create_trial
 
     from llrd_search.spec import load_spec
-    from llrd_search.storage import create_study, open_storage
+    from llrd_search.study.storage import create_study, open_storage
 
     url = f"sqlite:///{tmp_path / 'done.db'}"
     storage = open_storage(url)

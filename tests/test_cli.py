@@ -9,7 +9,7 @@ import pytest
 
 from llrd_search.cli import build_parser, main
 from llrd_search.spec import load_spec
-from llrd_search.storage import open_storage
+from llrd_search.study.storage import open_storage
 from llrd_search.vocab import BUDGET_ATTR, SPEC_ATTR
 
 

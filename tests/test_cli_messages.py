@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from llrd_search import report, search
+from llrd_search import search
 from llrd_search.cli import main
 from llrd_search.exceptions import NoCompleteTrialError
+from llrd_search.results import report
 from llrd_search.spec import load_spec
-from llrd_search.storage import create_study, open_storage
+from llrd_search.study.storage import create_study, open_storage
 
 
 def _interrupt(*_a, **_kw):
@@ -38,7 +39,7 @@ def test_ctrl_c_during_report_says_the_report_may_be_incomplete(write_study, tmp
 
 
 def test_ctrl_c_during_run_still_says_trials_were_marked(write_study, monkeypatch, capsys):
-    from llrd_search import worker
+    from llrd_search.study import worker
 
     monkeypatch.setattr(worker, "run_worker", _interrupt)
     assert main(["run", str(write_study())]) == 130

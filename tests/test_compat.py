@@ -1,4 +1,4 @@
-"""Optuna's private names that llrd_search.compat relies on: each test fails, naming the attribute,
+"""Optuna's private names that llrd_search.study.compat relies on: each test fails, naming the attribute,
 when an Optuna release moves one (then mend compat.py and the optuna bound in pyproject.toml)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from llrd_search import compat
-from llrd_search.storage import open_storage
+from llrd_search.study import compat
+from llrd_search.study.storage import open_storage
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from llrd_search import confirm
 from llrd_search.cli import main
-from llrd_search.objective import suggest
+from llrd_search.engine.objective import suggest
 from llrd_search.spec import default_storage
-from llrd_search.storage import load_study, open_storage
-from llrd_search.worker import run_worker
+from llrd_search.study import confirm
+from llrd_search.study.storage import load_study, open_storage
+from llrd_search.study.worker import run_worker
 
 
 @pytest.fixture
@@ -197,8 +197,8 @@ def test_in_process_failure_is_replaced_before_the_worker_asks_again(searched):
 
 
 def test_run_stats_count_diverged_and_failed_runs_and_runs_text_words_them():
-    from llrd_search.confirm_rows import run_stats
     from llrd_search.records import runs_text
+    from llrd_search.study.confirm_rows import run_stats
 
     params = {"base_lr": 1e-4, "head_lr": 1e-3, "decay": 0.9}
 

@@ -11,8 +11,8 @@ import urllib.request
 import optuna
 import pytest
 
-from llrd_search import dashboard
 from llrd_search.cli import main
+from llrd_search.results import dashboard
 
 
 def _free_port() -> int:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, write_toy_dataset
 
-from llrd_search.data import Encoded, label_mapping, load_task_data, stratified_indices
+from llrd_search.engine.data import Encoded, label_mapping, load_task_data, stratified_indices
 from llrd_search.exceptions import DataError
 from llrd_search.spec import DataSection
 

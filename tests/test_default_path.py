@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from llrd_search.cli import main
-from llrd_search.cli_search import status_data
+from llrd_search.cli.search_cmds import status_data
 from llrd_search.spec import default_storage
 
 GOOD = [{"base_lr": 3e-3, "head_lr": 3e-3, "decay": d} for d in (1.0, 0.95, 0.9, 0.85)]

@@ -6,14 +6,14 @@ import optuna
 import pytest
 import torch
 
-from llrd_search import train as tr
 from llrd_search.cli import main
-from llrd_search.data import load_task_data
-from llrd_search.divergence import DivergenceGuard
+from llrd_search.engine import train as tr
+from llrd_search.engine.data import load_task_data
+from llrd_search.engine.divergence import DivergenceGuard
+from llrd_search.engine.param_groups import build_param_groups
 from llrd_search.exceptions import DivergedError, TrainingError
-from llrd_search.param_groups import build_param_groups
 from llrd_search.spec import DataSection, ModelSection, TrainSection, load_spec
-from llrd_search.storage import open_storage
+from llrd_search.study.storage import open_storage
 
 CPU = torch.device("cpu")
 

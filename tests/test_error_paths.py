@@ -30,13 +30,13 @@ from _fleet import (
 from conftest import NEGATIVE, POSITIVE, STALE_FAST, write_toy_dataset
 from sqlalchemy import create_engine, text
 
-from llrd_search import confirm
-from llrd_search import objective as objective_module
 from llrd_search.cli import main
-from llrd_search.objective import suggest
+from llrd_search.engine import objective as objective_module
+from llrd_search.engine.objective import suggest
 from llrd_search.spec import default_storage, load_spec
-from llrd_search.storage import create_study, open_storage
-from llrd_search.worker import INTERRUPTED, run_worker
+from llrd_search.study import compat, confirm
+from llrd_search.study.storage import create_study, open_storage
+from llrd_search.study.worker import INTERRUPTED, run_worker
 
 SLOW_EPOCHS = 25  # on 64 examples: a trial of a few seconds, long enough to be interrupted mid-trial
 
@@ -81,23 +81,23 @@ def _abandon(study: optuna.Study, storage, url: str) -> int:
     its heartbeat is then backdated past the grace period instead of waiting for it."""
     trial = study.ask({k: optuna.distributions.FloatDistribution(*b, log=True) for k, b in (("base_lr", (1e-4, 1e-3)), ("head_lr", (1e-3, 1e-2)))} | {"decay": optuna.distributions.FloatDistribution(0.5, 1.0)})
     trial.set_user_attr("worker", "gone:1")
-    storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(compat.trial_id(trial))
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = :i"), {"i": trial._trial_id})
+        conn.execute(text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00' WHERE trial_id = :i"), {"i": compat.trial_id(trial)})
     engine.dispose()
     return trial.number
 
 
 def test_a_trial_whose_worker_dies_more_than_max_retries_times_ends_fail(write_study, tmp_path, caplog):
-    from llrd_search.resilience import fail_stale
+    from llrd_search.study.resilience import fail_stale
 
     path = write_study(name="doomed", n_trials=3, study={"max_retries": 2})
     url = f"sqlite:///{tmp_path / 'doomed.db'}"
     spec = load_spec(path)
     storage = open_storage(url, spec)
     study, _ = create_study(spec, storage)
-    caplog.set_level(logging.WARNING, logger="llrd_search.resilience")
+    caplog.set_level(logging.WARNING, logger="llrd_search.study.resilience")
     # The first run and its 2 retries all lose their worker.
     deaths = [_abandon(study, storage, url)]
     for retry in (1, 2):

@@ -11,13 +11,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from llrd_search import load_config
 from llrd_search.cli import main
+from llrd_search.engine.objective import Objective
+from llrd_search.engine.param_groups import build_param_groups, group_table
+from llrd_search.engine.train import fresh_model, load_template
 from llrd_search.exceptions import LLRDSearchError, ModelError, SpecError
-from llrd_search.export import build_config, export_config, render
-from llrd_search.objective import Objective
-from llrd_search.param_groups import build_param_groups, group_table
+from llrd_search.results.export import build_config, export_config, render
 from llrd_search.spec import PACKAGED_MINILM, ModelSection, default_storage, load_spec, parse_spec
-from llrd_search.storage import create_study, load_study, open_storage
-from llrd_search.train import fresh_model, load_template
+from llrd_search.study.storage import create_study, load_study, open_storage
 
 
 def _search(path, n_trials: int = 2) -> tuple[str, optuna.Study]:
@@ -248,9 +248,9 @@ def test_export_without_a_complete_trial_says_so(searched):
 def _two_arm_search(write_study, tmp_path, control_value: float) -> str:
     """A 3-trial study with a control arm (2 LLRD trials, 1 control) where every LLRD trial scores 0.7
     and the control ``control_value``; no training (the objective only samples)."""
-    from llrd_search.arms import CONTROL, arm_of
-    from llrd_search.objective import suggest
-    from llrd_search.worker import run_worker
+    from llrd_search.engine.objective import suggest
+    from llrd_search.study.arms import CONTROL, arm_of
+    from llrd_search.study.worker import run_worker
 
     url = f"sqlite:///{tmp_path / 'arms.db'}"
     path = write_study(name="arms", n_trials=3, study={"control_fraction": 0.34})
@@ -295,7 +295,7 @@ def test_export_says_so_and_exports_plain_fine_tuning_when_the_control_arm_wins(
 
 @pytest.mark.parametrize(("llrd_runs", "control_runs", "arm"), [(0.9, 0.6, "llrd"), (0.7, 0.75, "control")])
 def test_export_follows_the_confirmed_means_over_the_search_bests(write_study, tmp_path, llrd_runs, control_runs, arm):
-    from llrd_search import confirm
+    from llrd_search.study import confirm
 
     url = _two_arm_search(write_study, tmp_path, control_value=0.8)  # the search's bests: control 0.8, LLRD 0.7
     plan = confirm.prepare(url, "arms", top=1, seeds=2)

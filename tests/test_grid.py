@@ -6,9 +6,9 @@ import optuna
 import pytest
 
 from llrd_search.cli import main
-from llrd_search.grid import cap_budget, grid_size
 from llrd_search.spec import load_spec
-from llrd_search.storage import open_storage
+from llrd_search.study.grid import cap_budget, grid_size
+from llrd_search.study.storage import open_storage
 from llrd_search.vocab import BUDGET_ATTR
 
 RANGES = (
@@ -79,7 +79,7 @@ def test_grid_with_the_paper_points_trains_every_point_once(write_study):
 
 
 def test_a_failed_grid_point_is_trained_again_and_workers_agree_on_ids(write_study, monkeypatch):
-    from llrd_search import objective as objective_mod
+    from llrd_search.engine import objective as objective_mod
 
     path = _grid_study(write_study, [1e-3], [3e-3], [0.7, 0.9, 1.0], n_trials=3)
     calls = {"n": 0}
@@ -103,7 +103,7 @@ def test_a_failed_grid_point_is_trained_again_and_workers_agree_on_ids(write_stu
 
 
 def test_grid_ids_mean_the_same_point_in_every_worker(write_study):
-    from llrd_search.storage import make_sampler
+    from llrd_search.study.storage import make_sampler
 
     spec = load_spec(_grid_study(write_study, [1e-4, 2e-4, 3e-4], [1e-3, 2e-3], [0.8, 0.9, 1.0], n_trials=3))
     grids = [make_sampler(spec, worker_index=i)._all_grids for i in range(3)]

@@ -15,7 +15,7 @@ from test_user_objective import _assert_budget_with_llrd_attrs, _cli, _main, _ti
 
 from llrd_search import load_config, suggest_param_groups
 from llrd_search.exceptions import LLRDSearchError
-from llrd_search.storage import load_study, open_storage
+from llrd_search.study.storage import load_study, open_storage
 
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
@@ -123,7 +123,7 @@ def test_trainer_example_through_worker_objective(tiny_model_dir, tmp_path):
 
 
 def _exported_config(write_study, tmp_path) -> str:
-    from llrd_search.worker import run_worker
+    from llrd_search.study.worker import run_worker
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert _main("create", str(write_study(n_trials=1)), "--storage", url, cwd=tmp_path) == 0

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from llrd_search.cli import main
-from llrd_search.data import Encoded
+from llrd_search.engine.data import Encoded
+from llrd_search.engine.metrics import check_metric, score, study_metric_name
+from llrd_search.engine.train import evaluate
 from llrd_search.exceptions import DataError
-from llrd_search.metrics import check_metric, score, study_metric_name
 from llrd_search.spec import load_spec
-from llrd_search.storage import open_storage
-from llrd_search.train import evaluate
+from llrd_search.study.storage import open_storage
 
 # 3 classes, 6 examples: 4 correct.
 Y3 = np.array([0, 0, 1, 1, 2, 2])

@@ -16,14 +16,14 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from llrd_search import param_groups as pg
-from llrd_search.exceptions import ModelError, ParamGroupError
-from llrd_search.param_groups import (
+from llrd_search.engine import param_groups as pg
+from llrd_search.engine.param_groups import (
     build_param_groups,
     count_layers,
     group_table,
     layer_lrs,
 )
+from llrd_search.exceptions import ModelError, ParamGroupError
 
 BASE, DECAY, HEAD_LR, WD = 1e-3, 0.5, 1e-2, 0.01
 TINY = {
@@ -340,7 +340,7 @@ def test_hf_tied_mlm_decoder_appears_once() -> None:
 
 
 def test_albert_warns_about_shared_layers(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="llrd_search.param_groups"):
+    with caplog.at_level(logging.WARNING, logger="llrd_search.engine.param_groups"):
         groups = build(make("albert"))
     assert any("shared" in r.message and "per-layer decay" in r.message for r in caplog.records)
     lrs = {g["layer"]: g["lr"] for g in groups}
@@ -352,7 +352,7 @@ def test_albert_warns_about_shared_layers(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_no_warning_without_shared_layers(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="llrd_search.param_groups"):
+    with caplog.at_level(logging.WARNING, logger="llrd_search.engine.param_groups"):
         build(make("bert"))
     assert not caplog.records
 

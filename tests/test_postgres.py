@@ -16,10 +16,11 @@ from conftest import write_toy_dataset
 from sqlalchemy import text
 
 from llrd_search.cli import main
-from llrd_search.objective import suggest
+from llrd_search.engine.objective import suggest
 from llrd_search.spec import load_spec
-from llrd_search.storage import budget_lock, create_study, open_storage
-from llrd_search.worker import run_worker
+from llrd_search.study import compat
+from llrd_search.study.storage import budget_lock, create_study, open_storage
+from llrd_search.study.worker import run_worker
 
 pytestmark = pytest.mark.postgres
 
@@ -53,14 +54,14 @@ def test_many_threads_finish_the_exact_budget(write_study, pg_url):  # noqa: F81
 def test_budget_lock_is_held_and_released_when_the_holder_is_interrupted(write_study, pg_url):  # noqa: F811
     path = write_study(name="pg-lock", n_trials=1)
     study, _ = create_study(load_spec(path), open_storage(pg_url))
-    key = zlib.crc32(f"llrd-search:{study._study_id}".encode())
+    key = zlib.crc32(f"llrd-search:{compat.study_id(study)}".encode())
     storage, other = open_storage(pg_url), open_storage(pg_url)
 
     def free() -> bool:
         with other.engine.connect() as conn:
             return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar())
 
-    with pytest.raises(KeyboardInterrupt), budget_lock(storage, study._study_id):
+    with pytest.raises(KeyboardInterrupt), budget_lock(storage, compat.study_id(study)):
         assert not free()  # held while inside
         raise KeyboardInterrupt
     assert free()  # released with its transaction

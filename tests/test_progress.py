@@ -9,8 +9,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from llrd_search.console import Progress
-from llrd_search.local_workers import _TrialMonitor, monitored
-from llrd_search.storage import open_storage
+from llrd_search.study.local_workers import _TrialMonitor, monitored
+from llrd_search.study.storage import open_storage
 
 DIST = {k: FloatDistribution(1e-6, 1.0) for k in ("base_lr", "head_lr", "decay")}
 

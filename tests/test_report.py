@@ -13,10 +13,10 @@ from conftest import study_toml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from llrd_search import confirm, report
 from llrd_search.cli import main
-from llrd_search.param_groups import layer_lrs
-from llrd_search.report import (
+from llrd_search.engine.param_groups import layer_lrs
+from llrd_search.results import report
+from llrd_search.results.report import (
     TrialInfo,
     best_decay_interval,
     compute_seconds,
@@ -25,6 +25,7 @@ from llrd_search.report import (
     two_proportion_z,
 )
 from llrd_search.spec import parse_spec
+from llrd_search.study import confirm
 
 DISTS = {
     "base_lr": FloatDistribution(1e-4, 1e-3, log=True),

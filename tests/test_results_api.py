@@ -20,10 +20,10 @@ from llrd_search import search
 from llrd_search.cli import main
 from llrd_search.console import ProgressConsole, RunConsole
 from llrd_search.exceptions import LLRDSearchError
-from llrd_search.export import render
 from llrd_search.records import ConfirmRow, PairedVerdict, SweepRow, Verdict
+from llrd_search.results.export import render
 from llrd_search.spec import load_spec
-from llrd_search.storage import create_study, open_storage
+from llrd_search.study.storage import create_study, open_storage
 
 DISTS = {"base_lr": FloatDistribution(1e-4, 1e-3, log=True), "head_lr": FloatDistribution(1e-3, 1e-2, log=True), "decay": FloatDistribution(0.5, 1.0)}
 
@@ -193,7 +193,7 @@ def test_confirm_bar_names_the_metric_the_run_bar_shortens_it():
 
 
 def test_importing_the_library_leaves_matplotlib_alone():
-    code = ("import sys, matplotlib; before = matplotlib.get_backend(); import llrd_search.report, llrd_search.search; "
+    code = ("import sys, matplotlib; before = matplotlib.get_backend(); import llrd_search.results.report, llrd_search.search; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert matplotlib.get_backend() == before, before")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "svg"}, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr

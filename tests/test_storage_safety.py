@@ -17,10 +17,10 @@ from _pg import SECRET, scram_pg  # noqa: F401 (fixture)
 from conftest import write_toy_dataset
 
 from llrd_search.cli import main
+from llrd_search.engine.objective import suggest
 from llrd_search.exceptions import StorageError
-from llrd_search.objective import suggest
 from llrd_search.spec import load_spec
-from llrd_search.storage import create_study, load_study, open_storage, spec_of
+from llrd_search.study.storage import create_study, load_study, open_storage, spec_of
 from llrd_search.vocab import SPEC_ATTR
 
 
@@ -132,7 +132,7 @@ def test_trial_points_depend_on_the_trial_not_on_the_worker(write_study, tmp_pat
 
 
 def test_trial_seeded_sampler_builds_a_fresh_sampler_per_trial():
-    from llrd_search.sampling import TrialSeededSampler, trial_seed
+    from llrd_search.study.sampling import TrialSeededSampler, trial_seed
 
     seeds = []
     sampler = TrialSeededSampler(lambda s: seeds.append(s) or optuna.samplers.RandomSampler(seed=s), seed=7)
@@ -278,8 +278,8 @@ def test_budget_lock_is_reentrant_in_one_thread(tmp_path):
     file per database) a second flock from the same thread used to wait for itself forever."""
     import threading
 
-    from llrd_search.resilience import budget_lock
-    from llrd_search.storage import open_storage
+    from llrd_search.study.resilience import budget_lock
+    from llrd_search.study.storage import open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'lock.db'}")
     done = threading.Event()
@@ -304,9 +304,9 @@ def test_importing_the_library_changes_no_global_setting():
     code = """
 import sys, warnings, optuna
 before = (optuna.logging.get_verbosity(), list(warnings.filters))
-import llrd_search.cli, llrd_search.dashboard, llrd_search.local_workers, llrd_search.search, llrd_search.storage, llrd_search.worker
+import llrd_search.cli, llrd_search.results.dashboard, llrd_search.study.local_workers, llrd_search.search, llrd_search.study.storage, llrd_search.study.worker
 assert (optuna.logging.get_verbosity(), list(warnings.filters)) == before, "changed on import"
-llrd_search.storage.quiet_optuna()
+llrd_search.study.storage.quiet_optuna()
 assert optuna.logging.get_verbosity() == optuna.logging.WARNING
 assert any(f[0] == "ignore" and f[1] is not None and f[1].pattern.startswith("Heartbeat of storage") for f in warnings.filters)
 """

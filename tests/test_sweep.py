@@ -9,9 +9,9 @@ from _fleet import trials
 from scipy import stats as st
 
 from llrd_search.cli import main
-from llrd_search.confirm import SWEEP_ATTR, parse_decays
 from llrd_search.stats import sweep_interval
-from llrd_search.storage import open_storage
+from llrd_search.study.confirm import SWEEP_ATTR, parse_decays
+from llrd_search.study.storage import open_storage
 
 # --------------------------------------------------------------------------- pure pieces
 

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from llrd_search import fastpath
-from llrd_search import local_workers as lw
-from llrd_search import train as tr
-from llrd_search.data import load_task_data
-from llrd_search.exceptions import LLRDSearchError, TrainingError
-from llrd_search.fastpath import FastDropout, FastPath, TrainVocabEmbedding
-from llrd_search.fused_qkv import FusedQKV
-from llrd_search.param_groups import build_param_groups
-from llrd_search.spec import DataSection, ModelSection, TrainSection
-from llrd_search.train import (
+from llrd_search.engine import fastpath
+from llrd_search.engine import train as tr
+from llrd_search.engine.data import load_task_data
+from llrd_search.engine.fastpath import FastDropout, FastPath, TrainVocabEmbedding
+from llrd_search.engine.fused_qkv import FusedQKV
+from llrd_search.engine.param_groups import build_param_groups
+from llrd_search.engine.train import (
     batch_order,
     fresh_model,
     linear_schedule,
@@ -25,6 +22,9 @@ from llrd_search.train import (
     pick_precision,
     train_and_evaluate,
 )
+from llrd_search.exceptions import LLRDSearchError, TrainingError
+from llrd_search.spec import DataSection, ModelSection, TrainSection
+from llrd_search.study import local_workers as lw
 
 CPU = torch.device("cpu")
 
@@ -98,12 +98,12 @@ def test_pick_precision(monkeypatch):
 
 def test_forced_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: False)
-    with caplog.at_level("WARNING", logger="llrd_search.train"):
+    with caplog.at_level("WARNING", logger="llrd_search.engine.train"):
         assert pick_precision("bf16", CPU) is torch.bfloat16  # the user asked: honoured, with a warning
     assert "train.precision = 'bf16'" in caplog.text and "fp32" in caplog.text
     caplog.clear()
     monkeypatch.setattr(tr, "cpu_has_fast_bf16", lambda: True)
-    with caplog.at_level("WARNING", logger="llrd_search.train"):
+    with caplog.at_level("WARNING", logger="llrd_search.engine.train"):
         pick_precision("bf16", CPU)
     assert caplog.text == ""
 
@@ -322,7 +322,7 @@ def test_train_fast_path_key_reaches_training(setup, tiny_model_dir, toy_data_di
     the model keeps its own modules and attention at every step and AdamW is not fused."""
     import optuna
 
-    from llrd_search import objective as objective_module
+    from llrd_search.engine import objective as objective_module
     from llrd_search.spec import parse_spec
 
     template, task = setup
@@ -373,7 +373,7 @@ def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
     encoder families."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from llrd_search.data import Encoded, TaskData
+    from llrd_search.engine.data import Encoded, TaskData
 
     tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37, "vocab_size": 99, "max_position_embeddings": 64}
     torch.manual_seed(0)

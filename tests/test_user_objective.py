@@ -14,10 +14,10 @@ from conftest import REPO
 from optuna.trial import TrialState
 
 from llrd_search import build_param_groups, group_table, suggest_param_groups, trial_seed
+from llrd_search.engine.user_objective import load_objective
 from llrd_search.exceptions import ObjectiveError, SpecError
 from llrd_search.spec import load_spec
-from llrd_search.storage import create_study, load_study, open_storage
-from llrd_search.user_objective import load_objective
+from llrd_search.study.storage import create_study, load_study, open_storage
 
 SPACE = {"base_lr": {"low": 1e-5, "high": 1e-4, "log": True}, "head_lr": [3e-4], "decay": {"low": 0.6, "high": 0.9}}
 

@@ -32,13 +32,14 @@ from conftest import STALE_FAST, write_toy_dataset
 from sqlalchemy import create_engine, text
 
 from llrd_search.cli import main
+from llrd_search.engine.objective import suggest
+from llrd_search.engine.steps import step_callback, step_hook
 from llrd_search.exceptions import RepeatedFailureError
-from llrd_search.objective import suggest
-from llrd_search.resilience import is_transient, retrying
 from llrd_search.spec import load_spec
-from llrd_search.steps import step_callback, step_hook
-from llrd_search.storage import create_study, open_storage
-from llrd_search.worker import INTERRUPTED, FailureCounter, error_signature, run_worker
+from llrd_search.study import compat
+from llrd_search.study.resilience import is_transient, retrying
+from llrd_search.study.storage import create_study, open_storage
+from llrd_search.study.worker import INTERRUPTED, FailureCounter, error_signature, run_worker
 
 # Trials on 64 examples: SLOW_EPOCHS makes one last a few seconds, long enough to be hit mid-trial.
 SLOW_EPOCHS = 25
@@ -144,7 +145,7 @@ def test_every_storage_call_a_study_makes_is_retried():
 
     import optuna.storages._cached_storage as cached
 
-    from llrd_search.resilience import ResilientRDBStorage
+    from llrd_search.study.resilience import ResilientRDBStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)", inspect.getsource(cached)))
     assert {"_create_new_trial", "set_trial_state_values", "record_heartbeat"} <= called
@@ -179,7 +180,7 @@ def test_last_worker_waits_for_a_dead_workers_trial_and_retries_it(write_study, 
         }
     )
     trial.set_user_attr("worker", "gone:1")
-    dead_storage.record_heartbeat(trial._trial_id)
+    dead_storage.record_heartbeat(compat.trial_id(trial))
     dead_params = dict(trial.params)
 
     ran = run_worker(url, "orphan", objective_factory=_quick(), poll_seconds=0.5)
@@ -201,7 +202,7 @@ def test_last_worker_waits_for_a_dead_workers_trial_and_retries_it(write_study, 
 def test_a_trial_reaped_while_it_ran_is_not_told_twice(write_study, tmp_path):
     # A storage outage longer than grace_period: another worker reaped this live trial and
     # re-queued it. Its own worker must drop the late result, not crash, and run the retry.
-    from llrd_search.resilience import retry_stale_trial
+    from llrd_search.study.resilience import retry_stale_trial
 
     url = f"sqlite:///{tmp_path / 'late.db'}"
     _create(write_study(name="late", n_trials=2), url)
@@ -213,8 +214,8 @@ def test_a_trial_reaped_while_it_ran_is_not_told_twice(write_study, tmp_path):
             calls.append(trial.number)
             if len(calls) == 1:
                 reaper = optuna.load_study(study_name="late", storage=open_storage(url))
-                reaper._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-                retry_stale_trial(2)(reaper, reaper._storage.get_trial(trial._trial_id))
+                compat.storage_of(reaper).set_trial_state_values(compat.trial_id(trial), optuna.trial.TrialState.FAIL)
+                retry_stale_trial(2)(reaper, compat.storage_of(reaper).get_trial(compat.trial_id(trial)))
             return 0.5
 
         return objective
@@ -227,7 +228,7 @@ def test_a_trial_reaped_while_it_ran_is_not_told_twice(write_study, tmp_path):
 
 
 def test_heartbeatless_running_trial_is_reaped_once_old(write_study, tmp_path):
-    from llrd_search.storage import fail_stale
+    from llrd_search.study.storage import fail_stale
 
     path = write_study(name="nobeat", n_trials=2)
     url = f"sqlite:///{tmp_path / 'nobeat.db'}"
@@ -237,7 +238,7 @@ def test_heartbeatless_running_trial_is_reaped_once_old(write_study, tmp_path):
     old = study.ask()  # died between ask and its first heartbeat
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE trials SET datetime_start = '2000-01-01 00:00:00' WHERE trial_id = :i"), {"i": old._trial_id})
+        conn.execute(text("UPDATE trials SET datetime_start = '2000-01-01 00:00:00' WHERE trial_id = :i"), {"i": compat.trial_id(old)})
     engine.dispose()
     assert fail_stale(study) == [old.number]
     assert {t.number: t.state.name for t in trials(url, "nobeat")}[young.number] == "RUNNING"
@@ -331,7 +332,7 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
 
 
 def test_the_built_in_objective_runs_the_installed_step_hooks_then_its_own(write_study):
-    from llrd_search.objective import Objective
+    from llrd_search.engine.objective import Objective
 
     calls = []
     objective = Objective(load_spec(write_study(name="hooks", n_trials=1)), on_step=lambda step, _t: calls.append(("own", step)))
@@ -465,7 +466,7 @@ def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp
 
 
 def test_run_defaults_to_one_single_threaded_worker_per_core(write_study, tmp_path, small, monkeypatch, capsys):
-    import llrd_search.local_workers as lw
+    import llrd_search.study.local_workers as lw
 
     monkeypatch.delenv("LLRD_SEARCH_WORKERS")
     monkeypatch.setattr(lw, "usable_cores", lambda: 2)

@@ -12,9 +12,9 @@ import sys
 import threading
 from collections.abc import Callable
 
-from .cli_results import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
-from .cli_search import cmd_create, cmd_init, cmd_run, cmd_status, cmd_validate, cmd_worker
-from .exceptions import LLRDSearchError
+from llrd_search.cli.result_cmds import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
+from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_run, cmd_status, cmd_validate, cmd_worker
+from llrd_search.exceptions import LLRDSearchError
 
 log = logging.getLogger("llrd_search")
 
@@ -78,7 +78,7 @@ OBJECTIVE_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from llrd_search import __version__
 
     parser = argparse.ArgumentParser(
         prog="llrd-search",
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command != "validate":  # the one command that never loads Optuna: importing it would double its time
-        from .storage import quiet_optuna
+        from llrd_search.study.storage import quiet_optuna
 
         quiet_optuna()
     # SIGTERM (kill, Slurm, Kubernetes) stops a command like Ctrl-C: trials marked, exit 130.

@@ -8,11 +8,11 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .records import ConfirmRow, SweepRow
+    from llrd_search.records import ConfirmRow, SweepRow
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .search import report
+    from llrd_search.search import report
 
     written = report(args.storage, args.study, args.out)
     print(f"report of study '{args.study}' in {written.storage}:", file=sys.stderr)
@@ -30,8 +30,8 @@ def _confirmed(r: ConfirmRow | SweepRow) -> str:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .console import ProgressConsole
-    from .search import confirm
+    from llrd_search.console import ProgressConsole
+    from llrd_search.search import confirm
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
                 threads=args.threads, objective=args.objective, watch=ProgressConsole())
@@ -72,7 +72,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .search import export
+    from llrd_search.search import export
 
     e = export(args.storage, args.study, out=args.out, format=args.format)
     if e.arm == "control":  # asked for an LLRD setting: say that plain fine-tuning won instead
@@ -88,8 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .console import step_progress
-    from .search import train
+    from llrd_search.console import step_progress
+    from llrd_search.search import train
 
     with step_progress("training") as on_step:
         t = train(args.config, args.out, epochs=args.epochs, train_limit=args.train_limit, threads=args.threads, force=args.force, on_step=on_step)
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
+    from llrd_search.results.dashboard import serve
 
     try:
         serve(args.storage, args.host, args.port, say=lambda line: print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True))

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .scaffold import write_study
+    from llrd_search.scaffold import write_study
 
     out, data, model = write_study(args.model, args.data, args.out, force=args.force)
     validation = f"validation split '{data.validation_split}'" if data.validation_split else "no validation split (10 % of train carved out)"
@@ -27,7 +27,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from llrd_search.spec import load_spec
 
     for path in args.study_files:
         spec = load_spec(path)
@@ -36,9 +36,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .console import print_created
-    from .search import create
-    from .storage import mask_url, shareable_url
+    from llrd_search.console import print_created
+    from llrd_search.search import create
+    from llrd_search.study.storage import mask_url, shareable_url
 
     created = create(args.study_file, storage=args.storage, n_trials=args.n_trials)
     print_created(created)
@@ -51,8 +51,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .console import RunConsole
-    from .search import run
+    from llrd_search.console import RunConsole
+    from llrd_search.search import run
 
     result = run(args.study_file, storage=args.storage, n_trials=args.n_trials, workers=args.workers, threads=args.threads, watch=RunConsole())
     s = result.summary
@@ -68,9 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .console import trial_line
-    from .search import join
-    from .train import set_threads
+    from llrd_search.console import trial_line
+    from llrd_search.engine.train import set_threads
+    from llrd_search.search import join
 
     set_threads(args.threads)
     # Quiet children of `run --workers K`: the parent already prints each finished trial.
@@ -83,7 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def status_data(url: str, name: str) -> dict[str, Any]:
     """:func:`search.status` as plain data (what ``status --format json`` prints)."""
-    from .search import status
+    from llrd_search.search import status
 
     return status(url, name).as_dict()
 

@@ -1,6 +1,6 @@
 """Data: map labels, carve a validation split, tokenize once and cache on disk.
 
-The split files themselves are read by :mod:`llrd_search.splits`.
+The split files themselves are read by :mod:`llrd_search.engine.splits`.
 
 Tokenized splits are stored as flat int32 arrays plus offsets (``.npz``, no pickle) under a key
 made of the data's content hash, the data section of the spec, the tokenizer and ``max_length``.
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import DataError
-from .labels import clean_labels, label_mapping
-from .spec import DataSection
-from .splits import column, load_raw_splits, split_files
+from llrd_search.engine.labels import clean_labels, label_mapping
+from llrd_search.engine.splits import column, load_raw_splits, split_files
+from llrd_search.exceptions import DataError
+from llrd_search.spec import DataSection
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import math
 import statistics
 from collections import deque
 
-from .exceptions import DivergedError
+from llrd_search.exceptions import DivergedError
 
 WINDOW = 8
 FACTOR = 3.0

@@ -15,7 +15,7 @@ compares every trained weight with the plain path, across eight encoder families
   training data are a parameter. Every other row has a zero gradient at every step, so its AdamW
   update is weight decay alone: a scalar, accrued per step and applied when the table is read.
   MiniLM's 30522-row table is half its parameters.
-* ``fused_qkv`` (:class:`~llrd_search.fused_qkv.FusedQKV`): query, key and value projections as
+* ``fused_qkv`` (:class:`~llrd_search.engine.fused_qkv.FusedQKV`): query, key and value projections as
   one matmul over one [3d, in] parameter. AdamW is elementwise and the clipping norm a sum of squares.
 
 Not exact: these change the numbers a seed trains (CPU only; CUDA's own kernels are fast):
@@ -45,7 +45,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .fused_qkv import fuse_qkv
+from llrd_search.engine.fused_qkv import fuse_qkv
 
 ATTENTION = "llrd_sdpa"
 

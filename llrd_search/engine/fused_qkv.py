@@ -1,4 +1,4 @@
-"""The fused q/k/v stand-in of :mod:`llrd_search.fastpath` (``FastPath.fused_qkv``).
+"""The fused q/k/v stand-in of :mod:`llrd_search.engine.fastpath` (``FastPath.fused_qkv``).
 
 Query, key and value projections called with the same input become one matmul over one [3d, in]
 parameter (one bf16 cast of the input instead of three). Exact up to float rounding: AdamW is

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import DataError
+from llrd_search.exceptions import DataError
 
 __all__ = ["clean_labels", "label_mapping"]
 

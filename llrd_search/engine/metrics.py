@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import DataError
+from llrd_search.exceptions import DataError
 
 # name -> what it is (the README and errors quote these)
 METRICS: dict[str, str] = {
@@ -74,7 +74,7 @@ def study_metric_name(study: Any) -> str:
     names = getattr(study, "metric_names", None)
     if names:
         return str(names[0])
-    from .vocab import SPEC_ATTR
+    from llrd_search.vocab import SPEC_ATTR
 
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .exceptions import ModelError
-from .spec import PACKAGED_MINILM, ModelSection
+from llrd_search.exceptions import ModelError
+from llrd_search.spec import PACKAGED_MINILM, ModelSection
 
 
 def resolve_model_path(name: str) -> str:

@@ -12,16 +12,16 @@ from collections.abc import Callable
 
 import optuna
 
-from .arms import distributions
-from .data import TaskData, load_task_data
-from .exceptions import DivergedError
-from .metrics import check_metric
-from .model import ModelTemplate, fresh_model, load_template, load_tokenizer
-from .param_groups import build_param_groups, group_table
-from .spec import SpaceSection, StudySpec
-from .steps import step_callback
-from .train import pick_device, pick_precision, train_and_evaluate
-from .vocab import SEED_ATTR
+from llrd_search.engine.data import TaskData, load_task_data
+from llrd_search.engine.metrics import check_metric
+from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
+from llrd_search.engine.param_groups import build_param_groups, group_table
+from llrd_search.engine.steps import step_callback
+from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
+from llrd_search.exceptions import DivergedError
+from llrd_search.spec import SpaceSection, StudySpec
+from llrd_search.study.arms import distributions
+from llrd_search.vocab import SEED_ATTR
 
 log = logging.getLogger(__name__)
 

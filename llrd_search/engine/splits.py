@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .exceptions import DataError
-from .spec import DataSection
+from llrd_search.exceptions import DataError
+from llrd_search.spec import DataSection
 
 SPLIT_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

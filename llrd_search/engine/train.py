@@ -2,9 +2,9 @@
 
 The loop is deliberately plain PyTorch: AdamW over the LLRD groups, linear warmup then linear decay
 applied to every group in proportion, gradient clipping, length-bucketed dynamic padding and bf16
-autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.fastpath.fast_path`
+autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.engine.fastpath.fast_path`
 swaps in faster stand-ins for a few modules and builds the (fused) AdamW; ``[train] fast_path = false``
-trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.model`.
+trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.engine.model`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Encoded, TaskData
-from .divergence import DivergenceGuard
-from .exceptions import TrainingError
-from .fastpath import FastPath, fast_path
-from .metrics import score
+from llrd_search.engine.data import Encoded, TaskData
+from llrd_search.engine.divergence import DivergenceGuard
+from llrd_search.engine.fastpath import FastPath, fast_path
+from llrd_search.engine.metrics import score
 
 # Model loading moved to model.py; its names stay importable from here (tests and bench/ use them).
-from .model import ModelTemplate, fresh_model, load_template, load_tokenizer, position_limit, resolve_model_path  # noqa: F401
-from .spec import TrainSection
+from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer, position_limit, resolve_model_path  # noqa: F401
+from llrd_search.exceptions import TrainingError
+from llrd_search.spec import TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def evaluate(
     dtype: torch.dtype | None,
     metric: str = "accuracy",
 ) -> float:
-    """``metric`` (see :mod:`llrd_search.metrics`) on ``data``. Sorted by length, so eval batches
+    """``metric`` (see :mod:`llrd_search.engine.metrics`) on ``data``. Sorted by length, so eval batches
     carry almost no padding."""
     was_training = model.training
     model.eval()
@@ -182,7 +182,7 @@ def train_and_evaluate(
 
     ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
-    :mod:`llrd_search.fastpath` are on when ``cfg.fast_path`` is; ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``.
+    :mod:`llrd_search.engine.fastpath` are on when ``cfg.fast_path`` is; ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -19,9 +19,9 @@ from typing import Any
 import optuna
 from pydantic import ValidationError
 
-from .exceptions import ObjectiveError, SpecError, StudyNotFoundError
-from .spec import SpaceSection, StudySpec
-from .vocab import SEED_ATTR
+from llrd_search.exceptions import ObjectiveError, SpecError, StudyNotFoundError
+from llrd_search.spec import SpaceSection, StudySpec
+from llrd_search.vocab import SEED_ATTR
 
 Objective = Callable[[optuna.Trial], float]
 
@@ -35,7 +35,7 @@ def _is_control(trial: optuna.Trial) -> bool:
 
 
 def _stored_spec(trial: optuna.Trial) -> StudySpec:
-    from .storage import spec_of
+    from llrd_search.study.storage import spec_of
 
     try:
         return spec_of(trial.study)
@@ -51,7 +51,7 @@ def _space(space: dict[str, Any] | SpaceSection | None, trial: optuna.Trial) -> 
         return _stored_spec(trial).space
     if isinstance(space, SpaceSection):
         return space
-    from .spec import _format_errors
+    from llrd_search.spec import _format_errors
 
     try:
         return SpaceSection.model_validate(space)
@@ -75,8 +75,8 @@ def suggest_param_groups(
     In the study's control arm ``decay`` is exactly 1.0. The per-group table is stored in the
     trial's ``lr_groups`` user attr, like the built-in objective does, for report and export.
     """
-    from .objective import suggest
-    from .param_groups import build_param_groups, group_table
+    from llrd_search.engine.objective import suggest
+    from llrd_search.engine.param_groups import build_param_groups, group_table
 
     dims = _space(space, trial)
     if _is_control(trial):
@@ -135,6 +135,6 @@ def pick_objective(spec: StudySpec, cli: str | None = None, **builtin: Any) -> O
         return load_objective(cli, "--objective")
     if spec.train.objective:
         return load_objective(spec.train.objective, "train.objective")
-    from .objective import Objective as BuiltIn
+    from llrd_search.engine.objective import Objective as BuiltIn
 
     return BuiltIn(spec, **builtin)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .exceptions import LLRDSearchError
-from .storage import mask_url, opened_storage
+from llrd_search.exceptions import LLRDSearchError
+from llrd_search.study.storage import mask_url, opened_storage
 
 NO_AUTH_WARNING = (
     "warning: the dashboard has no authentication and can delete studies; anyone who reaches "

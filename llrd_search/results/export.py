@@ -26,11 +26,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .arms import CONTROL, CONTROL_SUFFIX, LLRD, load_control, overall_best
-from .exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
-from .metrics import study_metric_name
-from .storage import load_study, mask_url, opened_storage, spec_of
-from .vocab import PARAMS
+from llrd_search.engine.metrics import study_metric_name
+from llrd_search.exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
+from llrd_search.study.arms import CONTROL, CONTROL_SUFFIX, LLRD, load_control, overall_best
+from llrd_search.study.storage import load_study, mask_url, opened_storage, spec_of
+from llrd_search.vocab import PARAMS
 
 FORMAT_VERSION = 1
 CONVENTION = (
@@ -78,10 +78,10 @@ def choose(study: optuna.Study, summary: list[dict] | None, control_row: dict | 
 
 def real_groups(spec: Any, params: dict[str, float]) -> tuple[list[dict], dict[int, str], int]:
     """The LR group table, id2label and L, computed on the study's real (pretrained) model."""
-    from .labels import clean_labels, label_mapping
-    from .model import load_template
-    from .param_groups import build_param_groups, count_layers, group_table
-    from .splits import load_raw_splits
+    from llrd_search.engine.labels import clean_labels, label_mapping
+    from llrd_search.engine.model import load_template
+    from llrd_search.engine.param_groups import build_param_groups, count_layers, group_table
+    from llrd_search.engine.splits import load_raw_splits
 
     raw, _ = load_raw_splits(spec.data)
     train = raw[spec.data.train_split]
@@ -143,7 +143,7 @@ def _selected_by(confirmed: dict | None, arm: str) -> str:
 
 def export_config(url: str, study_name: str) -> dict[str, Any]:
     """Build the export document for ``study_name`` (after confirmation when it exists)."""
-    from .confirm import confirmation_summary, control_summary
+    from llrd_search.study.confirm import confirmation_summary, control_summary
 
     with opened_storage(url) as storage:
         study = load_study(storage, study_name)
@@ -195,7 +195,7 @@ class LLRDConfig:
         ``weight_decay`` defaults to the file's ``train.weight_decay``. With ``check`` (default), raise
         :class:`ModelError` unless the model's groups match the file's table (names, LRs, sizes).
         """
-        from .param_groups import build_param_groups, group_table
+        from llrd_search.engine.param_groups import build_param_groups, group_table
 
         groups = build_param_groups(
             model,

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .exceptions import DataError, LLRDSearchError, SpecError
-from .export import LLRDConfig, _versions, load_config
-from .spec import DataSection, ModelSection, TrainSection
+from llrd_search.exceptions import DataError, LLRDSearchError, SpecError
+from llrd_search.results.export import LLRDConfig, _versions, load_config
+from llrd_search.spec import DataSection, ModelSection, TrainSection
 
 
 def _section(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
@@ -58,9 +58,9 @@ def train_from_config(
     The saved model is the one at the end of training (the schedule decays the LR to 0); the
     validation accuracy is measured on it, the test accuracy too when the data has a test split.
     """
-    from .data import load_task_data
-    from .model import fresh_model, load_template, load_tokenizer
-    from .train import evaluate, pick_device, pick_precision, train_and_evaluate
+    from llrd_search.engine.data import load_task_data
+    from llrd_search.engine.model import fresh_model, load_template, load_tokenizer
+    from llrd_search.engine.train import evaluate, pick_device, pick_precision, train_and_evaluate
 
     t_start = time.perf_counter()
     cfg = config if isinstance(config, LLRDConfig) else load_config(config)

@@ -57,7 +57,7 @@ def trial_infos(study: optuna.Study) -> list[TrialInfo]:
 def lr_profile(best: TrialInfo, trials: Sequence[TrialInfo], n_layers: int | None = None) -> list[tuple[str, float]]:
     """(group, LR) rows of the best trial: its stored table, else recomputed for the layer count
     taken from any other trial's table or from ``n_layers`` (the model config)."""
-    from .param_groups import layer_lrs
+    from llrd_search.engine.param_groups import layer_lrs
 
     if best.lr_groups:
         return [(row["name"], float(row["lr"])) for row in best.lr_groups]

@@ -19,16 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import plots
-from .arms import load_control, overall_best, study_predates_control_arm
-from .confirm import Z95
-from .exceptions import LLRDSearchError
-from .metrics import study_metric_name
-from .plots import TrialInfo, lr_profile, param_importances, trial_infos
-from .records import runs_text
-from .stats import sweep_interval, welch_threshold
-from .storage import load_study, mask_url, opened_storage, spec_of
-from .summary import ARM_OFF, ARM_PREDATES, ARM_PRESENT, PAPER_TABLE4, arms_section, summary_data, sweep_section
+from llrd_search.engine.metrics import study_metric_name
+from llrd_search.exceptions import LLRDSearchError
+from llrd_search.records import runs_text
+from llrd_search.results import plots
+from llrd_search.results.plots import TrialInfo, lr_profile, param_importances, trial_infos
+from llrd_search.results.summary import (
+    ARM_OFF,
+    ARM_PREDATES,
+    ARM_PRESENT,
+    PAPER_TABLE4,
+    arms_section,
+    summary_data,
+    sweep_section,
+)
+from llrd_search.stats import sweep_interval, welch_threshold
+from llrd_search.study.arms import load_control, overall_best, study_predates_control_arm
+from llrd_search.study.confirm import Z95
+from llrd_search.study.storage import load_study, mask_url, opened_storage, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +140,7 @@ def _model_layers(spec: Any) -> int | None:
     try:
         from transformers import AutoConfig
 
-        from .model import resolve_model_path
+        from llrd_search.engine.model import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(spec.model.name), local_files_only=True)
         return int(getattr(config, "num_hidden_layers", 0)) or None
@@ -274,7 +282,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         trials = trial_infos(study)
         metric = study_metric_name(study)
         # Looked up when called (not at import): tests stand in a confirmation_summary of their own.
-        from .confirm import confirmation_summary, control_summary, paired_verdict, sweep_summary
+        from llrd_search.study.confirm import confirmation_summary, control_summary, paired_verdict, sweep_summary
 
         confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .plots import TrialInfo
-from .records import runs_text
+from llrd_search.records import runs_text
+from llrd_search.results.plots import TrialInfo
 
 # Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?", Table 4: BERT-base on IMDb,
 # test error rate (%) by decay factor ξ, as reported in the paper. Only the rows we are sure of;

@@ -28,10 +28,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from .compat import storage_of
-from .exceptions import SpecError
-from .spec import Range, SpaceSection, StudySpec
-from .vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR, SPEC_ATTR
+from llrd_search.exceptions import SpecError
+from llrd_search.spec import Range, SpaceSection, StudySpec
+from llrd_search.study.compat import storage_of, study_id_by_name
+from llrd_search.study.storage import predates_control_arm
+from llrd_search.vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR, SPEC_ATTR
 
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
@@ -64,21 +65,6 @@ def arm_of(trial: optuna.Trial | FrozenTrial) -> str:
     if arm is None and isinstance(trial, optuna.Trial):
         arm = trial.study.user_attrs.get(ARM_ATTR)
     return CONTROL if arm == CONTROL else LLRD
-
-
-def predates_control_arm(stored: dict, study_attrs: dict) -> bool:
-    """Whether a stored spec comes from a study created before the control arm existed: no
-    ``control_fraction`` in it, and no control arm made for it since (a worker of the first control-arm
-    versions read the default 0.25 into such a study and made one: that study keeps it)."""
-    return "control_fraction" not in (stored.get("study") or {}) and CONTROL_STUDY_ATTR not in study_attrs
-
-
-def stored_spec_data(stored: dict, study_attrs: dict) -> dict:
-    """The stored spec dict to validate: ``control_fraction = 0`` where it predates the control arm,
-    not the 0.25 default a new study file gets."""
-    if not predates_control_arm(stored, study_attrs):
-        return stored
-    return {**stored, "study": {**stored["study"], "control_fraction": 0.0}}
 
 
 def study_predates_control_arm(study: optuna.Study) -> bool:
@@ -164,10 +150,10 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
 
     Call under the parent's budget lock: whoever creates it enqueues its points, exactly once.
     """
-    from .pruners import make_pruner
-    from .sampling import make_sampler
-    from .storage import create_study
-    from .vocab import BUDGET_ATTR
+    from llrd_search.study.pruners import make_pruner
+    from llrd_search.study.sampling import make_sampler
+    from llrd_search.study.storage import create_study
+    from llrd_search.vocab import BUDGET_ATTR
 
     if not spec.has_control_arm:
         return None
@@ -199,7 +185,7 @@ def load_control(study: optuna.Study) -> optuna.Study | None:
     """The control arm of ``study`` from the same storage, or None when it has none."""
     name = control_name(study.study_name)
     try:
-        storage_of(study).get_study_id_from_name(name)
+        study_id_by_name(storage_of(study), name)
     except KeyError:
         return None
     return optuna.load_study(study_name=name, storage=storage_of(study))
@@ -208,7 +194,7 @@ def load_control(study: optuna.Study) -> optuna.Study | None:
 def parent_name(storage: optuna.storages.BaseStorage, study_name: str) -> str:
     """The parent of a control arm (a worker pointed at ``NAME.control`` joins ``NAME``), else the name."""
     try:
-        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study_name))
+        attrs = storage.get_study_user_attrs(study_id_by_name(storage, study_name))
     except KeyError:
         return study_name
     return str(attrs.get(PARENT_ATTR) or study_name)

@@ -61,3 +61,8 @@ def heartbeat_table() -> Any:
     from optuna.storages._rdb.models import TrialHeartbeatModel
 
     return TrialHeartbeatModel.__table__
+
+
+def study_id_by_name(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """The storage's id of study ``name`` (public Optuna API; here so every study-id lookup is in this module)."""
+    return storage.get_study_id_from_name(name)

@@ -37,9 +37,12 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .arms import CONTROL, LLRD, load_control
-from .compat import study_id
-from .confirm_rows import (
+from llrd_search.exceptions import LLRDSearchError, NoCompleteTrialError, StorageError
+from llrd_search.spec import Range, SpaceSection, StudySpec
+from llrd_search.stats import paired_verdict, t_quantile, verdict, welch_threshold
+from llrd_search.study.arms import CONTROL, LLRD, load_control
+from llrd_search.study.compat import study_id
+from llrd_search.study.confirm_rows import (
     SUFFIX,
     confirm_name,
     confirmation_summary,
@@ -48,16 +51,13 @@ from .confirm_rows import (
     is_sweep,
     read_meta,
 )
-from .exceptions import LLRDSearchError, NoCompleteTrialError, StorageError
-from .spec import Range, SpaceSection, StudySpec
-from .stats import paired_verdict, t_quantile, verdict, welch_threshold
-from .storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
-from .sweep import keep_sweep, parse_decays, prepare_sweep, sweep_summary
-from .vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
-from .vocab import CONFIRM_ATTR as META_ATTR
-from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
-from .vocab import CONFIRM_REP_ATTR as REP_ATTR
-from .vocab import SWEEP_ATTR as SWEEP_ATTR
+from llrd_search.study.storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
+from llrd_search.study.sweep import keep_sweep, parse_decays, prepare_sweep, sweep_summary
+from llrd_search.vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
+from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
+from llrd_search.vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
+from llrd_search.vocab import CONFIRM_REP_ATTR as REP_ATTR
+from llrd_search.vocab import SWEEP_ATTR as SWEEP_ATTR
 
 __all__ = ["parse_decays", "sweep_summary", "t95", "welch_threshold", "paired_verdict", "confirmation_summary", "control_summary", "verdict"]
 

@@ -16,14 +16,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .arms import CONTROL, LLRD
-from .exceptions import StorageError, StudyNotFoundError
-from .stats import mean_std
-from .storage import load_study, opened_storage
-from .vocab import CONFIRM_ATTR as META_ATTR
-from .vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
-from .vocab import CONFIRM_REP_ATTR as REP_ATTR
-from .vocab import PARAMS
+from llrd_search.exceptions import StorageError, StudyNotFoundError
+from llrd_search.stats import mean_std
+from llrd_search.study.arms import CONTROL, LLRD
+from llrd_search.study.storage import load_study, opened_storage
+from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
+from llrd_search.vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
+from llrd_search.vocab import CONFIRM_REP_ATTR as REP_ATTR
+from llrd_search.vocab import PARAMS
 
 SUFFIX = ".confirm"
 SWEEP = "sweep"

@@ -23,9 +23,9 @@ import math
 import optuna
 from optuna.trial import TrialState
 
-from .compat import LazyRandomState, storage_of, study_id
-from .spec import Range, SpaceSection, StudySpec
-from .vocab import PARAMS
+from llrd_search.spec import Range, SpaceSection, StudySpec
+from llrd_search.study.compat import LazyRandomState, storage_of, study_id
+from llrd_search.vocab import PARAMS
 
 
 def grid_values(space: SpaceSection) -> dict[str, list[float]] | None:

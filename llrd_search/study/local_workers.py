@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_local_workers(
     ``workers - 1`` child processes join it; without, all are children. Finished trials of every
     worker go to ``on_trial(study, trial)`` from a thread that polls the storage. ``objective``
     (``module:function``) is passed on to the children as ``--objective``."""
-    from .storage import shareable_url
+    from llrd_search.study.storage import shareable_url
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
@@ -158,7 +158,7 @@ def _stop(procs: list[subprocess.Popen], wait: float) -> None:
 def monitored(url: str, name: str, on_trial: Callable[[Any, Any], None], every: float = 2.0) -> Iterator[_TrialMonitor]:
     """A :class:`_TrialMonitor` of study ``name`` for the block: on leaving it, a last poll reports
     what finished meanwhile, then the storage is closed."""
-    from .storage import opened_study
+    from llrd_search.study.storage import opened_study
 
     with opened_study(url, name) as study:
         monitor = _TrialMonitor(study, on_trial, every)
@@ -173,7 +173,7 @@ class _TrialMonitor:
     whichever worker ran it, in trial-number order within each poll."""
 
     def __init__(self, study: Any, on_trial: Callable[[Any, Any], None], every: float = 2.0):
-        from .arms import arm_trials
+        from llrd_search.study.arms import arm_trials
 
         self.on_trial, self.every = on_trial, every
         # The snapshot is taken here, not in the thread: a trial finishing before the thread first
@@ -185,7 +185,7 @@ class _TrialMonitor:
         self._thread.start()
 
     def _run(self) -> None:
-        from .compat import rdb_of
+        from llrd_search.study.compat import rdb_of
 
         try:
             while True:
@@ -202,7 +202,7 @@ class _TrialMonitor:
                 rdb.remove_session()  # this thread's; the storage itself is closed by monitored()
 
     def _poll(self, study: Any) -> None:
-        from .arms import arm_trials
+        from llrd_search.study.arms import arm_trials
 
         # Both arms (the control arm's trials are numbered in their own study).
         new = [(arm, t) for arm, ts in arm_trials(study).items() for t in ts if t.state.is_finished() and (arm, t.number) not in self.seen]

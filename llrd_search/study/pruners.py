@@ -11,7 +11,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .spec import StudySpec
+from llrd_search.spec import StudySpec
 
 
 class _KeepOneComplete:

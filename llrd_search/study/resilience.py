@@ -29,9 +29,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from .compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_ids, study_id, trial_id, trial_table
-from .exceptions import StorageError
-from .vocab import ATTR_PREFIX, RETRY_OF_ATTR
+from llrd_search.exceptions import StorageError
+from llrd_search.study.compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_ids, study_id, trial_id, trial_table
+from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
 

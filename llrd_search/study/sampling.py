@@ -24,7 +24,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from .spec import StudySpec
+from llrd_search.spec import StudySpec
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -82,7 +82,7 @@ def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.Base
 
 def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.study.sampler == "grid":
-        from .grid import FleetGridSampler
+        from llrd_search.study.grid import FleetGridSampler
 
         return FleetGridSampler(spec.space, grid_seed=spec.study.seed, worker_seed=seed)
     if spec.study.sampler == "random":

@@ -22,12 +22,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from .arms import predates_control_arm, stored_spec_data
-from .compat import study_id
-from .exceptions import StorageError, StudyConflictError, StudyNotFoundError
-from .metrics import set_study_metric
-from .pruners import make_pruner
-from .resilience import (
+from llrd_search.engine.metrics import set_study_metric
+from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError
+from llrd_search.spec import PAPER_POINTS, StudySpec, parse_spec
+from llrd_search.study.compat import study_id
+from llrd_search.study.pruners import make_pruner
+from llrd_search.study.resilience import (
     RETRY_SECONDS,
     RETRY_STATS,
     ResilientRDBStorage,
@@ -36,14 +36,13 @@ from .resilience import (
     read_only_message,
     retry_stale_trial,
 )
-from .resilience import budget_lock as budget_lock  # re-exported: workers import it from here
-from .resilience import fail_stale as fail_stale
-from .sampling import make_sampler
-from .spec import PAPER_POINTS, StudySpec, parse_spec
-from .urls import error_reason, open_hint, where
-from .urls import mask_url as mask_url  # re-exported: most modules import it from here
-from .urls import shareable_url as shareable_url
-from .vocab import BUDGET_ATTR, ENQUEUED_ATTR, FINGERPRINT_ATTR, FINISHED_STATES, SPEC_ATTR
+from llrd_search.study.resilience import budget_lock as budget_lock  # re-exported: workers import it from here
+from llrd_search.study.resilience import fail_stale as fail_stale
+from llrd_search.study.sampling import make_sampler
+from llrd_search.study.urls import error_reason, open_hint, where
+from llrd_search.study.urls import mask_url as mask_url  # re-exported: most modules import it from here
+from llrd_search.study.urls import shareable_url as shareable_url
+from llrd_search.vocab import BUDGET_ATTR, CONTROL_STUDY_ATTR, ENQUEUED_ATTR, FINGERPRINT_ATTR, FINISHED_STATES, SPEC_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +184,21 @@ def opened_study(url: str, name: str) -> Iterator[optuna.Study]:
         yield load_study(storage, name)
 
 
+def predates_control_arm(stored: dict, study_attrs: dict) -> bool:
+    """Whether a stored spec comes from a study created before the control arm existed: no
+    ``control_fraction`` in it, and no control arm made for it since (a worker of the first control-arm
+    versions read the default 0.25 into such a study and made one: that study keeps it)."""
+    return "control_fraction" not in (stored.get("study") or {}) and CONTROL_STUDY_ATTR not in study_attrs
+
+
+def stored_spec_data(stored: dict, study_attrs: dict) -> dict:
+    """The stored spec dict to validate: ``control_fraction = 0`` where it predates the control arm,
+    not the 0.25 default a new study file gets."""
+    if not predates_control_arm(stored, study_attrs):
+        return stored
+    return {**stored, "study": {**stored["study"], "control_fraction": 0.0}}
+
+
 def spec_of(study: optuna.Study) -> StudySpec:
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
@@ -200,7 +214,7 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     The spec is written last, under the study's lock: a study with a spec is complete, and one
     left without it by an interrupted create (no trial run, nothing foreign) is completed here.
     """
-    from .grid import cap_budget
+    from llrd_search.study.grid import cap_budget
 
     name = spec.study.name
     budget, note = cap_budget(spec, n_trials or spec.study.n_trials)

@@ -18,11 +18,11 @@ import json
 
 import optuna
 
-from .arms import LLRD
-from .confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, run_stats
-from .exceptions import LLRDSearchError
-from .storage import load_study, opened_storage
-from .vocab import CONFIRM_ATTR as META_ATTR
+from llrd_search.exceptions import LLRDSearchError
+from llrd_search.study.arms import LLRD
+from llrd_search.study.confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, run_stats
+from llrd_search.study.storage import load_study, opened_storage
+from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 
 __all__ = ["parse_decays", "prepare_sweep", "sweep_summary"]
 
@@ -62,7 +62,7 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
     The winner is the confirmed best mean (the search's best when no confirmation run finished),
     chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
     """
-    from .confirm import top_up  # confirm imports this module
+    from llrd_search.study.confirm import top_up  # confirm imports this module
 
     with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))

@@ -32,7 +32,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .arms import (
+from llrd_search.engine.steps import step_hook
+from llrd_search.exceptions import RepeatedFailureError
+from llrd_search.spec import StudySpec
+from llrd_search.study.arms import (
     ARM_ATTR,
     CONTROL,
     LLRD,
@@ -43,14 +46,11 @@ from .arms import (
     ensure_control_arm,
     parent_name,
 )
-from .compat import rdb_of, storage_of, study_id, trial_id
-from .exceptions import RepeatedFailureError
-from .guards import Heartbeat, Signals
-from .resilience import count_states
-from .spec import StudySpec
-from .steps import step_hook
-from .storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
-from .vocab import BUDGET_ATTR, FINISHED_STATES
+from llrd_search.study.compat import rdb_of, storage_of, study_id, trial_id
+from llrd_search.study.guards import Heartbeat, Signals
+from llrd_search.study.resilience import count_states
+from llrd_search.study.storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
+from llrd_search.vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,6 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
 
 
 def _default_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:
-    from .user_objective import pick_objective
+    from llrd_search.engine.user_objective import pick_objective
 
     return pick_objective(spec)  # the study's train.objective, else the built-in loop
