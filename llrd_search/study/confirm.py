@@ -257,6 +257,8 @@ def run_confirmation(
     _run_rounds(url, plan.study_name, run_workers, max_rounds)
     if decays:
         prepare_sweep(url, study_name, decays)
+        with opened_storage(url) as storage:
+            top_up(storage, load_study(storage, plan.study_name))  # queue the sweep's runs
         _run_rounds(url, plan.study_name, run_workers, max_rounds)
     return plan, confirmation_summary(url, study_name) or []
 

@@ -6,7 +6,7 @@ its confirmation (source key ``sweep:ξ`` in the linked study ``NAME.confirm``, 
 its confirmation row (same params, same seeds): it is not run twice. The winner is chosen on the
 first sweep and kept (its runs are paired); later sweeps add ξ values to the same runs.
 
-The runs live in the linked study and go through :func:`confirm.top_up` like every confirmation
+The runs live in the linked study and are queued by :func:`confirm.top_up` like every confirmation
 run; this module only plans the sweep's sources and reads its rows back (:mod:`confirm_rows`). Its interval is
 :func:`stats.sweep_interval`; its Markdown, :func:`summary.sweep_section`.
 """
@@ -57,13 +57,13 @@ def keep_sweep(old: dict | None, meta: dict) -> None:
 
 def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
     """Queue the decay sweep in the linked study (after :func:`confirm.prepare`): the confirmed
-    winner's LRs at each ξ of ``decays`` plus its own, S seeds each. Runs nothing; returns ``meta["sweep"]``.
+    winner's LRs at each ξ of ``decays`` plus its own, S seeds each, written into the linked study's
+    plan. Runs and queues nothing (the caller queues the runs with :func:`confirm.top_up`); returns
+    ``meta["sweep"]``.
 
     The winner is the confirmed best mean (the search's best when no confirmation run finished),
     chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
     """
-    from llrd_search.study.confirm import top_up  # confirm imports this module
-
     with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))
         meta = json.loads(linked.user_attrs[META_ATTR])
@@ -82,7 +82,6 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
                 meta["search_accuracy"][key] = None
         meta["sweep"] = sweep
         linked.set_user_attr(META_ATTR, json.dumps(meta))
-        top_up(storage, linked)
         return sweep
 
 
