@@ -19,14 +19,23 @@ from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.steps import step_callback
 from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError
-from llrd_search.spec import SpaceSection, StudySpec
-from llrd_search.study.arms import distributions
+from llrd_search.spec import Range, SpaceSection, StudySpec
 from llrd_search.vocab import SEED_ATTR
 
 log = logging.getLogger(__name__)
 
-# A confirmation run's training seed, set when it is queued: run i of every configuration trains
-# with the same seed, so configurations are compared on paired seeds.
+
+def distributions(space: SpaceSection) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distributions of ``base_lr``, ``head_lr`` and ``decay``: what a worker passes to
+    ``study.ask`` so that all three are sampled (and stored) before the trial starts."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name in ("base_lr", "head_lr", "decay"):
+        dim = getattr(space, name)
+        if isinstance(dim, Range):
+            out[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+        else:
+            out[name] = optuna.distributions.CategoricalDistribution(list(dim))
+    return out
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:
@@ -81,6 +90,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
         params = suggest(trial, self.spec.space)
+        # A confirmation run's training seed is set when it is queued: run i of every configuration
+        # trains with the same seed, so configurations are compared on paired seeds.
         seed = int(trial.user_attrs.get(SEED_ATTR, self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number))
         model = fresh_model(self.template, seed)
         groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)

@@ -29,26 +29,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from llrd_search.exceptions import SpecError
-from llrd_search.spec import Range, SpaceSection, StudySpec
+from llrd_search.spec import StudySpec
 from llrd_search.study.compat import storage_of, study_id_by_name
 from llrd_search.study.storage import predates_control_arm
 from llrd_search.vocab import ARM_ATTR, CONTROL_STUDY_ATTR, PARENT_ATTR, SPEC_ATTR
 
 CONTROL_SUFFIX = ".control"
 LLRD, CONTROL = "llrd", "control"
-
-
-def distributions(space: SpaceSection) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The Optuna distributions of ``base_lr``, ``head_lr`` and ``decay``: what a worker passes to
-    ``study.ask`` so that all three are sampled (and stored) before the trial starts."""
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for name in ("base_lr", "head_lr", "decay"):
-        dim = getattr(space, name)
-        if isinstance(dim, Range):
-            out[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
-        else:
-            out[name] = optuna.distributions.CategoricalDistribution(list(dim))
-    return out
 
 
 def control_name(study_name: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from llrd_search.engine.objective import distributions
 from llrd_search.engine.steps import step_hook
 from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.spec import StudySpec
@@ -42,7 +43,6 @@ from llrd_search.study.arms import (
     choose_arm,
     control_spec,
     control_target,
-    distributions,
     ensure_control_arm,
     parent_name,
 )
