@@ -16,44 +16,14 @@ from llrd_search.engine.data import TaskData, load_task_data
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table
+from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
 from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError
-from llrd_search.spec import Range, SpaceSection, StudySpec
+from llrd_search.spec import StudySpec
 from llrd_search.vocab import SEED_ATTR
 
 log = logging.getLogger(__name__)
-
-
-def distributions(space: SpaceSection) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The Optuna distributions of ``base_lr``, ``head_lr`` and ``decay``: what a worker passes to
-    ``study.ask`` so that all three are sampled (and stored) before the trial starts."""
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-    for name in ("base_lr", "head_lr", "decay"):
-        dim = getattr(space, name)
-        if isinstance(dim, Range):
-            out[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
-        else:
-            out[name] = optuna.distributions.CategoricalDistribution(list(dim))
-    return out
-
-
-def suggest(trial: optuna.Trial, space: SpaceSection) -> dict[str, float]:
-    """The LLRD parameters; names are exactly ``base_lr``, ``head_lr``, ``decay``.
-
-    A worker's trial already holds all three (sampled at ``ask``, in its arm's space: ξ = 1 in the
-    control arm), and they are returned as stored; a bare ``optimize`` trial samples them here.
-    """
-    stored = trial.params
-    out = {}
-    for name, dist in distributions(space).items():
-        if name in stored:
-            out[name] = stored[name]
-        elif isinstance(dist, optuna.distributions.FloatDistribution):
-            out[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-        else:
-            out[name] = trial.suggest_categorical(name, list(dist.choices))
-    return out
 
 
 class Objective:

@@ -75,8 +75,8 @@ def suggest_param_groups(
     In the study's control arm ``decay`` is exactly 1.0. The per-group table is stored in the
     trial's ``lr_groups`` user attr, like the built-in objective does, for report and export.
     """
-    from llrd_search.engine.objective import suggest
     from llrd_search.engine.param_groups import build_param_groups, group_table
+    from llrd_search.engine.space import suggest
 
     dims = _space(space, trial)
     if _is_control(trial):

@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from llrd_search.engine.objective import distributions
+from llrd_search.engine.space import distributions
 from llrd_search.engine.steps import step_hook
 from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.spec import StudySpec
