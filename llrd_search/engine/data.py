@@ -9,6 +9,7 @@ Every trial and every worker process on the machine reuses them instead of re-to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -176,6 +177,28 @@ def _load(path: Path, fingerprint: str) -> TaskData:
 def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int, use_cache: bool = True) -> TaskData:
     """Load, split, limit and tokenize the data; reuse the on-disk cache when the inputs match."""
     raw, content_hash = load_raw_splits(data)
+    fingerprint = _fingerprint(data, content_hash, tokenizer, max_length, seed)
+    path = cache_dir() / "tokenized" / f"{fingerprint}.npz"
+    if use_cache and (cached := _from_cache(path, fingerprint)) is not None:
+        return cached
+    labels = _Labels.of_train(raw, data)
+    plan = _split_rows(raw, data, labels.y_train, seed)
+    encoded = {name: _encode_split(name, ds, rows, data, labels, tokenizer, max_length, seed) for name, (ds, rows) in plan.items()}
+    task = TaskData(
+        train=encoded["train"],
+        validation=encoded["validation"],
+        test=encoded.get("test"),
+        id2label=labels.id2label,
+        fingerprint=fingerprint,
+        validation_from_train=data.validation_split not in raw,
+    )
+    if use_cache:
+        _save(path, task)
+    return task
+
+
+def _fingerprint(data: DataSection, content_hash: str, tokenizer: Any, max_length: int, seed: int) -> str:
+    """The cache key: everything the tokenized arrays depend on (the data's content, not its path)."""
     key = {
         "content": content_hash,
         "data": data.model_dump(mode="json", exclude={"path"}),
@@ -184,83 +207,98 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
         "seed": seed,
         "version": 2,  # 2: integral float labels map to int classes
     }
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "tokenized" / f"{fingerprint}.npz"
-    if use_cache and path.exists():
-        try:
-            task = _load(path, fingerprint)
-            log.info("tokenized data from cache %s", path)
-            return task
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
-            # Truncated (disk full, killed copy) or foreign file: the cache is only a shortcut, rebuild it.
-            log.warning("tokenized-data cache file %s is unreadable (%s: %s); rebuilding it", path, type(err).__name__, err)
-            path.unlink(missing_ok=True)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
-    train = raw[data.train_split]
-    if len(train) == 0:
-        raise DataError(f"data.path: the {data.train_split} split is empty")
-    sources = split_files(Path(data.path)) if Path(data.path).is_dir() else {}
 
-    def labels_of(ds: Any, split: str) -> list:
-        return clean_labels(column(ds, data.label, split, "label"), split, data.label, sources.get(split))
+def _from_cache(path: Path, fingerprint: str) -> TaskData | None:
+    if not path.exists():
+        return None
+    try:
+        task = _load(path, fingerprint)
+        log.info("tokenized data from cache %s", path)
+        return task
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+        # Truncated (disk full, killed copy) or foreign file: the cache is only a shortcut, rebuild it.
+        log.warning("tokenized-data cache file %s is unreadable (%s: %s); rebuilding it", path, type(err).__name__, err)
+        path.unlink(missing_ok=True)
+        return None
 
-    train_labels = labels_of(train, data.train_split)
-    id2label = label_mapping(train_labels)
-    label2id = {v: k for k, v in id2label.items()}
-    if len(id2label) < 2:
-        raise DataError(f"data.label: the {data.train_split} split has a single label ({train_labels[0]!r}); need at least 2 classes")
 
-    def to_ids(values: list, split: str) -> np.ndarray:
-        unseen = sorted({str(v): v for v in values if str(v) not in label2id}.items())
+@dataclass
+class _Labels:
+    """The train split's classes; reads any split's label column and maps it to their ids."""
+
+    data: DataSection
+    sources: dict[str, Path]  # split -> its file, for error messages that name the row
+    train_labels: list
+    id2label: dict[int, str]
+    label2id: dict[str, int] = dataclasses.field(init=False)
+    y_train: np.ndarray = dataclasses.field(init=False)  # the train split's label ids, all rows
+
+    def __post_init__(self) -> None:
+        self.label2id = {v: k for k, v in self.id2label.items()}
+        self.y_train = self.ids(self.train_labels, self.data.train_split)
+
+    @classmethod
+    def of_train(cls, raw: dict[str, Any], data: DataSection) -> _Labels:
+        train = raw[data.train_split]
+        if len(train) == 0:
+            raise DataError(f"data.path: the {data.train_split} split is empty")
+        sources = split_files(Path(data.path)) if Path(data.path).is_dir() else {}
+        train_labels = _read_labels(train, data.train_split, data, sources)
+        id2label = label_mapping(train_labels)
+        if len(id2label) < 2:
+            raise DataError(f"data.label: the {data.train_split} split has a single label ({train_labels[0]!r}); need at least 2 classes")
+        return cls(data, sources, train_labels, id2label)
+
+    def read(self, ds: Any, split: str) -> list:
+        return _read_labels(ds, split, self.data, self.sources)
+
+    def ids(self, values: list, split: str) -> np.ndarray:
+        unseen = sorted({str(v): v for v in values if str(v) not in self.label2id}.items())
         if unseen:
-            known = ", ".join(repr(v) for v in sorted(set(train_labels), key=str)[:10])
+            known = ", ".join(repr(v) for v in sorted(set(self.train_labels), key=str)[:10])
             raise DataError(
-                f"data.label: {split} has label(s) {', '.join(repr(v) for _, v in unseen[:5])} never seen in {data.train_split} "
+                f"data.label: {split} has label(s) {', '.join(repr(v) for _, v in unseen[:5])} never seen in {self.data.train_split} "
                 f"(which has {known}; the model cannot learn them; fix the labels or the split)"
             )
-        return np.array([label2id[str(v)] for v in values], dtype=np.int64)
+        return np.array([self.label2id[str(v)] for v in values], dtype=np.int64)
 
-    y_train = to_ids(train_labels, data.train_split)
-    val_from_train = data.validation_split not in raw
-    if val_from_train:
+
+def _read_labels(ds: Any, split: str, data: DataSection, sources: dict[str, Path]) -> list:
+    return clean_labels(column(ds, data.label, split, "label"), split, data.label, sources.get(split))
+
+
+def _split_rows(raw: dict[str, Any], data: DataSection, y_train: np.ndarray, seed: int) -> dict[str, tuple[Any, np.ndarray | None]]:
+    """Split name -> (dataset, its rows): rows of the train split for train and a carved-out
+    validation, None for a split read whole from its own file."""
+    train = raw[data.train_split]
+    if data.validation_split not in raw:
         val_idx = stratified_indices(y_train, data.validation_fraction, seed)
         train_idx = np.setdiff1d(np.arange(len(y_train)), val_idx)
-        splits_rows = {"train": (train, train_idx), "validation": (train, val_idx)}
+        plan = {"train": (train, train_idx), "validation": (train, val_idx)}
     else:
-        splits_rows = {"train": (train, np.arange(len(y_train))), "validation": (raw[data.validation_split], None)}
+        plan = {"train": (train, np.arange(len(y_train))), "validation": (raw[data.validation_split], None)}
     if data.test_split in raw:
-        splits_rows["test"] = (raw[data.test_split], None)
+        plan["test"] = (raw[data.test_split], None)
+    return plan
 
-    encoded: dict[str, Encoded] = {}
-    for name, (ds, rows) in splits_rows.items():
-        split_name = data.train_split if rows is not None else getattr(data, f"{name}_split")
-        texts = column(ds, data.text, split_name, "text")
-        pairs = column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
-        labels = y_train if rows is not None else to_ids(labels_of(ds, split_name), split_name)
-        if rows is None:
-            rows = np.arange(len(labels))
-        limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)
-        rows = rows[_limit(len(rows), limit, labels[rows], seed)]
-        if len(rows) == 0:
-            raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")
-        bad = [i for i in rows[:50_000] if not isinstance(texts[i], str)]
-        if bad:
-            raise DataError(f"data.text: row {int(bad[0])} of the {split_name} split has no text ({texts[bad[0]]!r})")
-        encoded[name] = _encode(
-            tokenizer,
-            [texts[i] for i in rows],
-            [pairs[i] for i in rows] if pairs is not None else None,
-            labels[rows],
-            max_length,
-        )
-    task = TaskData(
-        train=encoded["train"],
-        validation=encoded["validation"],
-        test=encoded.get("test"),
-        id2label=id2label,
-        fingerprint=fingerprint,
-        validation_from_train=val_from_train,
-    )
-    if use_cache:
-        _save(path, task)
-    return task
+
+def _encode_split(
+    name: str, ds: Any, rows: np.ndarray | None, data: DataSection, labels: _Labels, tokenizer: Any, max_length: int, seed: int
+) -> Encoded:
+    """Check, limit and tokenize one split (``rows`` as :func:`_split_rows` gives them)."""
+    split_name = data.train_split if rows is not None else getattr(data, f"{name}_split")
+    texts = column(ds, data.text, split_name, "text")
+    pairs = column(ds, data.text_pair, split_name, "text_pair") if data.text_pair else None
+    y = labels.y_train if rows is not None else labels.ids(labels.read(ds, split_name), split_name)
+    if rows is None:
+        rows = np.arange(len(y))
+    limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)
+    rows = rows[_limit(len(rows), limit, y[rows], seed)]
+    if len(rows) == 0:
+        raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")
+    bad = [i for i in rows[:50_000] if not isinstance(texts[i], str)]
+    if bad:
+        raise DataError(f"data.text: row {int(bad[0])} of the {split_name} split has no text ({texts[bad[0]]!r})")
+    return _encode(tokenizer, [texts[i] for i in rows], [pairs[i] for i in rows] if pairs is not None else None, y[rows], max_length)
