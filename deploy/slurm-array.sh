@@ -8,7 +8,7 @@
 #
 # Where llrd-search comes from: by default the `llrd-search` on PATH (a venv on the shared file
 # system, installed as the README says; activate it before sbatch). Or the container image
-# (README, "Container images") through Apptainer/Singularity: pull it once on a login node, create
+# (README, "Fleet") through Apptainer/Singularity: pull it once on a login node, create
 # the study from it too (the data path stored in the study, /app/studies/data/..., is the image's),
 # and point LLRD_IMAGE at the .sif:
 #      apptainer pull llrd-search.sif docker://ghcr.io/OWNER/llrd-search:0.1.0-cuda
