@@ -62,7 +62,8 @@ class PackJob:
 @dataclass
 class SlotEnd:
     """How a slot's trial ended: ``result`` when it trained to the end, else ``error`` (whatever its
-    ``on_eval`` raised, or a :class:`DivergedError`); ``evals`` so far either way."""
+    ``on_eval`` raised, or a :class:`DivergedError`); ``evals`` so far either way. ``slot``: the
+    slot's number in the pack as it started (a refill keeps the number of the slot it fills)."""
 
     job: PackJob
     slot: int
@@ -72,8 +73,8 @@ class SlotEnd:
 
 
 class _Slot:
-    def __init__(self, job: PackJob, n_train: int, cfg: TrainSection, num_labels: int):
-        self.job = job
+    def __init__(self, job: PackJob, n_train: int, cfg: TrainSection, num_labels: int, label: int):
+        self.job, self.label = job, label
         self.rng = np.random.default_rng(job.seed)
         self.per_epoch = math.ceil(n_train / cfg.batch_size)
         self.total = self.per_epoch * cfg.epochs
@@ -130,7 +131,7 @@ def train_packed(
     model.to(device).train()
     params = _trainable(model, group_of)
     opt = PackedAdamW(params, group_of, weight_decay, [lr_of(j.groups) for j in jobs])
-    slots = [_Slot(j, len(task.train), cfg, num_labels) for j in jobs]
+    slots = [_Slot(j, len(task.train), cfg, num_labels, label) for label, j in enumerate(jobs)]
     check_every = 1 if device.type == "cpu" else 32
 
     while slots:
@@ -150,7 +151,7 @@ def train_packed(
                 try:
                     slot.guard.update(torch.stack(slot.pending).float().tolist(), slot.step + 1 - len(slot.pending))
                 except DivergedError as err:
-                    ended[k] = SlotEnd(slot.job, k, error=err, evals=list(slot.evals))
+                    ended[k] = SlotEnd(slot.job, slot.label, error=err, evals=list(slot.evals))
                 slot.pending.clear()
         live = [k for k in range(len(slots)) if k not in ended]
         if live:
@@ -183,10 +184,10 @@ def train_packed(
                     if slot.job.on_eval:
                         slot.job.on_eval(slot.step, scores[k])
                 except Exception as err:  # the slot's trial is pruned (or its callback failed): it alone ends
-                    ended[k] = SlotEnd(slot.job, k, error=err, evals=list(slot.evals))
+                    ended[k] = SlotEnd(slot.job, slot.label, error=err, evals=list(slot.evals))
         for k in live:
             if k not in ended and slots[k].step == slots[k].total:
-                ended[k] = SlotEnd(slots[k].job, k, result=slots[k].result(), evals=list(slots[k].evals))
+                ended[k] = SlotEnd(slots[k].job, slots[k].label, result=slots[k].result(), evals=list(slots[k].evals))
 
         dropped = []
         for k in sorted(ended):
@@ -197,7 +198,7 @@ def train_packed(
                 continue
             load_copy(model, k, job.model)
             opt.reset(k, lr_of(job.groups))
-            slots[k] = _Slot(job, len(task.train), cfg, num_labels)
+            slots[k] = _Slot(job, len(task.train), cfg, num_labels, slots[k].label)
         if dropped:
             keep = [k for k in range(len(slots)) if k not in dropped]
             slots = [slots[k] for k in keep]
