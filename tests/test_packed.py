@@ -19,7 +19,7 @@ from llrd_search.engine.packed_model import PackedEmbedding, PackedLayerNorm, Pa
 from llrd_search.engine.packed_optim import PackedAdamW
 from llrd_search.engine.param_groups import build_param_groups
 from llrd_search.engine.train import linear_schedule, train_and_evaluate
-from llrd_search.exceptions import ModelError
+from llrd_search.exceptions import DivergedError, ModelError
 from llrd_search.spec import DataSection, ModelSection, TrainSection
 
 CPU = torch.device("cpu")
@@ -230,3 +230,15 @@ def test_pruning_one_copy_leaves_the_others_unchanged_and_refills_the_slot(setup
     _, alone = _unpacked(template, task, 9, LRS[0], cfg)
     assert by_seed[9].result.evals == alone.evals
     assert [e.job.seed for e in ends] == [4, 3, 5, 9]
+
+
+def test_a_diverging_copy_ends_alone(setup):
+    template, task = setup
+    cfg = _cfg(epochs=1)
+    base = _packed([_job(template, 3, LRS[0]), _job(template, 5, LRS[2])], task, cfg)
+    ends = _packed([_job(template, 3, LRS[0]), _job(template, 4, (10.0, 1.0, 10.0)), _job(template, 5, LRS[2])], task, cfg)
+    by_seed = {e.job.seed: e for e in ends}
+    assert isinstance(by_seed[4].error, DivergedError) and by_seed[4].result is None
+    assert ends[0].job.seed == 4  # it ended first, at a divergence check, long before the others
+    assert by_seed[3].result.evals == base[0].result.evals
+    assert by_seed[5].result.evals == base[1].result.evals

@@ -12,6 +12,9 @@ The loop is Optuna's ask/tell with what Optuna's ``optimize`` does not give a fl
 - a broken setup stops the worker after ``max_consecutive_failures`` identical errors instead of
   failing the whole budget.
 
+With ``[train] pack`` resolving to K > 1 (the built-in objective only), claimed trials run K at a
+time as one batched model (:mod:`llrd_search.study.packs`), each claimed and told as here.
+
 Each turn of :func:`run_worker`: :meth:`_Claimer.claim` takes a trial (budget lock, reap, ask,
 first heartbeat), :func:`_run_trial` runs and tells it (signals, step checks, objective), and a
 :class:`FailureCounter` says when repeated errors mean a broken setup.
