@@ -145,6 +145,17 @@ class TrainSection(_Section):
 
     # The validation metric every evaluation reports and the search maximizes (see metrics.py).
     metric: Literal["accuracy", "f1", "f1_macro", "mcc"] = "accuracy"
+    # Packed trials (engine/packed.py): a worker trains K trials of the built-in loop as one batched
+    # model. "auto": 1 on CPU (packing gains nothing there), on CUDA as many as the free memory holds
+    # (at most 8). A user objective (train.objective, --objective) never packs.
+    pack: int | Literal["auto"] = "auto"
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_count(cls, value: object) -> object:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{value!r} must be a count >= 1 or \"auto\"")
+        return value
 
 
 class SpaceSection(_Section):

@@ -69,6 +69,13 @@ def test_train_fast_path_is_on_by_default_and_validated():
     assert problems(spec_with(train__fastpath=False)) == ["train.fastpath: unknown key (did you mean 'fast_path'?)"]
 
 
+def test_train_pack_is_auto_by_default_and_a_count():
+    assert parse_spec(VALID).train.pack == "auto"
+    assert parse_spec(spec_with(train__pack=3)).train.pack == 3
+    for bad in (0, True, "many", 2.5):
+        assert problems(spec_with(train__pack=bad)) == [f'train.pack: {bad!r} must be a count >= 1 or "auto"']
+
+
 def test_missing_section_named():
     data = copy.deepcopy(VALID)
     del data["model"]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import optuna
+import torch
 
 from llrd_search.engine.data import TaskData, load_task_data
 from llrd_search.engine.metrics import check_metric
@@ -18,7 +19,7 @@ from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, 
 from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
-from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
+from llrd_search.engine.train import TrainResult, pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError
 from llrd_search.spec import StudySpec
 from llrd_search.vocab import SEED_ATTR
@@ -59,31 +60,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
-        params = suggest(trial, self.spec.space)
-        # A confirmation run's training seed is set when it is queued: run i of every configuration
-        # trains with the same seed, so configurations are compared on paired seeds.
-        seed = int(trial.user_attrs.get(SEED_ATTR, self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number))
-        model = fresh_model(self.template, seed)
-        groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)
-        trial.set_user_attr("lr_groups", group_table(groups))
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("device", str(self.device))
-        trial.set_user_attr("precision", self.precision_name)
-        trial.set_user_attr("n_train", len(self.task.train))
-        trial.set_user_attr("n_validation", len(self.task.validation))
+        model, groups, seed = self.prepare(trial)
         evals: list[dict] = []
-
-        metric = self.spec.train.metric
-
-        def on_eval(step: int, value: float) -> None:
-            evals.append({"eval": len(evals) + 1, "step": step, metric: value})
-            # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
-            trial.report(value, len(evals))
-            if trial.should_prune():
-                trial.set_user_attr("evals", evals)
-                trial.set_user_attr("pruned_at_step", step)
-                raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} ({metric} {value:.4f})")
-
+        on_eval = self.pruning_callback(trial, evals)
         overhead = time.perf_counter() - t0
         try:
             result = train_and_evaluate(
@@ -99,13 +78,57 @@ class Objective:
                 on_step=step_callback(self.on_step),
             )
         except DivergedError as err:
-            # PRUNED, not FAIL: the point was tried and is bad (its LRs are too high). It uses its
-            # slot of the budget (a FAIL would be refilled), TPE learns to avoid the region (it
-            # ignores FAIL trials), and a search space reaching into diverging LRs does not trip
-            # the worker's repeated-failure stop. The reason stays in the trial.
-            trial.set_user_attr("diverged", str(err))
-            trial.set_user_attr("evals", evals)
-            raise optuna.TrialPruned(f"diverged: {err}") from None
+            raise self.diverged(trial, err, evals) from None
+        return self.record(trial, result, evals, overhead)
+
+    # The steps of a trial, shared with packed trials (engine/packed_trials.py), which run the
+    # training in between for several trials at once.
+
+    def seed_of(self, trial: optuna.Trial) -> int:
+        # A confirmation run's training seed is set when it is queued: run i of every configuration
+        # trains with the same seed, so configurations are compared on paired seeds.
+        return int(trial.user_attrs.get(SEED_ATTR, self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number))
+
+    def prepare(self, trial: optuna.Trial) -> tuple[torch.nn.Module, list[dict], int]:
+        """Sample the trial's LRs; its fresh model, LLRD groups and seed, recorded in its user attrs."""
+        params = suggest(trial, self.spec.space)
+        seed = self.seed_of(trial)
+        model = fresh_model(self.template, seed)
+        groups = build_param_groups(model, weight_decay=self.spec.train.weight_decay, **params)
+        trial.set_user_attr("lr_groups", group_table(groups))
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr("precision", self.precision_name)
+        trial.set_user_attr("n_train", len(self.task.train))
+        trial.set_user_attr("n_validation", len(self.task.validation))
+        return model, groups, seed
+
+    def pruning_callback(self, trial: optuna.Trial, evals: list[dict]) -> Callable[[int, float], None]:
+        """``on_eval`` for the loop: record, report, raise TrialPruned when the pruner says so."""
+        metric = self.spec.train.metric
+
+        def on_eval(step: int, value: float) -> None:
+            evals.append({"eval": len(evals) + 1, "step": step, metric: value})
+            # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
+            trial.report(value, len(evals))
+            if trial.should_prune():
+                trial.set_user_attr("evals", evals)
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} ({metric} {value:.4f})")
+
+        return on_eval
+
+    def diverged(self, trial: optuna.Trial, err: DivergedError, evals: list[dict]) -> optuna.TrialPruned:
+        # PRUNED, not FAIL: the point was tried and is bad (its LRs are too high). It uses its
+        # slot of the budget (a FAIL would be refilled), TPE learns to avoid the region (it
+        # ignores FAIL trials), and a search space reaching into diverging LRs does not trip
+        # the worker's repeated-failure stop. The reason stays in the trial.
+        trial.set_user_attr("diverged", str(err))
+        trial.set_user_attr("evals", evals)
+        return optuna.TrialPruned(f"diverged: {err}")
+
+    def record(self, trial: optuna.Trial, result: TrainResult, evals: list[dict], overhead: float) -> float:
+        """Store a finished run's numbers in the trial; its value."""
         trial.set_user_attr("evals", evals)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("best_step", result.best_step)

@@ -12,6 +12,9 @@ The loop is Optuna's ask/tell with what Optuna's ``optimize`` does not give a fl
 - a broken setup stops the worker after ``max_consecutive_failures`` identical errors instead of
   failing the whole budget.
 
+With ``[train] pack`` resolving to K > 1 (the built-in objective only), claimed trials run K at a
+time as one batched model (:mod:`llrd_search.study.packs`), each claimed and told as here.
+
 Each turn of :func:`run_worker`: :meth:`_Claimer.claim` takes a trial (budget lock, reap, ask,
 first heartbeat), :func:`_run_trial` runs and tells it (signals, step checks, objective), and a
 :class:`FailureCounter` says when repeated errors mean a broken setup.
@@ -23,6 +26,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -252,6 +256,7 @@ def run_worker(
         # arm): a worker waiting at the lock is ready to train, so workers started together compete
         # for the first trials as equals instead of one loading its model while others run them.
         objective = (objective_factory or _default_objective)(spec)
+        packer = _pack_runner(objective)
         claimer = _Claimer(storage, study, spec, worker_index)
         with Signals() as signals:
             while True:
@@ -262,6 +267,11 @@ def run_worker(
                         return ran
                     log.info("budget taken; waiting for %d running trial(s) to finish or go stale", claimer.running)
                     time.sleep(poll)
+                    continue
+                if packer is not None:  # K trials at once (study/packs.py): same claims, same tells
+                    from llrd_search.study.packs import run_pack
+
+                    ran += run_pack(claimed, claimer, packer, signals, failures, on_trial_end)
                     continue
                 ran += 1
                 _run_trial(claimed, objective, signals, failures)
@@ -285,6 +295,17 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
     else:
         study.tell(trial, state=state, skip_if_finished=True)
     return True
+
+
+def _pack_runner(objective: Callable[[optuna.Trial], float]) -> Any:
+    """Packed trials for the built-in objective when ``[train] pack`` resolves to K > 1; None
+    otherwise. A user's objective never packs (and never makes the worker import torch here)."""
+    builtin = sys.modules.get("llrd_search.engine.objective")
+    if builtin is None or not isinstance(objective, builtin.Objective):
+        return None
+    from llrd_search.study.packs import pack_runner
+
+    return pack_runner(objective)
 
 
 def _default_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:

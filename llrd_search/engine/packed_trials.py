@@ -1,0 +1,126 @@
+"""Optuna trials in a pack: how many to pack (``[train] pack``), and each trial's setup and outcome
+exactly as the built-in :class:`~llrd_search.engine.objective.Objective` records them.
+
+A worker (study/packs.py) claims the trials; :class:`PackedTrials` turns each into a
+:class:`~llrd_search.engine.packed.PackJob` (same seed, LRs, fresh head and user attrs as the
+unpacked objective, plus ``pack`` and ``pack_slot``) and each slot's end into the trial's value or
+the exception the unpacked objective would have raised (``TrialPruned`` when pruned or diverged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+
+from llrd_search.engine.model import fresh_model
+from llrd_search.engine.objective import Objective
+from llrd_search.engine.packed import PackJob, SlotEnd, train_packed
+from llrd_search.engine.packed_model import pack_models
+from llrd_search.engine.steps import step_callback
+from llrd_search.exceptions import DivergedError, LLRDSearchError
+from llrd_search.spec import TrainSection
+
+log = logging.getLogger(__name__)
+
+AUTO_CAP = 8
+HEADROOM = 0.9  # of the free memory: the CUDA context, fragmentation and eval batches need some
+
+
+def auto_pack(per_trial_bytes: int, free_bytes: int, cap: int = AUTO_CAP) -> int:
+    """How many trials of ``per_trial_bytes`` fit in ``HEADROOM`` of ``free_bytes``: 1 to ``cap``."""
+    if per_trial_bytes <= 0:
+        return cap
+    return max(1, min(cap, int(free_bytes * HEADROOM) // per_trial_bytes))
+
+
+def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int) -> int:
+    """A rough upper estimate of one trial's GPU memory: fp32 weights, gradients and two AdamW
+    moments (16 bytes a parameter), plus one batch's stored activations (per layer ~34 bytes per
+    token per hidden unit and 5 per attention score, Korthikanti et al. 2022, doubled for fp32)."""
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 768))
+    layers = int(getattr(config, "num_hidden_layers", 12))
+    heads = int(getattr(config, "num_attention_heads", 12))
+    tokens = cfg.batch_size * max_length
+    activations = layers * (34 * tokens * hidden + 5 * heads * tokens * max_length) * 2
+    return 16 * sum(p.numel() for p in model.parameters()) + activations
+
+
+def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int) -> int:
+    """``[train] pack`` as a count: ``"auto"`` is 1 on CPU (one copy already uses every core a
+    worker has) and on CUDA :func:`auto_pack` of the free memory."""
+    if cfg.pack != "auto":
+        return int(cfg.pack)
+    if device.type != "cuda":
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    return auto_pack(trial_bytes(model, cfg, max_length), free)
+
+
+def check_packable(objective: Objective) -> str | None:
+    """None when two packed copies of the study's model give each copy's own logits on a few
+    validation examples, else why not (a model whose weights are read outside the three packed
+    module types, e.g. DeBERTa's relative-position table, or an unsupported parameter)."""
+    data = objective.task.validation
+    try:
+        copies = [fresh_model(objective.template, seed).eval() for seed in (0, 1)]
+        batch = data.batch(list(range(min(2, len(data)))), objective.pad_id)
+        batch.pop("labels")
+        with torch.inference_mode():
+            expected = [m(**batch).logits for m in copies]
+        packed, state = pack_models([fresh_model(objective.template, seed).eval() for seed in (0, 1)])
+        state.rows = len(batch["input_ids"])
+        with torch.inference_mode():
+            got = packed(**{k: v.repeat(2, 1) for k, v in batch.items()}).logits.reshape(2, state.rows, -1)
+        for k in range(2):
+            if not torch.allclose(got[k], expected[k], atol=1e-4, rtol=1e-3):
+                return "the packed model's outputs differ from the model's own"
+    except (LLRDSearchError, RuntimeError, ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+class PackedTrials:
+    """The built-in objective's trials, run ``k`` at a time (see :func:`train_packed`)."""
+
+    def __init__(self, objective: Objective, k: int):
+        self.objective, self.k = objective, k
+        self.spec = objective.spec
+
+    def job(self, trial: optuna.Trial) -> PackJob:
+        t0 = time.perf_counter()
+        model, groups, seed = self.objective.prepare(trial)
+        trial.set_user_attr("pack", self.k)
+        tag = _Tagged(trial, [], 0.0)
+        on_eval = self.objective.pruning_callback(trial, tag.evals)
+        tag.overhead = time.perf_counter() - t0
+        return PackJob(model=model, groups=groups, seed=seed, on_eval=on_eval, tag=tag)
+
+    def outcome(self, end: SlotEnd) -> float:
+        """The trial's value, or raise what the unpacked objective raises for this end."""
+        tag: _Tagged = end.job.tag
+        tag.trial.set_user_attr("pack_slot", end.slot)
+        if isinstance(end.error, DivergedError):
+            raise self.objective.diverged(tag.trial, end.error, tag.evals) from None
+        if end.error is not None or end.result is None:
+            raise end.error or RuntimeError("a packed slot ended with neither a result nor an error")
+        return self.objective.record(tag.trial, end.result, tag.evals, tag.overhead)
+
+    def run(self, first: list[PackJob], next_job: Callable[[], PackJob | None], on_end: Callable[[SlotEnd], None]) -> None:
+        o = self.objective
+        train_packed(first, o.task, self.spec.train, next_job=next_job, on_end=on_end, pad_id=o.pad_id, device=o.device, dtype=o.dtype,
+                     on_step=step_callback(o.on_step))
+
+
+@dataclass
+class _Tagged:
+    """What a slot's job carries for its trial: the trial, its evaluations so far, its setup time."""
+
+    trial: optuna.Trial
+    evals: list[dict]
+    overhead: float

@@ -1,0 +1,142 @@
+"""Packed trials in a study (study/packs.py): a worker with ``[train] pack = 3`` reaches the same
+trials as one training them one at a time, finishes exactly the budget, and leaves no RUNNING trial
+when the pack fails or is interrupted.
+
+The tiny BERT here has dropout 0 and trains in fp32 with fast_path off, so a packed trial and its
+unpacked twin differ only by float rounding: values must be equal (accuracy on 60 examples moves
+in steps of 1/60, far above that rounding)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from llrd_search.engine import packed
+from llrd_search.engine.objective import Objective
+from llrd_search.engine.packed_trials import auto_pack, resolve_pack
+from llrd_search.exceptions import RepeatedFailureError
+from llrd_search.spec import TrainSection, load_spec
+from llrd_search.study.storage import create_study, load_study, open_storage
+from llrd_search.study.worker import INTERRUPTED, run_worker
+
+PACKED = {"fast_path": False, "epochs": 2, "evals_per_epoch": 3}
+SPACE = {"base_lr": "{ low = 3e-3, high = 2e-2, log = true }", "head_lr": "{ low = 3e-3, high = 3e-2, log = true }"}
+
+
+@pytest.fixture(scope="module")
+def still_model(tiny_model_dir, tmp_path_factory):
+    """The tiny BERT with every dropout probability 0."""
+    folder = tmp_path_factory.mktemp("still-bert")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _study(write_study, still_model, tmp_path, name, pack, n_trials=6, **train):
+    path = write_study(f"{name}.toml", name=name, n_trials=n_trials, model=still_model, train={**PACKED, "pack": pack, **train}, space=SPACE)
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    create_study(load_spec(path), open_storage(url))
+    return url
+
+
+def _trials(url, name):
+    return sorted(load_study(open_storage(url), name).get_trials(deepcopy=False), key=lambda t: t.number)
+
+
+def test_auto_pack_fits_the_free_memory_within_its_cap():
+    assert auto_pack(10, 100) == 8  # 90 usable bytes hold 9, capped at 8
+    assert auto_pack(10, 100, cap=4) == 4
+    assert auto_pack(30, 100) == 3  # 90 // 30
+    assert auto_pack(31, 100) == 2
+    assert auto_pack(200, 100) == 1  # never 0: one trial runs (and may run out of memory)
+    assert resolve_pack(TrainSection(), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 1  # auto on CPU: no packing
+    assert resolve_pack(TrainSection(pack=3), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 3
+
+
+def test_a_study_run_packed_reaches_the_same_trials_as_one_run_unpacked(write_study, still_model, tmp_path):
+    runs = {}
+    for name, pack in (("one", 1), ("three", 3)):
+        url = _study(write_study, still_model, tmp_path, name, pack)
+        assert run_worker(url, name) == 6
+        runs[pack] = _trials(url, name)
+    curves = {tuple(e["accuracy"] for e in t.user_attrs["evals"]) for t in runs[1]}
+    assert len(curves) > 1, curves  # the trials do differ: the comparison below means something
+    for one, three in zip(runs[1], runs[3], strict=True):
+        assert three.state == one.state == TrialState.COMPLETE
+        assert three.params == one.params
+        assert three.value == one.value
+        assert [e["accuracy"] for e in three.user_attrs["evals"]] == [e["accuracy"] for e in one.user_attrs["evals"]]
+        assert three.user_attrs["lr_groups"] == one.user_attrs["lr_groups"]
+        assert three.user_attrs["seed"] == one.user_attrs["seed"] and three.user_attrs["steps"] == one.user_attrs["steps"]
+        assert three.user_attrs["pack"] == 3 and three.user_attrs["pack_slot"] in (0, 1, 2)
+        assert "pack" not in one.user_attrs
+
+
+def test_a_packed_worker_finishes_exactly_the_budget_refilling_slots(write_study, still_model, tmp_path):
+    url = _study(write_study, still_model, tmp_path, "budget", 3, n_trials=5, epochs=1)
+    assert run_worker(url, "budget") == 5
+    trials = _trials(url, "budget")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    assert sorted(t.user_attrs["pack_slot"] for t in trials[3:]) == sorted(t.user_attrs["pack_slot"] for t in trials[:2])  # refills took freed slots
+
+
+def test_a_failing_pack_fails_all_its_trials_and_counts_once(write_study, still_model, tmp_path, monkeypatch):
+    url = _study(write_study, still_model, tmp_path, "broken", 3, n_trials=3)
+    calls_seen = []
+
+    def always(logits, labels):
+        calls_seen.append(1)
+        raise RuntimeError("out of luck")
+
+    monkeypatch.setattr(packed, "copy_losses", always)
+    with pytest.raises(RepeatedFailureError, match="3 trials in a row failed.*RuntimeError: out of luck"):
+        run_worker(url, "broken")
+    trials = _trials(url, "broken")
+    # one failure per pack of three: the worker stops after three packs, nine trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 9
+    assert all(t.user_attrs["fail_reason"] == "RuntimeError: out of luck" for t in trials)
+    assert len(calls_seen) == 3
+
+
+def test_an_interrupted_pack_marks_every_running_trial_and_keeps_the_finished(write_study, still_model, tmp_path):
+    # With trials of different lengths (epochs 1 vs the budget's fill), interrupt once the first has ended.
+    url = _study(write_study, still_model, tmp_path, "ctrlc", 3, n_trials=4, epochs=1)
+    finished = []
+
+    def factory(spec):
+        steps = iter(range(10_000))
+
+        def on_step(step, total):
+            if next(steps) == 20:  # the first three trials end at pack step 15; the fourth runs
+                raise KeyboardInterrupt
+
+        return Objective(spec, on_step=on_step)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(url, "ctrlc", objective_factory=factory, on_trial_end=lambda s, t: finished.append(t.number))
+    trials = _trials(url, "ctrlc")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert trials[3].user_attrs["fail_reason"] == INTERRUPTED
+    assert finished == [0, 1, 2]
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+def test_a_user_objective_never_packs(write_study, still_model, tmp_path):
+    url = _study(write_study, still_model, tmp_path, "user", 3, n_trials=2)
+
+    def factory(spec):
+        def objective(trial: optuna.Trial) -> float:
+            trial.suggest_float("base_lr", 3e-3, 2e-2, log=True)
+            return 0.5
+
+        return objective
+
+    assert run_worker(url, "user", objective_factory=factory) == 2
+    assert all("pack" not in t.user_attrs for t in _trials(url, "user"))
