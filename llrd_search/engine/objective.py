@@ -13,6 +13,7 @@ from collections.abc import Callable
 import optuna
 
 from llrd_search.engine.data import TaskData, load_task_data
+from llrd_search.engine.memory import PEAK_ATTR, peak_bytes, reset_peak
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table
@@ -85,6 +86,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} ({metric} {value:.4f})")
 
         overhead = time.perf_counter() - t0
+        reset_peak(self.device)  # what this trial takes on a GPU sizes `run --workers-per-gpu auto` on resume
         try:
             result = train_and_evaluate(
                 model,
@@ -113,4 +115,6 @@ class Objective:
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
         trial.set_user_attr("train_examples_per_second", round(result.examples_per_second, 2))
         trial.set_user_attr("trial_overhead_seconds", round(overhead, 3))
+        if (peak := peak_bytes(self.device)) is not None:
+            trial.set_user_attr(PEAK_ATTR, peak)
         return result.best_score
