@@ -302,3 +302,12 @@ def test_confirm_plans_from_the_stored_spec(two_gpus, monkeypatch, write_study):
     assert G.plan_confirm("u", "s", workers=None, per_gpu=1, threads=None, objective="m:f", runs=3).counts() == [1, 1]
     spec.train.device = "cpu"
     assert G.plan_confirm("u", "s", workers=None, per_gpu=2, threads=None, objective=None, runs=3) is None
+
+
+def test_env_workers_is_a_default_that_workers_per_gpu_overrides(two_gpus, monkeypatch):
+    monkeypatch.setenv("LLRD_SEARCH_WORKERS", "3")
+    obj = _objective("cuda")
+    assert G.plan_run(obj, user_objective=False, workers=None, per_gpu=None, threads=None, remaining=9).counts() == [2, 1]
+    assert G.plan_run(obj, user_objective=False, workers=None, per_gpu=1, threads=None, remaining=9).counts() == [1, 1]
+    with pytest.raises(LLRDSearchError, match="not both"):
+        G.plan_run(obj, user_objective=False, workers=4, per_gpu=1, threads=None, remaining=9)

@@ -232,7 +232,8 @@ def plan_run(objective: Any, *, user_objective: bool, workers: int | None, per_g
     do not all land on GPU 0."""
     from llrd_search.study.local_workers import usable_cores, workers_from_env
 
-    requested = workers or workers_from_env()
+    # $LLRD_SEARCH_WORKERS is a default: an explicit --workers-per-gpu N wins over it.
+    requested = workers or (None if isinstance(per_gpu, int) else workers_from_env())
     if user_objective:
         if not (requested or isinstance(per_gpu, int)):
             return None
