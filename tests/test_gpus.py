@@ -99,8 +99,9 @@ def test_plan_without_a_parent_worker_pins_every_child():
 
 
 def test_plan_needs_exactly_one_count():
-    with pytest.raises(LLRDSearchError, match="not both"):
-        G.gpu_plan(["0"], per_gpu=1, workers=2, cores=1)
+    for both_or_none in ({"per_gpu": 1, "workers": 2}, {}):
+        with pytest.raises(LLRDSearchError, match="exactly one of --workers"):
+            G.gpu_plan(["0"], cores=1, **both_or_none)
     with pytest.raises(LLRDSearchError, match="no GPU"):
         G.gpu_plan([], per_gpu=1, cores=1)
 

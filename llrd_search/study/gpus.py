@@ -112,7 +112,7 @@ def gpu_plan(
     if not gpus:
         raise LLRDSearchError("no GPU to plan workers on")
     if (per_gpu is None) == (workers is None):
-        raise LLRDSearchError("give --workers or --workers-per-gpu, not both")
+        raise LLRDSearchError("give exactly one of --workers (in all) and --workers-per-gpu (on each GPU)")
     total = workers if workers is not None else per_gpu * len(gpus)  # type: ignore[operator]
     if total < 1:
         raise LLRDSearchError(f"--workers: must be >= 1 (got {total})")
