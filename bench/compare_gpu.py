@@ -174,7 +174,7 @@ def markdown(rows: list[dict], *, title: str, device: str, date: str, command: s
     def fmt(r: dict) -> str:
         if "skipped" in r:
             return f"| {r['label']} | - | - | - | - | - | skipped: {r['skipped']} |"
-        speed = f"{r['speedup']:.1f}x" if r["speedup"] is not None else "1.0x"
+        speed = f"{r['speedup']:.1f}x" if r["speedup"] is not None else "-"
         same = {None: "-", True: "yes", False: "**no**: does not count"}[r["same_accuracy"]]
         best = f"{r['best']:.4f}" if r["best"] is not None else "-"
         return f"| {r['label']} | {r['trials']} | {r['wall_s']:.0f} | {r['per_gpu_hour']:.0f} | {speed} | {best} | {same} |"
@@ -230,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         p = run_peer(data, peer_args, work / "peer.json", env, ["--storage", f"sqlite:///{work / 'peer.db'}"])
-    except SystemExit as err:  # run_peer exits with the log's end on a failed peer
+    except SystemExit as err:  # run_peer exits with the log's end on a failed peer; ours still run, uncompared
         print(f"the peer failed: {err}", flush=True)
-        return 1
-    peer = {"wall_s": time.time() - t0, "trials": sum(t["state"] == "COMPLETE" for t in p["trials"]), "best": p["best"]["value"]}
-    rows = [row("HF Trainer + hyperparameter_search(optuna)" + (", bf16" if args.cuda else ""), peer, None)]
+        p = None
+    peer_label = "HF Trainer + hyperparameter_search(optuna)" + (", bf16" if args.cuda else "")
+    peer = None if p is None else {"wall_s": time.time() - t0, "trials": sum(t["state"] == "COMPLETE" for t in p["trials"]), "best": p["best"]["value"]}
+    rows = [{**row(peer_label, peer, None), "speedup": 1.0} if peer else {"label": peer_label, "skipped": "failed (see its log)"}]
     raw = {"device": device, "date": date, "command": command, "args": {k: str(v) for k, v in vars(args).items()}, "peer": peer}
     notes = [f"Same search each side: {args.trials} trials, {args.train_limit} SST-2 sentences, {args.epochs} epoch(s), batch {args.batch_size}, "
              f"max_length {args.max_length}, TPE seed 0, no pruning; each side in its own process, timed from spawn. Model: {model_label(args.model)}.",
@@ -267,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(row(label, raw[mode], peer))
         save()
-        print(f"[{mode}] {rows[-1]['trials']} trials in {rows[-1]['wall_s']:.0f} s: {rows[-1]['per_gpu_hour']:.0f} per GPU-hour, "
-              f"{rows[-1]['speedup']:.1f}x the Trainer", flush=True)
+        r = rows[-1]
+        vs = f", {r['speedup']:.1f}x the Trainer" if r["speedup"] is not None else ""
+        print(f"[{mode}] {r['trials']} trials in {r['wall_s']:.0f} s: {r['per_gpu_hour']:.0f} per GPU-hour{vs}", flush=True)
 
     text = save()
     for r in rows[1:]:
-        if "skipped" not in r:
+        if "skipped" not in r and peer is not None and r["best"] is not None:
             ok = r["same_accuracy"]
             print(f"accuracy check, {r['label']}: best {r['best']:.4f} vs the Trainer's {peer['best']:.4f}: "
                   f"{'within' if ok else 'NOT within'} 0.5 points{'' if ok else ' (its speed-up does not count)'}")

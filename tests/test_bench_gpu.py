@@ -57,7 +57,7 @@ def test_rows_and_table():
     peer = {"wall_s": 360.0, "trials": 12, "best": 0.8326}
     ours = {"wall_s": 72.0, "trials": 12, "best": 0.8349}
     far = {"wall_s": 36.0, "trials": 12, "best": 0.8200}
-    rows = [cg.row("Trainer", peer, None), cg.row("ours", ours, peer), cg.row("far", far, peer),
+    rows = [{**cg.row("Trainer", peer, None), "speedup": 1.0}, cg.row("ours", ours, peer), cg.row("far", far, peer),
             {"label": "packed", "skipped": "this llrd-search has no `[train] pack` key"}]
     assert rows[0]["per_gpu_hour"] == 120 and rows[1]["per_gpu_hour"] == 600 and rows[1]["speedup"] == 5
     assert (rows[1]["same_accuracy"], rows[2]["same_accuracy"]) == (True, False)
@@ -72,6 +72,9 @@ def test_rows_and_table():
         "| far | 12 | 36 | 1200 | 10.0x | 0.8200 | **no**: does not count |",
         "| packed | - | - | - | - | - | skipped: this llrd-search has no `[train] pack` key |",
     ]
+    alone = cg.row("ours, the peer failed", ours, None)
+    assert (alone["speedup"], alone["same_accuracy"]) == (None, None)
+    assert cg.markdown([alone], title="t", device="d", date="x", command="c", notes=[]).splitlines()[-1] == "| ours, the peer failed | 12 | 72 | 600 | - | 0.8349 | - |"
 
 
 def test_random_model_labels_say_speed_only():
