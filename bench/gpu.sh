@@ -120,7 +120,7 @@ printf '\n### `llrd-search run` with its defaults on this machine (8 trials, 500
 part autoplan 60 bash -c autoplan
 { echo; echo '```'; grep -E "worker|per GPU|best:|finished" "$PARTS/autoplan.log" || true; echo '```'; } >>"$MD"
 
-part minilm 180 "$PY" bench/compare_hf.py --gpu --model minilm --trials 10 --train-limit 2000 --workers-per-gpu 4 --pack 4 --out "$PARTS"
+part minilm 180 "$PY" bench/compare_hf.py --gpu --model minilm --trials 8 --train-limit 2000 --workers-per-gpu 4 --pack 4 --out "$PARTS"
 if [[ -f $PARTS/compare-minilm.md ]]; then { echo; cat "$PARTS/compare-minilm.md"; } >>"$MD"; fi
 
 part bert 140 "$PY" bench/compare_hf.py --gpu --model bert-base-random --trials 6 --train-limit 1000 --workers-per-gpu 4 --pack 4 --out "$PARTS"
