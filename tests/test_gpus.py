@@ -312,3 +312,18 @@ def test_env_workers_is_a_default_that_workers_per_gpu_overrides(two_gpus, monke
     assert G.plan_run(obj, user_objective=False, workers=None, per_gpu=1, threads=None, remaining=9).counts() == [1, 1]
     with pytest.raises(LLRDSearchError, match="not both"):
         G.plan_run(obj, user_objective=False, workers=4, per_gpu=1, threads=None, remaining=9)
+
+
+def test_packed_trials_count_against_the_gpu(two_gpus, monkeypatch):
+    # [train] pack = K: a worker holds K trials; "auto": packing fills the GPU, one worker on each
+    assert G.workers_per_gpu(5 * GIB, 80 * GIB, pack=4) == (3, "auto: ~5.0 GiB per trial x 4 packed, 80 GiB free on the smallest GPU")
+    monkeypatch.delenv("LLRD_SEARCH_WORKERS", raising=False)
+    obj = _objective("cuda")
+    for pack, counts in ((1, [4, 4]), ("auto", [1, 1])):
+        obj.spec.train.pack = pack
+        plan = G.plan_run(obj, user_objective=False, workers=None, per_gpu=None, threads=None, remaining=100, measured=GIB)
+        assert plan.counts() == counts
+    assert plan.reason == 'auto: 1 per GPU, [train] pack = "auto" fills it with packed trials'
+    obj.spec.train.pack = 8  # 8 x 3 GiB + 0.5 on 27 GiB: 1 a GPU
+    assert G.plan_run(obj, user_objective=False, workers=None, per_gpu=None, threads=None, remaining=100, measured=3 * GIB).counts() == [1, 1]
+    assert G.pack_of(SimpleNamespace(train=SimpleNamespace())) == 1

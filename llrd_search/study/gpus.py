@@ -34,14 +34,16 @@ class Gpu:
     total: int
 
 
-def workers_per_gpu(per_trial_bytes: int, free_bytes: int, *, cap: int = MAX_WORKERS_PER_GPU, measured: bool = False) -> tuple[int, str]:
+def workers_per_gpu(per_trial_bytes: int, free_bytes: int, *, cap: int = MAX_WORKERS_PER_GPU, measured: bool = False,
+                    pack: int = 1) -> tuple[int, str]:
     """How many workers one GPU with ``free_bytes`` free holds when a trial needs ``per_trial_bytes``
-    (each worker also holds its CUDA context, :data:`CUDA_CONTEXT_BYTES`), at least 1 and at most
-    ``cap``; and why, for the start line (``measured``: the bytes are a finished trial's peak, not
-    the estimate)."""
-    per_worker = per_trial_bytes + CUDA_CONTEXT_BYTES
+    and a worker trains ``pack`` of them at once (``[train] pack``), each worker also holding its
+    CUDA context (:data:`CUDA_CONTEXT_BYTES`): at least 1 and at most ``cap``; and why, for the
+    start line (``measured``: the bytes are a finished trial's peak, not the estimate)."""
+    per_worker = pack * per_trial_bytes + CUDA_CONTEXT_BYTES
     fits = int(free_bytes * AUTO_HEADROOM) // per_worker
-    why = f"auto: ~{gib(per_trial_bytes)} GiB per trial{' (measured)' * measured}, {gib(free_bytes)} GiB free on the smallest GPU"
+    packs = f" x {pack} packed" if pack > 1 else ""
+    why = f"auto: ~{gib(per_trial_bytes)} GiB per trial{' (measured)' * measured}{packs}, {gib(free_bytes)} GiB free on the smallest GPU"
     if fits < 1:
         return 1, f"{why}: may not fit, see [train] batch_size"
     if fits > cap:
@@ -138,10 +140,12 @@ def choose_plan(
     cores: int,
     in_process: bool = True,
     measured: bool = False,
+    pack: int | str = 1,
 ) -> GpuPlan:
     """The plan ``run``/``confirm`` use: ``workers`` (``--workers`` or ``$LLRD_SEARCH_WORKERS``, in
     all, round-robin), else ``--workers-per-gpu N``, else auto (:func:`workers_per_gpu` on the
-    smallest free memory, fewer when fewer trials are left; 1 per GPU without an estimate)."""
+    smallest free memory, fewer when fewer trials are left; 1 per GPU without an estimate, and with
+    ``[train] pack = "auto"``, which fills each GPU with packed trials inside one worker)."""
     ids = [g.id for g in gpus]
     if workers is not None and per_gpu not in (None, "auto"):
         raise LLRDSearchError("give --workers (in all) or --workers-per-gpu (on each GPU), not both")
@@ -151,8 +155,10 @@ def choose_plan(
         return gpu_plan(ids, per_gpu=per_gpu, threads=threads, cores=cores, in_process=in_process)
     if per_trial_bytes is None:
         k, why = 1, "auto: 1 per GPU, your own objective's memory is unknown"
+    elif pack == "auto":
+        k, why = 1, 'auto: 1 per GPU, [train] pack = "auto" fills it with packed trials'
     else:
-        k, why = workers_per_gpu(per_trial_bytes, min(g.free for g in gpus), measured=measured)
+        k, why = workers_per_gpu(per_trial_bytes, min(g.free for g in gpus), measured=measured, pack=int(pack))
     if k * len(ids) > max(1, remaining):  # a worker with nothing to do only costs its start-up
         total = max(1, remaining)
         return gpu_plan(ids, workers=total, threads=threads, cores=cores, in_process=in_process,
@@ -246,7 +252,7 @@ def plan_run(objective: Any, *, user_objective: bool, workers: int | None, per_g
     if not gpus:
         return None
     return choose_plan(gpus, workers=requested, per_gpu=per_gpu, threads=threads, per_trial_bytes=per_trial, remaining=remaining,
-                       cores=usable_cores(), measured=bool(measured) and not user_objective)
+                       cores=usable_cores(), measured=bool(measured) and not user_objective, pack=pack_of(objective.spec))
 
 
 def plan_confirm(storage: str, study: str, *, workers: int | None, per_gpu: int | str | None, threads: int | None, objective: str | None, runs: int) -> GpuPlan | None:
@@ -267,4 +273,10 @@ def plan_confirm(storage: str, study: str, *, workers: int | None, per_gpu: int 
     if user and not (workers or isinstance(per_gpu, int)):
         return None
     per_trial = None if user else spec_trial_bytes(spec)
-    return choose_plan(gpus, workers=workers, per_gpu=per_gpu, threads=threads, per_trial_bytes=per_trial, remaining=runs, cores=usable_cores())
+    return choose_plan(gpus, workers=workers, per_gpu=per_gpu, threads=threads, per_trial_bytes=per_trial, remaining=runs, cores=usable_cores(),
+                       pack=pack_of(spec))
+
+
+def pack_of(spec: Any) -> int | str:
+    """``[train] pack`` (packed trials: K trials a worker), 1 where the study file has no such key."""
+    return getattr(getattr(spec, "train", None), "pack", 1)
