@@ -2,6 +2,7 @@
 
     python bench/ablation.py                 # 2 threads, then 1 thread (~6 min on 2 cores)
     python bench/ablation.py --threads 2 --batches 30 --repeats 1
+    python bench/ablation.py --device cuda --threads 4 --only 0 5   # stand-ins off vs all on, on a GPU
 
 Runs one epoch's batches (2,000 sentences, batch 32, length-bucketed, bf16 autocast where the CPU
 runs it fast, else fp32) through the
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print where a step's time goes (torch profiler, all stand-ins on)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the CPU has AMX/AVX512-BF16, else fp32 (as llrd-search's train.precision)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run (cuda: the first visible GPU; bench/gpu.sh)")
     args = p.parse_args()
 
     from compare_hf import cpu_name  # bench/ is on sys.path when this script runs
@@ -67,33 +69,40 @@ def main() -> None:
     objective = Objective(spec)
     task = objective.task
     order = tr.batch_order(task.train.lengths, 32, np.random.default_rng(0), True)[: args.batches]
-    batches = [task.train.batch(idx, objective.pad_id) for idx in order]
-    cpu = torch.device("cpu")
-    dtype = tr.pick_precision(args.precision, cpu)
-    print(f"precision: {'bf16 autocast' if dtype else 'fp32'}; CPU: {cpu_name()}")
+    device = torch.device(args.device)
+    batches = [{k: v.to(device) for k, v in task.train.batch(idx, objective.pad_id).items()} for idx in order]
+    dtype = tr.pick_precision(args.precision, device)
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU: {cpu_name()}"
+    print(f"precision: {'bf16 autocast' if dtype else 'fp32'}; {where}")
+
+    def sync() -> None:  # CUDA runs asynchronously: time only what has finished
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def run(fast: FastPath, freeze: bool, profile: bool = False) -> float:
-        model = tr.fresh_model(objective.template, 0).train()
+        model = tr.fresh_model(objective.template, 0).to(device).train()
         groups = build_param_groups(model, base_lr=1e-4, decay=0.9, head_lr=1e-3, weight_decay=0.01)
         if freeze:
             frozen = model.get_input_embeddings().weight.requires_grad_(False)
             groups = [{**g, "params": [q for q in g["params"] if q is not frozen]} for g in groups]
         examples, t0 = 0, time.perf_counter()
         prof = None
-        with fast_path(model, groups, fast, token_ids=task.train.ids, seed=0, device=cpu) as fast_run:
+        with fast_path(model, groups, fast, token_ids=task.train.ids, seed=0, device=device) as fast_run:
             for i, batch in enumerate(batches):
                 if i == 3:  # the first steps pay one-off costs (kernel selection, allocations)
+                    sync()
                     examples, t0 = 0, time.perf_counter()
                     if profile:
                         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                         prof.__enter__()
-                with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss = model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(fast_run.params, 1.0, foreach=True)
                 fast_run.step()
                 fast_run.optimizer.zero_grad(set_to_none=True)
                 examples += len(batch["labels"])
+            sync()
             wall = time.perf_counter() - t0
             rate = examples / wall
         if prof is not None:

@@ -131,6 +131,8 @@ class ProgressConsole:
     def created(self, c: Created) -> None: ...
 
     def started(self, launch: Launch) -> None:
+        if launch.gpu_plan and launch.remaining > 0:
+            say(launch.gpu_plan)
         self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric)
 
     def step(self, step: int, total: int) -> None:
@@ -155,7 +157,7 @@ class RunConsole(ProgressConsole):
     def started(self, launch: Launch) -> None:
         w, t = launch.workers, launch.threads
         if launch.remaining > 0:
-            say(f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
+            say(launch.gpu_plan or f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
         self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric))
 
 

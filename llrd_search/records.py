@@ -160,6 +160,9 @@ class Launch:
     finished: int
     best: float | None
     metric: str
+    # On a GPU machine, how the workers were placed and why (study/gpus.py GpuPlan.line):
+    # "8 workers: 2 per GPU on 4 GPUs (auto: ~3.1 GiB per trial, ...), 2 threads each".
+    gpu_plan: str | None = None
 
     @property
     def remaining(self) -> int:

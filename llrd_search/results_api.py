@@ -71,16 +71,18 @@ def confirm(
     top: int = 3,
     seeds: int = 5,
     decay_sweep: str | Sequence[float] | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     threads: int | None = None,
     objective: str | None = None,
     watch: Watcher | None = None,
+    workers_per_gpu: int | str | None = None,
 ) -> Confirmation:
     """Re-run the ``top`` best configurations of ``study`` with ``seeds`` fresh seeds each (linked
     study ``STUDY.confirm``; resumes where it stopped) and judge the winner.
 
     ``decay_sweep``: also re-run the winner's LRs at each ξ ("1.0,0.9" or a list), same seeds.
-    ``workers``: local worker processes; ``objective``: ``module:function`` to train with instead
+    ``workers``: local worker processes (None: 1 on a CPU; on a CUDA machine ``workers_per_gpu`` on
+    every visible GPU, None/"auto" what memory holds, as ``run``); ``objective``: ``module:function`` to train with instead
     of the study's. ``watch`` sees each round of runs: started, step and trial, then close.
     """
     from llrd_search.engine.train import set_threads
@@ -96,9 +98,14 @@ def confirm(
         from llrd_search.engine.user_objective import load_objective
 
         load_objective(objective, "--objective")
+    from llrd_search.study.gpus import plan_confirm
+
+    plan = plan_confirm(storage, study, workers=workers, per_gpu=workers_per_gpu, threads=threads, objective=objective,
+                        runs=seeds * (top + 1 + len(decays or ())))  # + the control arm's best
+    workers, threads = (plan.workers, plan.threads) if plan is not None else (workers or 1, threads)
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
-    run_round = _round_runner(storage, workers, threads, objective, watch)
+    run_round = _round_runner(storage, workers, threads, objective, watch, plan)
     plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays)
     sweep = sweep_summary(storage, study)
     control = control_summary(storage, study)
@@ -113,7 +120,7 @@ def confirm(
     )
 
 
-def _round_runner(storage: str, workers: int, threads: int, objective: str | None, watch: Watcher | None) -> Callable[[str], None]:
+def _round_runner(storage: str, workers: int, threads: int, objective: str | None, watch: Watcher | None, plan: Any = None) -> Callable[[str], None]:
     """Run the linked study's queued runs: in this process (one worker) or ``workers`` local processes."""
     from llrd_search.records import Launch, Quiet
 
@@ -128,7 +135,7 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
             trials = linked.get_trials(deepcopy=False)
             best = best_trial(trials)
             launch = Launch(workers, threads, f"confirming in '{name}'", int(linked.user_attrs[BUDGET_ATTR]), finished_count(trials),
-                            best.value if best is not None else None, study_metric_name(linked))
+                            best.value if best is not None else None, study_metric_name(linked), plan.line() if plan is not None else None)
         watcher.started(launch)
         try:
             from llrd_search.engine.user_objective import pick_objective
@@ -149,7 +156,8 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
             if workers <= 1:
                 worker()
             else:
-                run_local_workers(storage, name, workers, threads, watcher.trial, in_process=worker, objective=objective)
+                envs = [s.env for s in plan.slots] if plan is not None else None
+                run_local_workers(storage, name, workers, threads, watcher.trial, in_process=worker, objective=objective, child_env=envs)
         finally:
             watcher.close()
 

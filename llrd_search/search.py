@@ -97,11 +97,15 @@ def run(
     workers: int | None = None,
     threads: int | None = None,
     watch: Watcher | None = None,
+    workers_per_gpu: int | str | None = None,
 ) -> RunResult:
     """Create (or resume) the study, run it with local workers until its budget is spent, and
-    return its best trials. ``workers``/``threads``: ``--workers``/``--threads`` (None: chosen)."""
+    return its best trials. ``workers``/``threads``: ``--workers``/``--threads`` (None: chosen).
+    On a CUDA machine the workers spread over every visible GPU, ``workers_per_gpu`` on each (an
+    int, or None/"auto": what the smallest GPU's free memory holds; study/gpus.py)."""
     from llrd_search.engine.train import set_threads
     from llrd_search.spec import load_spec
+    from llrd_search.study.gpus import plan_run
     from llrd_search.study.local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
 
     watch = watch or Quiet()
@@ -110,19 +114,27 @@ def run(
     created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
     watch.created(created)
     url, name = created.url, spec.study.name
-    if spec.train.objective:
+    remaining = created.budget - created.finished
+    user = bool(spec.train.objective)
+    plan = plan_run(objective, user_objective=user, workers=workers, per_gpu=workers_per_gpu, threads=threads, remaining=remaining,
+                    measured=_measured_peak(url, name) if getattr(getattr(objective, "device", None), "type", None) == "cuda" else None)
+    if user:
         # The user's training code picks its own threads and device: one worker unless asked.
         from llrd_search.engine.user_objective import load_objective
 
         workers = workers or workers_from_env() or 1
         objective = load_objective(spec.train.objective, "train.objective")
-    else:
-        workers = choose_workers(workers, objective, created.budget - created.finished)
+    elif plan is None:
+        workers = choose_workers(workers, objective, remaining)
+    if plan is not None:
+        workers, threads = plan.workers, plan.threads
+    elif isinstance(workers_per_gpu, int):
+        log.warning("--workers-per-gpu %d: no GPU in use, ignored", workers_per_gpu)
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
     where = f"on {objective.device.type}" if hasattr(objective, "device") else f"running {spec.train.objective}"
     best, metric = _best_and_metric(url, name)
-    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric))
+    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric, plan.line() if plan else None))
     try:
         from llrd_search.study.worker import run_worker
 
@@ -130,10 +142,20 @@ def run(
             run_worker(url, name, objective_factory=lambda _spec: objective, on_trial_end=watch.trial)
         else:
             in_process = lambda: run_worker(url, name, objective_factory=lambda _spec: objective)  # noqa: E731
-            run_local_workers(url, name, workers, threads, watch.trial, in_process=in_process)
+            envs = [s.env for s in plan.slots] if plan is not None else None
+            run_local_workers(url, name, workers, threads, watch.trial, in_process=in_process, child_env=envs)
     finally:
         watch.close()
     return RunResult(created, summary(url, name))
+
+
+def _measured_peak(url: str, name: str) -> int | None:
+    """A resumed study's largest GPU memory peak of a finished trial (engine/memory.py), or None."""
+    from llrd_search.engine.memory import measured_trial_bytes
+    from llrd_search.study.storage import opened_study
+
+    with opened_study(url, name) as study:
+        return measured_trial_bytes(study.get_trials(deepcopy=False))
 
 
 def _best_and_metric(url: str, name: str) -> tuple[float | None, str]:

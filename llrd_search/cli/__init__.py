@@ -24,11 +24,14 @@ EPILOGS = {
   llrd-search run trec.toml""",
     "run": """example:
   llrd-search run studies/sst2-minilm.toml
-  llrd-search run studies/sst2-minilm.toml --workers 1 --threads 2 --storage sqlite:///sst2.db""",
+  llrd-search run studies/sst2-minilm.toml --workers 1 --threads 2 --storage sqlite:///sst2.db
+on a GPU machine run uses every visible GPU; here 2 workers on each of GPUs 2 and 3:
+  CUDA_VISIBLE_DEVICES=2,3 llrd-search run studies/sst2-minilm.toml --workers-per-gpu 2""",
     "create": """example:
   llrd-search create studies/sst2-minilm.toml --storage postgresql+psycopg://user:pass@db:5432/llrd""",
     "worker": """example (one per GPU or machine, all with the same URL):
   llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm
+  llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm --gpu 3
 with your own training code (a function(trial) -> float in my_training.py, in the current directory):
   llrd-search worker --storage sqlite:///trec.db --study trec-minilm --objective my_training:objective""",
     "status": """example:
@@ -38,6 +41,7 @@ with your own training code (a function(trial) -> float in my_training.py, in th
   llrd-search validate studies/*.toml""",
     "confirm": """example:
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
+  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --workers-per-gpu 2
   (runs go to the linked study sst2-minilm.confirm; more machines can help with:
    llrd-search worker --storage URL --study sst2-minilm.confirm)""",
     "export": """example:
@@ -74,6 +78,21 @@ OBJECTIVE_HELP = (
     "(imported from the current directory; default: the study's train.objective, else the built-in loop)"
 )
 
+WORKERS_PER_GPU_HELP = (
+    "on a CUDA machine, workers on each visible GPU (default auto: as many as the smallest GPU's free memory holds "
+    "by the model's estimated memory per trial, at most 4), each pinned with CUDA_VISIBLE_DEVICES; e.g. --workers-per-gpu 2"
+)
+
+
+def _per_gpu(value: str) -> int | str:
+    from llrd_search.study.gpus import parse_workers_per_gpu
+
+    try:
+        return parse_workers_per_gpu(value)
+    except LLRDSearchError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--workers-per-gpu: ")) from None
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -109,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URL", help=storage_help)
     p.add_argument(
         "--workers", type=int, metavar="K",
-        help="local worker processes (default: $LLRD_SEARCH_WORKERS, else on a CPU one per core with 1 thread each, "
-        "at most 8 and as many as memory holds; 1 with a GPU)",
+        help="local worker processes in all (default: $LLRD_SEARCH_WORKERS, else on a CPU one per core with 1 thread each, "
+        "at most 8 and as many as memory holds; on a GPU machine --workers-per-gpu on every GPU; K given: round-robin over the GPUs)",
     )
+    p.add_argument("--workers-per-gpu", type=_per_gpu, metavar="N|auto", help=WORKERS_PER_GPU_HELP)
     p.add_argument("--n-trials", type=int, metavar="N", help="study-wide budget, overriding study.n_trials")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
 
@@ -125,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, metavar="NAME", help="study name")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's choice)")
     p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)
+    p.add_argument("--gpu", metavar="ID", help="run on this GPU only: sets CUDA_VISIBLE_DEVICES=ID for this worker (an index as "
+                   "nvidia-smi shows it, or a GPU UUID), replacing any CUDA_VISIBLE_DEVICES already set")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
@@ -148,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, metavar="S", help="fresh seeds per configuration (default 5)")
     p.add_argument("--decay-sweep", metavar="XI,XI,...", help="also re-run the winner's base and head LR at each ξ (0 < ξ <= 1), "
                    "e.g. 1.0,0.95,0.9,0.8,0.7, with the same seeds; the winner's own ξ is added")
-    p.add_argument("--workers", type=int, default=1, metavar="W", help="local worker processes (default 1)")
+    p.add_argument("--workers", type=int, metavar="W", help="local worker processes in all (default: 1 on a CPU, --workers-per-gpu on every GPU)")
+    p.add_argument("--workers-per-gpu", type=_per_gpu, metavar="N|auto", help=WORKERS_PER_GPU_HELP)
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)

@@ -34,7 +34,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from llrd_search.search import confirm
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
-                threads=args.threads, objective=args.objective, watch=ProgressConsole())
+                threads=args.threads, objective=args.objective, watch=ProgressConsole(), workers_per_gpu=args.workers_per_gpu)
     v, paired, sweep = c.verdict, c.paired, c.sweep
     if args.format == "json":
         print(json.dumps(c.as_dict(), indent=2))

@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llrd_search.console import RunConsole
     from llrd_search.search import run
 
-    result = run(args.study_file, storage=args.storage, n_trials=args.n_trials, workers=args.workers, threads=args.threads, watch=RunConsole())
+    result = run(args.study_file, storage=args.storage, n_trials=args.n_trials, workers=args.workers, threads=args.threads, watch=RunConsole(),
+                 workers_per_gpu=args.workers_per_gpu)
     s = result.summary
     if s.best is None:
         print("no trial completed", file=sys.stderr)
@@ -72,6 +73,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from llrd_search.engine.train import set_threads
     from llrd_search.search import join
 
+    if args.gpu is not None:
+        import os
+
+        # Read when CUDA starts, which nothing has done yet in this process.
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     set_threads(args.threads)
     # Quiet children of `run --workers K`: the parent already prints each finished trial.
     on_end = None if args.quiet else (lambda _s, t: print(trial_line(t), file=sys.stderr, flush=True))

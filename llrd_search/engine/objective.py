@@ -14,6 +14,7 @@ import optuna
 import torch
 
 from llrd_search.engine.data import TaskData, load_task_data
+from llrd_search.engine.memory import PEAK_ATTR, peak_bytes, reset_peak
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table
@@ -64,6 +65,7 @@ class Objective:
         evals: list[dict] = []
         on_eval = self.pruning_callback(trial, evals)
         overhead = time.perf_counter() - t0
+        reset_peak(self.device)  # what this trial takes on a GPU sizes `run --workers-per-gpu auto` on resume
         try:
             result = train_and_evaluate(
                 model,
@@ -136,4 +138,6 @@ class Objective:
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
         trial.set_user_attr("train_examples_per_second", round(result.examples_per_second, 2))
         trial.set_user_attr("trial_overhead_seconds", round(overhead, 3))
+        if (peak := peak_bytes(self.device)) is not None:
+            trial.set_user_attr(PEAK_ATTR, peak)
         return result.best_score

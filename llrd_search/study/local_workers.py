@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,8 @@ def auto_workers(n_params: int, *, cuda: bool, remaining: int, cores: int | None
     kernels of one small-batch step use one core better than two (2 workers x 1 thread trained
     25-26 % more examples/s than 1 x 2 threads on both CPUs in docs/performance.md). Bounded by
     memory, by the trials left (a worker with nothing to do only costs its start-up) and by
-    MAX_AUTO_WORKERS (TPE learns less when many trials run at once). One on a GPU machine: start one
-    ``worker`` per GPU instead (docs/distributed.md)."""
+    MAX_AUTO_WORKERS (TPE learns less when many trials run at once). On a GPU machine ``run`` plans
+    workers per GPU instead (study/gpus.py); this 1 is for a caller that did not."""
     if cuda:
         return 1
     cores = usable_cores() if cores is None else cores
@@ -101,12 +101,14 @@ def run_local_workers(
     on_trial: Callable[[Any, Any], None],
     in_process: Callable[[], Any] | None = None,
     objective: str | None = None,
+    child_env: Sequence[Mapping[str, str]] | None = None,
 ) -> None:
     """``workers`` workers on this machine. With ``in_process``, worker 0 is that call, run here
     with what this process already loaded (no second start-up: ~4 s of import and model load), and
     ``workers - 1`` child processes join it; without, all are children. Finished trials of every
     worker go to ``on_trial(study, trial)`` from a thread that polls the storage. ``objective``
-    (``module:function``) is passed on to the children as ``--objective``."""
+    (``module:function``) is passed on to the children as ``--objective``. ``child_env[i]``: what
+    worker i's environment adds (its ``CUDA_VISIBLE_DEVICES`` on a GPU machine: study/gpus.py)."""
     from llrd_search.study.storage import shareable_url
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -123,7 +125,8 @@ def run_local_workers(
             for i in range(first, workers):
                 argv = ["worker", "--storage", child_url, "--study", name, "--worker-index", str(i), "--threads", str(threads), "--quiet"]
                 argv += ["--objective", objective] if objective else []
-                procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env=env))
+                extra = child_env[i] if child_env is not None else {}
+                procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env={**env, **extra}))
             if in_process is not None:
                 in_process()
             while any(p.poll() is None for p in procs):
