@@ -129,8 +129,9 @@ class Objective:
         trial.set_user_attr("evals", evals)
         return optuna.TrialPruned(f"diverged: {err}")
 
-    def record(self, trial: optuna.Trial, result: TrainResult, evals: list[dict], overhead: float) -> float:
-        """Store a finished run's numbers in the trial; its value."""
+    def record(self, trial: optuna.Trial, result: TrainResult, evals: list[dict], overhead: float, *, alone: bool = True) -> float:
+        """Store a finished run's numbers in the trial; its value. ``alone``: the trial had the
+        device to itself, so the device's peak memory is its own (not a packed trial's)."""
         trial.set_user_attr("evals", evals)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("best_step", result.best_step)
@@ -138,6 +139,6 @@ class Objective:
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
         trial.set_user_attr("train_examples_per_second", round(result.examples_per_second, 2))
         trial.set_user_attr("trial_overhead_seconds", round(overhead, 3))
-        if (peak := peak_bytes(self.device)) is not None:
+        if alone and (peak := peak_bytes(self.device)) is not None:
             trial.set_user_attr(PEAK_ATTR, peak)
         return result.best_score

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
+from llrd_search.engine.memory import trial_memory_estimate
 from llrd_search.engine.model import fresh_model
 from llrd_search.engine.objective import Objective
 from llrd_search.engine.packed import PackJob, SlotEnd, train_packed
@@ -38,20 +39,14 @@ def auto_pack(per_trial_bytes: int, free_bytes: int, cap: int = AUTO_CAP) -> int
     return max(1, min(cap, int(free_bytes * HEADROOM) // per_trial_bytes))
 
 
-def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int) -> int:
-    """A rough upper estimate of one trial's GPU memory: fp32 weights, gradients and two AdamW
-    moments (16 bytes a parameter), plus one batch's stored activations (per layer ~34 bytes per
-    token per hidden unit and 5 per attention score, Korthikanti et al. 2022, doubled for fp32)."""
-    config = getattr(model, "config", None)
-    hidden = int(getattr(config, "hidden_size", 768))
-    layers = int(getattr(config, "num_hidden_layers", 12))
-    heads = int(getattr(config, "num_attention_heads", 12))
-    tokens = cfg.batch_size * max_length
-    activations = layers * (34 * tokens * hidden + 5 * heads * tokens * max_length) * 2
-    return 16 * sum(p.numel() for p in model.parameters()) + activations
+def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtype: torch.dtype | None = None) -> int:
+    """One trial's device memory: :func:`llrd_search.engine.memory.trial_memory_estimate`, the same
+    number ``--workers-per-gpu auto`` and preflight's warning use."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return trial_memory_estimate(model.config, n_params, cfg.batch_size, max_length, dtype)
 
 
-def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int) -> int:
+def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int, dtype: torch.dtype | None = None) -> int:
     """``[train] pack`` as a count: ``"auto"`` is 1 on CPU (one copy already uses every core a
     worker has) and on CUDA :func:`auto_pack` of the free memory."""
     if cfg.pack != "auto":
@@ -59,7 +54,7 @@ def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module
     if device.type != "cuda":
         return 1
     free, _total = torch.cuda.mem_get_info(device)
-    return auto_pack(trial_bytes(model, cfg, max_length), free)
+    return auto_pack(trial_bytes(model, cfg, max_length, dtype), free)
 
 
 def check_packable(objective: Objective) -> str | None:
@@ -109,7 +104,7 @@ class PackedTrials:
             raise self.objective.diverged(tag.trial, end.error, tag.evals) from None
         if end.error is not None or end.result is None:
             raise end.error or RuntimeError("a packed slot ended with neither a result nor an error")
-        return self.objective.record(tag.trial, end.result, tag.evals, tag.overhead)
+        return self.objective.record(tag.trial, end.result, tag.evals, tag.overhead, alone=False)
 
     def run(self, first: list[PackJob], next_job: Callable[[], PackJob | None], on_end: Callable[[SlotEnd], None]) -> None:
         o = self.objective

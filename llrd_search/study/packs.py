@@ -37,7 +37,7 @@ def pack_runner(objective: Any) -> PackedTrials | None:
     """The packed runner for ``objective`` (the built-in one) when ``[train] pack`` resolves to
     K > 1 and the model packs; None to run trials one at a time."""
     spec = objective.spec
-    k = resolve_pack(spec.train, objective.device, objective.template.model, spec.model.max_length)
+    k = resolve_pack(spec.train, objective.device, objective.template.model, spec.model.max_length, objective.dtype)
     if k <= 1:
         return None
     why = check_packable(objective)
