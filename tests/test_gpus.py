@@ -296,6 +296,10 @@ def test_confirm_plans_from_the_stored_spec(two_gpus, monkeypatch, write_study):
 
     config = AutoConfig.from_pretrained(spec.model.name)
     assert G.spec_trial_bytes(spec) == trial_memory_estimate(config, param_count_estimate(config), 16, 32, None)
+    # pack = "auto" (the default): one worker per GPU, which packs the trials it claims
+    plan = G.plan_confirm("sqlite:///x.db", "s", workers=None, per_gpu=None, threads=None, objective=None, runs=3)
+    assert plan.counts() == [1, 1]
+    spec.train.pack = 1  # unpacked: as many workers as the memory holds, up to the runs left
     plan = G.plan_confirm("sqlite:///x.db", "s", workers=None, per_gpu=None, threads=None, objective=None, runs=3)
     assert plan.counts() == [2, 1] and plan.line().endswith("; 3 trials left), 2 threads each")
     # a user's objective: only when asked; a study trained on the CPU: never
