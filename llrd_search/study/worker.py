@@ -46,7 +46,7 @@ from llrd_search.study.arms import (
     ensure_control_arm,
     parent_name,
 )
-from llrd_search.study.compat import rdb_of, storage_of, study_id, trial_id
+from llrd_search.study.compat import backend_of, study_id, trial_id
 from llrd_search.study.guards import Heartbeat, Signals
 from llrd_search.study.resilience import count_states
 from llrd_search.study.storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
@@ -71,7 +71,7 @@ class Budget:
 
 
 def budget_of(study: optuna.Study, total: int) -> Budget:
-    counts = count_states(rdb_of(study), study_id(study))
+    counts = count_states(backend_of(study), study_id(study))
     return Budget(
         finished=sum(counts[s] for s in FINISHED_STATES),
         running=counts[TrialState.RUNNING],
@@ -277,7 +277,7 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
             trial.set_user_attr(key, val)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    if (rdb_of(study) or storage_of(study)).get_trial(trial_id(trial)).state.is_finished():
+    if backend_of(study).get_trial(trial_id(trial)).state.is_finished():
         log.warning("trial %d was marked stale while it ran (storage unreachable too long?); its retry will run", trial.number)
         return False
     if state == TrialState.COMPLETE:
