@@ -144,8 +144,9 @@ def test_no_proxy_or_a_plain_optuna_proxy_is_refused_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no proxy answers at grpc://127.0.0.1:{free}" in err and "llrd-search proxy" in err
 
-    import grpc
     from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
 
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     rdb = open_storage(f"sqlite:///{tmp_path / 'plain.db'}")

@@ -276,7 +276,10 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
             f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
             f"a budget never drops below the finished trials (pass --n-trials {finished} or more)"
         )
-    if old.study.storage is not None:  # made by a version that stored the URL (maybe with a password)
+    # Where runs are tracked is not what the study is: the study file's say goes, for every worker.
+    retracked = (old.study.track, old.study.track_uri) != (spec.study.track, spec.study.track_uri)
+    if old.study.storage is not None or retracked:  # (storage: made by a version that stored the URL, maybe with a password)
+        old.study.track, old.study.track_uri = spec.study.track, spec.study.track_uri
         study.set_user_attr(SPEC_ATTR, stored_spec_json(old))
     if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
         study.set_user_attr(BUDGET_ATTR, budget)

@@ -50,6 +50,7 @@ from llrd_search.study.compat import backend_of, study_id, trial_id
 from llrd_search.study.guards import Heartbeat, Signals
 from llrd_search.study.resilience import count_states
 from llrd_search.study.storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
+from llrd_search.study.tracking import trial_tracker
 from llrd_search.vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ def run_worker(
         # arm): a worker waiting at the lock is ready to train, so workers started together compete
         # for the first trials as equals instead of one loading its model while others run them.
         objective = (objective_factory or _default_objective)(spec)
+        tracker = trial_tracker(spec, storage_url)  # each worker logs the trials it finishes
         claimer = _Claimer(storage, study, spec, worker_index)
         with Signals() as signals:
             while True:
@@ -265,8 +267,13 @@ def run_worker(
                     continue
                 ran += 1
                 _run_trial(claimed, objective, signals, failures)
+                if on_trial_end is None and tracker is None:
+                    continue
+                finished = storage.get_trial(trial_id(claimed.trial))
+                if tracker is not None:
+                    tracker(claimed.study, finished)
                 if on_trial_end is not None:
-                    on_trial_end(study, storage.get_trial(trial_id(claimed.trial)))
+                    on_trial_end(study, finished)
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None, **attrs: Any) -> bool:
