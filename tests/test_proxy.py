@@ -170,3 +170,24 @@ def test_a_malformed_proxy_url_is_named(url):
 def test_the_proxy_serves_a_database_not_another_proxy(capsys):
     assert main(["proxy", "--storage", "grpc://127.0.0.1:13000", "--port", "0"]) != 0
     assert "serves a database URL" in capsys.readouterr().err
+
+
+def test_a_lease_its_holder_did_not_release_in_time_is_taken_back(tmp_path, monkeypatch):
+    from llrd_search.study import proxy as proxy_mod
+
+    rdb = open_storage(f"sqlite:///{tmp_path / 'lease.db'}")
+    leases = proxy_mod._Leases(rdb)
+    try:
+        first = leases.acquire(1)["token"]
+        monkeypatch.setattr(proxy_mod, "WAIT_SECONDS", 0.0)
+        assert leases.acquire(1) == {"token": None, "busy": False}  # held, and the lease still runs
+        monkeypatch.setattr(proxy_mod, "LEASE_SECONDS", 0.0)
+        leases.release(1, first)
+        stale = leases.acquire(1)["token"]  # this lease expires at once
+        second = leases.acquire(1)["token"]  # so the next caller takes it back
+        assert second not in (None, stale)
+        assert leases.release(1, stale) == {"held": False}  # its late holder is told
+        assert leases.release(1, second) == {"held": True}
+    finally:
+        leases.close()
+        rdb.engine.dispose()

@@ -37,7 +37,11 @@ SCHEME = "grpc://"
 FLEET = "llrd_search.Fleet"
 LEASE_SECONDS = 30.0  # a locked section takes milliseconds; a dead holder stalls the study this long at most
 WAIT_SECONDS = 2.0  # one Lock call waits this long in the proxy, then the client asks again
-SERVER_THREADS = 64
+# A worker waiting for the budget lock waits in one of these threads (cheaply: on a condition), so
+# there are more than a large fleet has workers; a full waiting room answers "busy" and the client
+# asks again a moment later.
+SERVER_THREADS = 512
+WAITING_ROOM = SERVER_THREADS - 64  # the rest serve the lock holder's and everyone else's calls
 DB_POOL = 16  # connections the proxy keeps to the database, whatever the number of workers
 GRPC_MISSING = "grpc:// storages and 'llrd-search proxy' need grpcio: pip install 'llrd-search[grpc]'"
 
@@ -82,9 +86,10 @@ class _Leases:
 
         self.rdb, self.url = rdb, make_url(rdb.url)
         self.per_study = self.url.get_backend_name() == "postgresql"
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._conds: dict[int | None, threading.Condition] = {}  # one per lock scope, all on _mutex
         self._held: dict[int | None, tuple[str, float, contextlib.ExitStack | None]] = {}
-        self._waiters = threading.BoundedSemaphore(SERVER_THREADS // 2)  # the rest serve the holders' calls
+        self._waiters = threading.BoundedSemaphore(WAITING_ROOM)
 
     def acquire(self, study_id: int) -> dict[str, Any]:
         from llrd_search.study.resilience import acquired_lock
@@ -94,7 +99,8 @@ class _Leases:
         key = study_id if self.per_study else None
         try:
             deadline = time.monotonic() + WAIT_SECONDS
-            with self._cond:
+            cond = self._cond(key)
+            with cond:
                 while key in self._held:
                     _token, expires, _stack = self._held[key]
                     now = time.monotonic()
@@ -103,19 +109,20 @@ class _Leases:
                         self._drop(key)
                         break
                     if now >= deadline:
+                        cond.notify()  # a wake-up this thread may have taken as it timed out goes on
                         return {"token": None, "busy": False}
-                    self._cond.wait(min(deadline, expires) - now)
+                    cond.wait(min(deadline, expires) - now)
                 token = uuid.uuid4().hex
                 self._held[key] = (token, float("inf"), None)  # reserved while the database lock is taken
             stack = contextlib.ExitStack()
             try:
                 stack.enter_context(acquired_lock(self.rdb, study_id))
             except BaseException:
-                with self._cond:
+                with cond:
                     self._held.pop(key, None)
-                    self._cond.notify_all()
+                    cond.notify()
                 raise
-            with self._cond:
+            with cond:
                 self._held[key] = (token, time.monotonic() + LEASE_SECONDS, stack)
             return {"token": token}
         finally:
@@ -123,7 +130,7 @@ class _Leases:
 
     def release(self, study_id: int, token: str) -> dict[str, Any]:
         key = study_id if self.per_study else None
-        with self._cond:
+        with self._mutex:
             held = self._held.get(key)
             if held is None or held[0] != token:
                 return {"held": False}
@@ -134,10 +141,15 @@ class _Leases:
         _token, _expires, stack = self._held.pop(key)
         if stack is not None:
             stack.close()
-        self._cond.notify_all()
+        # One waiter, not all: hundreds waking on every release would be a thundering herd. Whoever
+        # takes the lock next notifies the next one on its release.
+        self._cond(key).notify()
+
+    def _cond(self, key: int | None) -> threading.Condition:
+        return self._conds.setdefault(key, threading.Condition(self._mutex))
 
     def close(self) -> None:
-        with self._cond:
+        with self._mutex:
             for key in list(self._held):
                 self._drop(key)
 
