@@ -191,3 +191,46 @@ def test_a_lease_its_holder_did_not_release_in_time_is_taken_back(tmp_path, monk
     finally:
         leases.close()
         rdb.engine.dispose()
+
+
+def test_a_restarted_proxy_is_ridden_out(tmp_path):
+    import threading
+
+    from llrd_search.study.resilience import RETRY_STATS, is_transient
+
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    with proxy_server(db, "127.0.0.1", 0) as (_server, port):
+        storage = open_storage(f"grpc://127.0.0.1:{port}")
+        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "before")
+    # The proxy is gone: a call now fails as an outage (not a wrong URL) and is retried until it is back.
+    before, result = RETRY_STATS["retries"], []
+    caller = threading.Thread(target=lambda: result.append(storage.get_study_id_from_name("before")))
+    caller.start()
+    caller.join(timeout=1.0)
+    assert caller.is_alive()  # waiting for the proxy, not failed
+    with proxy_server(db, "127.0.0.1", port):
+        caller.join(timeout=60)
+    storage.close()
+    assert result == [1] and RETRY_STATS["retries"] > before
+
+    class Unavailable(Exception):
+        def code(self):
+            import grpc
+
+            return grpc.StatusCode.UNAVAILABLE
+
+    assert is_transient(Unavailable()) and not is_transient(KeyError("no such study"))
+
+
+def test_run_with_a_child_worker_and_confirm_through_the_proxy(write_study, tmp_path, proxy, capsys):
+    db = f"sqlite:///{tmp_path / 'both.db'}"
+    url = proxy(db)
+    path = write_study(name="both", n_trials=3, study={"control_fraction": 0.34})
+    # Worker 0 in this process, worker 1 an `llrd-search worker --storage grpc://...` child process.
+    assert main(["run", str(path), "--storage", url, "--workers", "2"]) == 0
+    assert states(db, "both") == {"COMPLETE": 2} and states(db, "both.control") == {"COMPLETE": 1}
+    capsys.readouterr()
+    assert main(["confirm", "--storage", url, "--study", "both", "--top", "1", "--seeds", "2", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["verdict"]["n"] == 2 and result["llrd_vs_control"]["n_seeds"] == 2
+    assert states(db, "both.confirm") == {"COMPLETE": 4}
