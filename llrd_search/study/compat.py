@@ -11,7 +11,6 @@ releases the suite has run against.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import optuna
@@ -54,9 +53,13 @@ def backend_of(study: optuna.Study) -> optuna.storages.BaseStorage:
 def stale_ids(storage: optuna.storages.RDBStorage, study_id_: int, heartbeat_interval: int | None = None, grace_period: int | None = None) -> list[int]:
     """Ids of the study's RUNNING trials whose heartbeat is older than the grace period: the
     storage's own, or (the proxy, serving studies of any spec) the given one."""
-    if heartbeat_interval is not None:
-        storage = copy.copy(storage)  # same engine and sessions, the study's heartbeat settings
-        storage.heartbeat_interval, storage.grace_period = heartbeat_interval, grace_period
+    if heartbeat_interval is not None and (heartbeat_interval, grace_period) != (storage.heartbeat_interval, storage.grace_period):
+        # A view with the same engine and sessions (copy.copy would run RDBStorage.__setstate__,
+        # which opens a new engine) and the study's heartbeat settings.
+        view = object.__new__(type(storage))
+        view.__dict__.update(storage.__dict__)
+        view.heartbeat_interval, view.grace_period = heartbeat_interval, grace_period
+        storage = view
     return storage._get_stale_trial_ids(study_id_)
 
 
