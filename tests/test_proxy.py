@@ -234,3 +234,11 @@ def test_run_with_a_child_worker_and_confirm_through_the_proxy(write_study, tmp_
     result = json.loads(capsys.readouterr().out)
     assert result["verdict"]["n"] == 2 and result["llrd_vs_control"]["n_seeds"] == 2
     assert states(db, "both.confirm") == {"COMPLETE": 4}
+
+
+def test_without_grpcio_a_proxy_url_names_the_extra_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError
+    with pytest.raises(StorageError, match=r"need grpcio: pip install 'llrd-search\[grpc\]'"):
+        open_storage("grpc://127.0.0.1:13000")

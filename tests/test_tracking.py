@@ -81,3 +81,15 @@ def test_a_study_without_track_has_no_tracker(write_study):
 
     spec = load_spec(write_study(name="quiet", n_trials=1))
     assert spec.study.track is None and trial_tracker(spec, "sqlite:///unused.db") is None
+
+
+def test_without_mlflow_track_names_the_extra_to_install(write_study, monkeypatch):
+    import sys
+
+    from llrd_search.exceptions import LLRDSearchError
+    from llrd_search.study.tracking import trial_tracker
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    spec = load_spec(write_study(name="t", n_trials=1, study={"track": "mlflow"}))
+    with pytest.raises(LLRDSearchError, match=r"pip install 'llrd-search\[track\]'"):
+        trial_tracker(spec, "sqlite:///unused.db")
