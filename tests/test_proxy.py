@@ -19,7 +19,7 @@ from llrd_search.engine.space import suggest
 from llrd_search.exceptions import StorageError
 from llrd_search.spec import load_spec
 from llrd_search.study import compat
-from llrd_search.study.proxy import proxy_server
+from llrd_search.study.proxy_server import proxy_server
 from llrd_search.study.storage import budget_lock, create_study, fail_stale, open_storage, opened_storage
 
 pytest.importorskip("grpc")
@@ -173,15 +173,16 @@ def test_the_proxy_serves_a_database_not_another_proxy(capsys):
 
 
 def test_a_lease_its_holder_did_not_release_in_time_is_taken_back(tmp_path, monkeypatch):
-    from llrd_search.study import proxy as proxy_mod
+    from llrd_search.study import proxy as client
+    from llrd_search.study import proxy_server as server
 
     rdb = open_storage(f"sqlite:///{tmp_path / 'lease.db'}")
-    leases = proxy_mod._Leases(rdb)
+    leases = server._Leases(rdb)
     try:
         first = leases.acquire(1)["token"]
-        monkeypatch.setattr(proxy_mod, "WAIT_SECONDS", 0.0)
+        monkeypatch.setattr(server, "WAIT_SECONDS", 0.0)
         assert leases.acquire(1) == {"token": None, "busy": False}  # held, and the lease still runs
-        monkeypatch.setattr(proxy_mod, "LEASE_SECONDS", 0.0)
+        monkeypatch.setattr(client, "LEASE_SECONDS", 0.0)
         leases.release(1, first)
         stale = leases.acquire(1)["token"]  # this lease expires at once
         second = leases.acquire(1)["token"]  # so the next caller takes it back

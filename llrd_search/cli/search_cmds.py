@@ -82,7 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from llrd_search.study.proxy import serve
+    from llrd_search.study.proxy_server import serve
 
     serve(args.storage, args.host, args.port, say=lambda line: print(line, flush=True))
     return 0

@@ -1,4 +1,6 @@
-"""The storage proxy: one process holds the database connections, hundreds of workers talk gRPC to it.
+"""The storage proxy, worker side: ``--storage grpc://HOST:PORT`` (the proxy itself: proxy_server.py).
+
+One process (``llrd-search proxy``) holds the database connections, hundreds of workers talk gRPC to it.
 
 Optuna's gRPC proxy (``run_grpc_proxy_server`` and ``GrpcStorageProxy``, Optuna >= 4.2) forwards the
 storage API, but not what a llrd-search fleet uses beside it: the study-wide budget lock, heartbeats
@@ -18,12 +20,9 @@ import contextlib
 import json
 import logging
 import random
-import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import optuna
@@ -36,13 +35,6 @@ log = logging.getLogger(__name__)
 SCHEME = "grpc://"
 FLEET = "llrd_search.Fleet"
 LEASE_SECONDS = 30.0  # a locked section takes milliseconds; a dead holder stalls the study this long at most
-WAIT_SECONDS = 2.0  # one Lock call waits this long in the proxy, then the client asks again
-# A worker waiting for the budget lock waits in one of these threads (cheaply: on a condition), so
-# there are more than a large fleet has workers; a full waiting room answers "busy" and the client
-# asks again a moment later.
-SERVER_THREADS = 512
-WAITING_ROOM = SERVER_THREADS - 64  # the rest serve the lock holder's and everyone else's calls
-DB_POOL = 16  # connections the proxy keeps to the database, whatever the number of workers
 GRPC_MISSING = "grpc:// storages and 'llrd-search proxy' need grpcio: pip install 'llrd-search[grpc]'"
 
 
@@ -50,7 +42,7 @@ def is_proxy_url(url: str) -> bool:
     return url.startswith(SCHEME)
 
 
-def _grpc() -> Any:
+def require_grpc() -> Any:
     try:
         import grpc
     except ImportError:
@@ -67,183 +59,12 @@ def host_port(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
-def _loads(raw: bytes) -> Any:
+def loads(raw: bytes) -> Any:
     return json.loads(raw.decode())
-
-
-# --------------------------------------------------------------------------- proxy side
-
-
-class _Leases:
-    """Budget locks held for clients, one per lock scope (a study on PostgreSQL, the file on SQLite)."""
-
-    def __init__(self, rdb: optuna.storages.RDBStorage):
-        from sqlalchemy.engine import make_url
-
-        self.rdb, self.url = rdb, make_url(rdb.url)
-        self.per_study = self.url.get_backend_name() == "postgresql"
-        self._mutex = threading.Lock()
-        self._conds: dict[int | None, threading.Condition] = {}  # one per lock scope, all on _mutex
-        self._held: dict[int | None, tuple[str, float, contextlib.ExitStack | None]] = {}
-        self._waiters = threading.BoundedSemaphore(WAITING_ROOM)
-
-    def acquire(self, study_id: int) -> dict[str, Any]:
-        from llrd_search.study.resilience import acquired_lock
-
-        if not self._waiters.acquire(blocking=False):
-            return {"token": None, "busy": True}
-        key = study_id if self.per_study else None
-        try:
-            deadline = time.monotonic() + WAIT_SECONDS
-            cond = self._cond(key)
-            with cond:
-                while key in self._held:
-                    _token, expires, _stack = self._held[key]
-                    now = time.monotonic()
-                    if now >= expires:
-                        log.warning("budget lock of study %s: its holder did not release it within %.0fs (died?); taken back", study_id, LEASE_SECONDS)
-                        self._drop(key)
-                        break
-                    if now >= deadline:
-                        cond.notify()  # a wake-up this thread may have taken as it timed out goes on
-                        return {"token": None, "busy": False}
-                    cond.wait(min(deadline, expires) - now)
-                token = uuid.uuid4().hex
-                self._held[key] = (token, float("inf"), None)  # reserved while the database lock is taken
-            stack = contextlib.ExitStack()
-            try:
-                stack.enter_context(acquired_lock(self.rdb, study_id))
-            except BaseException:
-                with cond:
-                    self._held.pop(key, None)
-                    cond.notify()
-                raise
-            with cond:
-                self._held[key] = (token, time.monotonic() + LEASE_SECONDS, stack)
-            return {"token": token}
-        finally:
-            self._waiters.release()
-
-    def release(self, study_id: int, token: str) -> dict[str, Any]:
-        key = study_id if self.per_study else None
-        with self._mutex:
-            held = self._held.get(key)
-            if held is None or held[0] != token:
-                return {"held": False}
-            self._drop(key)
-            return {"held": True}
-
-    def _drop(self, key: int | None) -> None:
-        _token, _expires, stack = self._held.pop(key)
-        if stack is not None:
-            stack.close()
-        # One waiter, not all: hundreds waking on every release would be a thundering herd. Whoever
-        # takes the lock next notifies the next one on its release.
-        self._cond(key).notify()
-
-    def _cond(self, key: int | None) -> threading.Condition:
-        return self._conds.setdefault(key, threading.Condition(self._mutex))
-
-    def close(self) -> None:
-        with self._mutex:
-            for key in list(self._held):
-                self._drop(key)
-
-
-class _Fleet:
-    """The ``llrd_search.Fleet`` calls, each run on the proxy's own database storage."""
-
-    def __init__(self, rdb: optuna.storages.RDBStorage):
-        from sqlalchemy.engine import make_url
-
-        self.rdb, self.leases = rdb, _Leases(rdb)
-        self.backend = make_url(rdb.url).get_backend_name()
-
-    def hello(self, _req: dict) -> dict:
-        from llrd_search import __version__
-
-        return {"service": "llrd-search", "version": __version__, "backend": self.backend, "per_study_lock": self.leases.per_study}
-
-    def counts(self, req: dict) -> dict:
-        from llrd_search.study.resilience import count_states
-
-        return {s.name: n for s, n in count_states(self.rdb, req["study_id"]).items()}
-
-    def beat(self, req: dict) -> dict:
-        optuna.storages.RDBStorage.record_heartbeat(self.rdb, req["trial_id"])
-        return {}
-
-    def stale(self, req: dict) -> dict:
-        from llrd_search.study.resilience import stale_trial_ids
-
-        running = self.rdb.get_all_trials(req["study_id"], deepcopy=False, states=(TrialState.RUNNING,))
-        ids = stale_trial_ids(self.rdb, req["study_id"], running, req["heartbeat_interval"], req["grace_period"])
-        return {"trial_ids": sorted(ids)}
-
-    def lock(self, req: dict) -> dict:
-        return self.leases.acquire(req["study_id"])
-
-    def unlock(self, req: dict) -> dict:
-        return self.leases.release(req["study_id"], req["token"])
-
-    def handler(self) -> Any:
-        grpc = _grpc()
-        methods = {"Hello": self.hello, "Counts": self.counts, "Beat": self.beat, "Stale": self.stale, "Lock": self.lock, "Unlock": self.unlock}
-        return grpc.method_handlers_generic_handler(
-            FLEET,
-            {name: grpc.unary_unary_rpc_method_handler(_served(fn), request_deserializer=_loads, response_serializer=_dumps) for name, fn in methods.items()},
-        )
-
-
-def _served(fn: Callable[[dict], dict]) -> Callable[[dict, Any], dict]:
-    def call(request: dict, context: Any) -> dict:
-        grpc = _grpc()
-        try:
-            return fn(request)
-        except Exception as err:  # one line back to the worker, which names it; the proxy keeps serving
-            log.warning("%s failed: %s: %s", fn.__name__, type(err).__name__, err)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"[:500])
-
-    return call
-
-
-@contextlib.contextmanager
-def proxy_server(url: str, host: str = "127.0.0.1", port: int = 13000) -> Iterator[tuple[Any, int]]:
-    """A started gRPC server for the SQL storage ``url`` (Optuna's storage service plus the fleet
-    service) and the port it listens on (``port`` 0 picks a free one); stopped and closed on leaving."""
-    from llrd_search.study.compat import grpc_storage_servicer
-    from llrd_search.study.storage import close_storage, open_storage
-
-    grpc = _grpc()
-    if is_proxy_url(url):
-        raise StorageError(f"--storage: '{url}' is a proxy; 'llrd-search proxy' serves a database URL (postgresql+psycopg://... or sqlite:///...)")
-    rdb = open_storage(url, pool_size=DB_POOL)
-    fleet = _Fleet(rdb)
-    server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="llrd-proxy"))
-    # Optuna's cache layer in front, as its run_grpc_proxy_server documents: GetTrials sends only what changed.
-    grpc_storage_servicer(optuna.storages.get_storage(rdb), server)
-    server.add_generic_rpc_handlers((fleet.handler(),))
-    try:
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        close_storage(rdb)
-        raise StorageError(f"--host/--port: cannot listen on {host}:{port} (in use?); pick another --port")
-    server.start()
-    try:
-        yield server, bound
-    finally:
-        server.stop(grace=2).wait()
-        fleet.leases.close()
-        close_storage(rdb)
-
-
-# --------------------------------------------------------------------------- worker side
 
 
 def _proxy_class() -> type:
@@ -279,7 +100,7 @@ def _proxy_class() -> type:
         def fleet(self, name: str, request: dict, *, retried: bool = True) -> dict:
             call = self._calls.get(name)
             if call is None:
-                call = self._calls[name] = self._channel.unary_unary(f"/{FLEET}/{name}", request_serializer=_dumps, response_deserializer=_loads)
+                call = self._calls[name] = self._channel.unary_unary(f"/{FLEET}/{name}", request_serializer=dumps, response_deserializer=loads)
             return retrying(call, lambda: self.retry_seconds)(request) if retried else call(request)
 
         def count_states(self, study_id: int) -> dict[TrialState, int]:
@@ -339,7 +160,7 @@ def is_proxy(storage: Any) -> bool:
 
 def open_proxy(url: str, heartbeat: dict[str, Any], *, patient: bool = False) -> Any:
     """A client of the llrd-search proxy at ``url``; one line naming why when none answers there."""
-    grpc = _grpc()
+    grpc = require_grpc()
     storage = proxy_class()(url, heartbeat)
     from llrd_search.study.resilience import RETRY_SECONDS
 
@@ -358,23 +179,3 @@ def open_proxy(url: str, heartbeat: dict[str, Any], *, patient: bool = False) ->
             ) from None
         raise StorageError(f"--storage: the proxy at {url} failed: {err.code().name}: {err.details()}") from None
     return storage
-
-
-NO_AUTH_WARNING = (
-    "warning: the proxy has no login or TLS: whoever reaches {host}:{port} can read and change every study "
-    "in the storage; keep it on a private network (or bind 127.0.0.1 and tunnel: ssh -L {port}:127.0.0.1:{port} HOST)"
-)
-
-
-def serve(url: str, host: str = "127.0.0.1", port: int = 13000, *, say: Callable[[str], None] = print) -> None:
-    """Serve ``url`` until interrupted, after saying where and how workers join (no password shown)."""
-    from llrd_search.results.dashboard import is_loopback
-    from llrd_search.study.urls import where
-
-    if not is_loopback(host):
-        say(NO_AUTH_WARNING.format(host=host, port=port))
-    with proxy_server(url, host, port) as (server, bound):
-        shown = f"[{host}]" if ":" in host else host
-        say(f"storage proxy for {where(url)} at grpc://{shown}:{bound}  (Ctrl-C stops it)")
-        say(f"workers join with: llrd-search worker --storage grpc://{shown}:{bound} --study NAME")
-        server.wait_for_termination()
