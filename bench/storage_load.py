@@ -1,4 +1,5 @@
-"""Storage load: M worker processes with a trivial objective (no training) on one PostgreSQL study.
+"""Storage load: M worker processes with a trivial objective (no training) on one PostgreSQL study,
+each talking to the database directly or through ``llrd-search proxy`` (``--via direct,proxy``).
 
 Each worker is the real ``run_worker`` loop (budget lock, stale-trial reaping, heartbeat thread,
 ask/report/tell); only the objective is a 0-10 ms sleep that reports two intermediate values.
@@ -8,11 +9,13 @@ Measured per M: trials/s over the whole run, p50/p95 latency of
   report - one trial.report() (an intermediate value; pruning checks read these)
   tell   - recording the outcome (attrs + study.tell)
 
-plus errors (failed worker processes, FAIL trials), storage retries ridden out, and the peak
-number of PostgreSQL connections held by llrd-search.
+plus errors (failed worker processes, FAIL trials), whether the study ended with exactly its budget,
+storage retries ridden out, and the peak number of PostgreSQL connections held by llrd-search
+(the proxy's included). Each row runs on a fresh database.
 
-    python bench/storage_load.py                       # M = 1, 8, 32, 64 on a fresh database
+    python bench/storage_load.py                       # M = 1, 8, 32, 64, direct
     python bench/storage_load.py --workers 8 --trials-per-worker 50 --pool-size 2
+    python bench/storage_load.py --workers 64,256 --via direct,proxy --trials-per-worker 2
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -34,7 +40,8 @@ ADMIN = "host={host} port={port} user={user} dbname=postgres"
 def _spec(name: str, n_trials: int) -> dict:
     return {
         # Random sampler: its cost does not grow with the study, so what is measured is the storage.
-        "study": {"name": name, "n_trials": n_trials, "sampler": "random", "pruner": "none"},
+        # One arm: the control arm's trials fix decay as a category, which the objective below does not expect.
+        "study": {"name": name, "n_trials": n_trials, "sampler": "random", "pruner": "none", "control_fraction": 0.0},
         "model": {"name": "unused-by-this-benchmark"},
         "data": {"path": "unused-by-this-benchmark"},
         "space": {"base_lr": {"low": 1e-5, "high": 1e-4, "log": True}, "head_lr": {"low": 1e-4, "high": 1e-3, "log": True}, "decay": {"low": 0.5, "high": 1.0}},
@@ -103,7 +110,8 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
 
 
-def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
+def run_one(url: str, admin, m: int, per_worker: int, pool_size: int, worker_url: str | None = None) -> dict:
+    """One fresh study of ``m`` workers on ``url``; the workers use ``worker_url`` (a proxy) when given."""
     from llrd_search.spec import parse_spec
     from llrd_search.study.storage import create_study, opened_storage
 
@@ -114,7 +122,7 @@ def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
 
     ctx = mp.get_context("fork")  # the parent imported everything: children start in milliseconds
     barrier, results = ctx.Barrier(m + 1), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(url, name, i, barrier, results, pool_size)) for i in range(m)]
+    procs = [ctx.Process(target=_child, args=(worker_url or url, name, i, barrier, results, pool_size)) for i in range(m)]
     for p in procs:
         p.start()
     peak = [0]
@@ -129,7 +137,7 @@ def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
     sampler.start()
     barrier.wait()
     t0 = time.perf_counter()
-    collected = [results.get(timeout=600) for _ in procs]
+    collected = [results.get(timeout=900) for _ in procs]
     wall = time.perf_counter() - t0
     for p in procs:
         p.join(timeout=30)
@@ -143,26 +151,47 @@ def run_one(url: str, admin, m: int, per_worker: int, pool_size: int) -> dict:
     merged = {k: [x for r in collected for x in r["times"][k]] for k in ("ask", "report", "tell")}
     return {
         "workers": m,
+        "via": "proxy" if worker_url else "direct",
         "trials": states["COMPLETE"],
         "budget": n_trials,
         "wall_s": round(wall, 2),
         "trials_per_s": round(states["COMPLETE"] / wall, 1),
         **{f"{k}_p50_ms": round(_pct(v, 0.5), 1) for k, v in merged.items()},
         **{f"{k}_p95_ms": round(_pct(v, 0.95), 1) for k, v in merged.items()},
+        **{f"{k}_p99_ms": round(_pct(v, 0.99), 1) for k, v in merged.items()},
         "worker_errors": sum(r["error"] is not None for r in collected),
         "first_error": next((r["error"] for r in collected if r["error"]), None),
         "fail_trials": states["FAIL"],
         "left_running": states["RUNNING"] + states["WAITING"],
+        "exact_budget": "yes" if states["COMPLETE"] == n_trials and states["RUNNING"] + states["WAITING"] == 0 else "no",
         "retries": sum(r["retries"] for r in collected),
         "peak_connections": peak[0],
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_proxy(url: str) -> tuple[subprocess.Popen, str]:
+    """``llrd-search proxy`` for ``url`` in its own process, as a fleet would run it; its grpc:// URL."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llrd_search", "proxy", "--storage", url, "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "storage proxy for" not in line:
+        proc.kill()
+        raise RuntimeError(f"the proxy did not start: {line!r}")
+    return proc, f"grpc://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,8,32,64", help="comma-separated M values")
+    parser.add_argument("--via", default="direct", help="comma-separated: direct (each worker on PostgreSQL), proxy (through llrd-search proxy)")
     parser.add_argument("--trials-per-worker", type=int, default=0, help="default: 150 for M=1, then 25, 8, 5")
-    parser.add_argument("--pool-size", type=int, default=1, help="connections each worker keeps open (llrd-search's default 1)")
+    parser.add_argument("--pool-size", type=int, default=1, help="connections each direct worker keeps open (llrd-search's default 1)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5432)
     parser.add_argument("--user", default="postgres")
@@ -176,21 +205,32 @@ def main() -> None:
     quiet_optuna()  # as llrd-search's own entry points do: no Optuna INFO line per study and trial
 
     admin = psycopg.connect(ADMIN.format(host=args.host, port=args.port, user=args.user), autocommit=True)
-    db = f"llrd_bench_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{db}"')
-    url = f"postgresql+psycopg://{args.user}@{args.host}:{args.port}/{db}"
     max_conn = admin.execute("SHOW max_connections").fetchone()[0]
     print(f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.python_version()}, PostgreSQL max_connections={max_conn}, pool_size={args.pool_size}")
     rows = []
     try:
         for m in (int(x) for x in args.workers.split(",")):
-            per = args.trials_per_worker or {1: 150, 8: 25, 32: 8}.get(m, 5)
-            rows.append(run_one(url, admin, m, per, args.pool_size))
-            print(json.dumps(rows[-1]), flush=True)
+            for via in args.via.split(","):
+                per = args.trials_per_worker or {1: 150, 8: 25, 32: 8}.get(m, 5)
+                db = f"llrd_bench_{uuid.uuid4().hex[:8]}"  # a fresh database per row
+                admin.execute(f'CREATE DATABASE "{db}"')
+                url = f"postgresql+psycopg://{args.user}@{args.host}:{args.port}/{db}"
+                proxy = None
+                try:
+                    worker_url = None
+                    if via == "proxy":
+                        proxy, worker_url = start_proxy(url)
+                    rows.append(run_one(url, admin, m, per, args.pool_size, worker_url))
+                    print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    if proxy is not None:
+                        proxy.terminate()
+                        proxy.wait(timeout=30)
+                    admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         admin.close()
-    cols = ["workers", "trials", "wall_s", "trials_per_s", "ask_p50_ms", "ask_p95_ms", "report_p50_ms", "report_p95_ms", "tell_p50_ms", "tell_p95_ms", "worker_errors", "fail_trials", "left_running", "retries", "peak_connections"]
+    cols = ["workers", "via", "trials", "budget", "wall_s", "trials_per_s", "ask_p50_ms", "ask_p99_ms", "report_p50_ms", "report_p99_ms",
+            "tell_p50_ms", "tell_p99_ms", "worker_errors", "fail_trials", "left_running", "exact_budget", "retries", "peak_connections"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")

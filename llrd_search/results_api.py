@@ -110,7 +110,7 @@ def confirm(
     sweep = sweep_summary(storage, study)
     control = control_summary(storage, study)
     v, paired = judge(rows), paired_verdict(rows, control)
-    return Confirmation(
+    result = Confirmation(
         plan=plan,
         configurations=[ConfirmRow.of(r) for r in rows],
         verdict=Verdict(**v) if v else None,
@@ -118,6 +118,18 @@ def confirm(
         paired=PairedVerdict(**paired) if paired else None,
         sweep=[SweepRow.of(r) for r in sweep] if sweep is not None else None,
     )
+    _track(storage, study, result)
+    return result
+
+
+def _track(storage: str, study: str, result: Confirmation) -> None:
+    """Log the verdict to MLflow when the study says ``track = "mlflow"`` (study/tracking.py)."""
+    from llrd_search.study.storage import opened_study, spec_of
+    from llrd_search.study.tracking import track_verdict
+
+    with opened_study(storage, study) as search:
+        spec = spec_of(search)
+    track_verdict(spec, storage, result.as_dict())
 
 
 def _round_runner(storage: str, workers: int, threads: int, objective: str | None, watch: Watcher | None, plan: Any = None) -> Callable[[str], None]:

@@ -73,6 +73,10 @@ def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_
             control = ensure_control_arm(storage, study, spec)
         budget = int(study.user_attrs.get(BUDGET_ATTR, spec.study.n_trials))
         finished = sum(finished_count(ts) for ts in arm_trials(study).values())
+    if spec.study.track:  # checks the tracking store and makes its experiment before any worker races to
+        from llrd_search.study.tracking import trial_tracker
+
+        trial_tracker(spec, url)
     return Created(
         study_name=spec.study.name, url=url, created=created, budget=budget, finished=finished, note=note,
         control_study=control.study_name if control is not None else None,

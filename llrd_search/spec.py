@@ -86,6 +86,11 @@ class StudySection(_Section):
     # Share of the budget that tunes plain fine-tuning (decay = 1 exactly) over the same base_lr and
     # head_lr space, in the linked study NAME.control: the LR-matched control LLRD is judged against.
     control_fraction: float = Field(default=0.25, ge=0.0, le=0.5)
+    # Log every finished trial (params, per-group LRs, eval curve, arm) and confirm's verdict to
+    # MLflow (pip install 'llrd-search[track]'), at track_uri, else $MLFLOW_TRACKING_URI, else
+    # mlflow.db beside the study's SQLite file (study/tracking.py).
+    track: Literal["mlflow"] | None = None
+    track_uri: str | None = None
 
     @model_validator(mode="after")
     def _grace(self) -> StudySection:
@@ -241,11 +246,12 @@ class StudySpec(_Section):
     def identity(self) -> dict[str, Any]:
         """The spec as stored in the study, minus what may change between runs of the same study.
 
-        The budget (``n_trials``) may grow and the storage URL is where the study lives, not what it is.
+        The budget (``n_trials``) may grow, the storage URL is where the study lives and tracking
+        where its runs are logged, not what it is.
         """
         data = self.model_dump(mode="json")
-        data["study"].pop("n_trials")
-        data["study"].pop("storage")
+        for key in ("n_trials", "storage", "track", "track_uri"):
+            data["study"].pop(key)
         return data
 
     def fingerprint(self) -> str:
@@ -311,6 +317,11 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", base_dir: Path | No
         if spec.study.storage and spec.study.storage.startswith("sqlite:///") and not spec.study.storage.startswith("sqlite:////"):
             rel = spec.study.storage.removeprefix("sqlite:///")
             spec.study.storage = "sqlite:///" + str((base_dir / rel).resolve())
+        uri = spec.study.track_uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            spec.study.track_uri = "sqlite:///" + str((base_dir / uri.removeprefix("sqlite:///")).resolve())
+        elif uri and "://" not in uri and not uri.startswith("databricks"):  # a folder (MLflow's file store)
+            spec.study.track_uri = str((base_dir / uri).resolve())
     return spec
 
 

@@ -59,3 +59,21 @@ def test_grid_sampler_internals_exist(name):
 
 def test_lazy_random_state_gives_a_numpy_generator():
     assert hasattr(compat.LazyRandomState(0).rng, "choice"), "optuna.samplers._lazy_random_state.LazyRandomState changed"
+
+
+def test_optunas_grpc_storage_service_is_where_the_proxy_takes_it_from():
+    grpc = pytest.importorskip("grpc")
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    try:
+        compat.grpc_storage_servicer(optuna.storages.InMemoryStorage(), server)  # ImportError when Optuna moves it
+    finally:
+        server.stop(0)
+
+
+def test_stale_ids_with_other_heartbeat_settings_share_the_storages_engine(study):
+    rdb = compat.rdb_of(study)
+    engine = rdb.engine
+    assert compat.stale_ids(rdb, compat.study_id(study), 60, 120) == []
+    assert rdb.engine is engine and rdb.heartbeat_interval is None  # a view, the storage itself unchanged

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from llrd_search.cli.result_cmds import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
-from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_run, cmd_status, cmd_validate, cmd_worker
+from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_proxy, cmd_run, cmd_status, cmd_validate, cmd_worker
 from llrd_search.exceptions import LLRDSearchError
 
 log = logging.getLogger("llrd_search")
@@ -34,6 +34,10 @@ on a GPU machine run uses every visible GPU; here 2 workers on each of GPUs 2 an
   llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm --gpu 3
 with your own training code (a function(trial) -> float in my_training.py, in the current directory):
   llrd-search worker --storage sqlite:///trec.db --study trec-minilm --objective my_training:objective""",
+    "proxy": """example (one proxy beside the database; hundreds of workers talk to it instead of to PostgreSQL):
+  llrd-search proxy --storage postgresql+psycopg://user@db:5432/llrd --host 0.0.0.0 --port 13000
+  llrd-search worker --storage grpc://proxy-host:13000 --study sst2-minilm
+(every command that takes --storage accepts grpc://HOST:PORT; needs pip install 'llrd-search[grpc]')""",
     "status": """example:
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format json""",
@@ -69,6 +73,7 @@ INTERRUPTED = {
     "create": "no trial had started; run the same command again to finish creating the study",
     "report": "the report may be incomplete; run the same command again to write it",
     "export": "nothing was exported; run the same command again",
+    "proxy": "the proxy stopped; its workers retry for 2 minutes, so start it again now",
     "train": "training stopped before the model was saved; run the same command again (with --force if --out is not empty)",
 }
 INTERRUPTED_DEFAULT = "nothing was changed"
@@ -149,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "nvidia-smi shows it, or a GPU UUID), replacing any CUDA_VISIBLE_DEVICES already set")
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+
+    p = add("proxy", cmd_proxy, "Serve a study storage to workers through a gRPC proxy (one set of database connections for the fleet).")
+    p.add_argument("--storage", required=True, metavar="URL", help="database URL to serve (postgresql+psycopg://... or sqlite:///...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the proxy has no login)")
+    p.add_argument("--port", type=int, default=13000, help="port (default 13000)")
 
     p = add("status", cmd_status, "Show a study's progress, trial states and best trial.")
     p.add_argument("--storage", required=True, metavar="URL")

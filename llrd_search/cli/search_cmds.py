@@ -1,4 +1,4 @@
-"""Search commands: init, validate, create, run, worker, status: parse, call the search layer, print."""
+"""Search commands: init, validate, create, run, worker, proxy, status: parse, call the search layer, print."""
 
 from __future__ import annotations
 
@@ -84,6 +84,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     n = join(args.storage, args.study, worker_index=args.worker_index, objective=args.objective, on_trial_end=on_end)
     if not args.quiet:
         print(f"worker done: ran {n} trials; the study's budget is spent", file=sys.stderr)
+    return 0
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from llrd_search.study.proxy_server import serve
+
+    serve(args.storage, args.host, args.port, say=lambda line: print(line, flush=True))
     return 0
 
 

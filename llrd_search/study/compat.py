@@ -3,8 +3,9 @@
 llrd-search needs a few things Optuna does not publish: a study's and a trial's storage ids, the
 RDB storage under the cache layer a Study wraps around it, the stale-trial query, the SQL tables
 (for one-query counts and heartbeat checks), the private storage methods that cache layer calls,
-and the grid sampler's internals. Each is one small function or name here; tests/test_compat.py
-fails, naming the attribute, when an Optuna release moves one. pyproject.toml bounds optuna to the
+Optuna's gRPC storage service (served by ``llrd-search proxy``) and the grid sampler's internals.
+Each is one small function or name here; tests/test_compat.py fails, naming the attribute, when an
+Optuna release moves one. pyproject.toml bounds optuna to the
 releases the suite has run against.
 """
 
@@ -44,9 +45,31 @@ def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage | None:
     return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
-def stale_ids(storage: optuna.storages.RDBStorage, study_id_: int) -> list[int]:
-    """Ids of the study's RUNNING trials whose heartbeat is older than the grace period."""
+def backend_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage under Optuna's cache layer: an RDBStorage, or the proxy client (which has none)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+def stale_ids(storage: optuna.storages.RDBStorage, study_id_: int, heartbeat_interval: int | None = None, grace_period: int | None = None) -> list[int]:
+    """Ids of the study's RUNNING trials whose heartbeat is older than the grace period: the
+    storage's own, or (the proxy, serving studies of any spec) the given one."""
+    if heartbeat_interval is not None and (heartbeat_interval, grace_period) != (storage.heartbeat_interval, storage.grace_period):
+        # A view with the same engine and sessions (copy.copy would run RDBStorage.__setstate__,
+        # which opens a new engine) and the study's heartbeat settings.
+        view = object.__new__(type(storage))
+        view.__dict__.update(storage.__dict__)
+        view.heartbeat_interval, view.grace_period = heartbeat_interval, grace_period
+        storage = view
     return storage._get_stale_trial_ids(study_id_)
+
+
+def grpc_storage_servicer(storage: optuna.storages.BaseStorage, server: Any) -> None:
+    """Add Optuna's gRPC storage service for ``storage`` to ``server`` (what its
+    ``run_grpc_proxy_server`` does, on a server llrd-search adds its fleet service to)."""
+    from optuna.storages._grpc.auto_generated.api_pb2_grpc import add_StorageServiceServicer_to_server
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
 
 
 def trial_table() -> Any:

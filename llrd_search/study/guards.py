@@ -33,7 +33,10 @@ class Heartbeat:
             while not self._stop.wait(interval):
                 try:
                     # Unretried: this loop is the retry, and a stuck beat must not outlive the trial.
-                    optuna.storages.RDBStorage.record_heartbeat(storage, trial_id)
+                    if isinstance(storage, optuna.storages.RDBStorage):
+                        optuna.storages.RDBStorage.record_heartbeat(storage, trial_id)
+                    else:  # the proxy client (proxy.py)
+                        storage.record_heartbeat(trial_id, retried=False)
                 except Exception as err:  # a storage hiccup must not kill the training thread
                     log.warning("heartbeat failed (will retry): %s", type(err).__name__)
         finally:

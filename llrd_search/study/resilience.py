@@ -30,7 +30,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from llrd_search.exceptions import StorageError
-from llrd_search.study.compat import CACHE_PRIVATE_METHODS, heartbeat_table, rdb_of, stale_ids, study_id, trial_id, trial_table
+from llrd_search.study.compat import (
+    CACHE_PRIVATE_METHODS,
+    backend_of,
+    heartbeat_table,
+    stale_ids,
+    study_id,
+    trial_id,
+    trial_table,
+)
 from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR
 
 log = logging.getLogger(__name__)
@@ -47,12 +55,24 @@ def is_transient(err: BaseException | None) -> bool:
     if is_read_only(err):
         return False
     while err is not None:
+        if _grpc_code(err) in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):  # the proxy restarting or full
+            return True
         if isinstance(err, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
             return True
         if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
             return True
         err = err.__cause__
     return False
+
+
+def _grpc_code(err: BaseException) -> str | None:
+    code = getattr(err, "code", None)  # grpc.RpcError, without importing grpc
+    if not callable(code):
+        return None
+    try:
+        return getattr(code(), "name", None)
+    except Exception:
+        return None
 
 
 def is_read_only(err: BaseException | None) -> bool:
@@ -109,35 +129,40 @@ def retrying(call: Callable[..., Any], seconds: Callable[[], float]) -> Callable
     return wrapper
 
 
-_NOT_RETRIED = {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
+_NOT_RETRIED = {"remove_session", "close", "wait_server_ready", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 # Private methods Optuna's cache layer (which every Study wraps around the storage) calls directly.
 _PRIVATE_RETRIED = set(CACHE_PRIVATE_METHODS)
 
 
-def _with_retries(cls: type) -> type:
-    """Wrap every public storage method (and the stale-trial query) of ``cls`` in :func:`retrying`."""
-    names = {n for base in (optuna.storages.RDBStorage, optuna.storages.BaseStorage) for n in vars(base)}
-    for name in sorted(names):
-        func = getattr(cls, name)
-        if not callable(func) or name.startswith("__") or name in _NOT_RETRIED or (name.startswith("_") and name not in _PRIVATE_RETRIED):
-            continue
+def with_retries(*bases: type) -> Callable[[type], type]:
+    """Wrap every public storage method of ``bases`` (and the private ones the cache layer calls)
+    of the decorated class in :func:`retrying`."""
 
-        def bind(f: Callable[..., Any]) -> Callable[..., Any]:
-            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-                try:
-                    return retrying(functools.partial(f, self), lambda: self.retry_seconds)(*args, **kwargs)
-                except Exception as err:
-                    if is_read_only(err):
-                        raise StorageError(read_only_message(self.url)) from err
-                    raise
+    def decorate(cls: type) -> type:
+        names = {n for base in (*bases, optuna.storages.BaseStorage) for n in vars(base)}
+        for name in sorted(names):
+            func = getattr(cls, name)
+            if not callable(func) or name.startswith("__") or name in _NOT_RETRIED or (name.startswith("_") and name not in _PRIVATE_RETRIED):
+                continue
+            setattr(cls, name, _bind(func))
+        return cls
 
-            return functools.wraps(f)(call)
-
-        setattr(cls, name, bind(func))
-    return cls
+    return decorate
 
 
-@_with_retries
+def _bind(f: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return retrying(functools.partial(f, self), lambda: self.retry_seconds)(*args, **kwargs)
+        except Exception as err:
+            if is_read_only(err):
+                raise StorageError(read_only_message(self.url)) from err
+            raise
+
+    return functools.wraps(f)(call)
+
+
+@with_retries(optuna.storages.RDBStorage)
 class ResilientRDBStorage(optuna.storages.RDBStorage):
     """``RDBStorage`` whose calls ride out a restart or a dropped connection instead of killing the worker.
 
@@ -187,16 +212,17 @@ def fail_stale(study: optuna.Study) -> list[int]:
     first beat, or a retried create committed twice) once it is far older than the grace period.
     Call under :func:`budget_lock` so two workers do not re-queue the same trial.
     """
-    storage = rdb_of(study)
-    if storage is None or storage.heartbeat_interval is None:
+    from llrd_search.study.proxy import is_proxy
+
+    storage = backend_of(study)
+    proxied = is_proxy(storage)
+    if not (proxied or isinstance(storage, optuna.storages.RDBStorage)) or storage.heartbeat_interval is None:
         return []
-    stale = set(stale_ids(storage, study_id(study)))
-    horizon = datetime.now() - timedelta(seconds=max(300, 5 * (storage.grace_period or 0)))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beating = _trials_with_heartbeat(storage, [trial_id(t) for t in running])
-    for t in running:
-        if trial_id(t) not in beating and t.datetime_start is not None and t.datetime_start < horizon:
-            stale.add(trial_id(t))
+    if proxied:  # the proxy runs the same query on the database
+        stale = storage.stale_trial_ids(study_id(study))
+    else:
+        stale = stale_trial_ids(storage, study_id(study), running, storage.heartbeat_interval, storage.grace_period)
     reaped = []
     for t in running:
         if trial_id(t) not in stale:
@@ -212,6 +238,18 @@ def fail_stale(study: optuna.Study) -> list[int]:
         frozen = storage.get_trial(row_id)
         log.warning("trial %d: worker lost, marked FAIL%s", frozen.number, _requeue(callback, study, frozen))
     return [storage.get_trial(i).number for i in reaped]
+
+
+def stale_trial_ids(storage: optuna.storages.RDBStorage, study_id_: int, running: list[optuna.trial.FrozenTrial], heartbeat_interval: int, grace_period: int | None) -> set[int]:
+    """Ids of ``running`` trials to reap: heartbeat older than the grace period, or none recorded
+    and started far longer ago than it (see :func:`fail_stale`)."""
+    stale = set(stale_ids(storage, study_id_, heartbeat_interval, grace_period))
+    horizon = datetime.now() - timedelta(seconds=max(300, 5 * (grace_period or 0)))
+    beating = _trials_with_heartbeat(storage, [trial_id(t) for t in running])
+    for t in running:
+        if trial_id(t) not in beating and t.datetime_start is not None and t.datetime_start < horizon:
+            stale.add(trial_id(t))
+    return stale
 
 
 def _requeue(callback: Callable | None, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
@@ -241,7 +279,13 @@ def _trials_with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[
 
 def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
     """Trials per state in one small query: it runs under the budget lock on every ask, where
-    loading every trial (``study.get_trials``) would grow with the study and stall the fleet."""
+    loading every trial (``study.get_trials``) would grow with the study and stall the fleet.
+    Through the proxy (``grpc://``), the proxy runs this query."""
+    from llrd_search.study.proxy import is_proxy
+
+    if is_proxy(storage):
+        return storage.count_states(study_id)
+
     def query() -> dict[TrialState, int]:
         table = trial_table()
         stmt = select(table.c.state, func.count()).where(table.c.study_id == study_id).group_by(table.c.state)
@@ -261,19 +305,24 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[
     transaction mode; ends with its transaction, so an interrupted or dropped worker cannot leave
     it held). SQLite: a lock file beside the database (local workers only, all SQLite does well).
     """
-    url = make_url(storage.url)
-    backend = url.get_backend_name()
+    from llrd_search.study.proxy import is_proxy
+
     # Re-entrant per thread: creating the control arm (or a half-made study's spec) takes the lock
     # inside a section that already holds it. SQLite's lock is one file per database, and a second
     # flock on it from the same thread would wait for itself forever.
-    token = (url.database, study_id) if backend == "postgresql" else (url.database, None)
+    if is_proxy(storage):  # the proxy takes this lock for us, as a lease (proxy.py)
+        token, acquire = storage.lock_token(study_id), storage.budget_lock
+    else:
+        url = make_url(storage.url)
+        token = (url.database, study_id) if url.get_backend_name() == "postgresql" else (url.database, None)
+        acquire = functools.partial(acquired_lock, storage)
     held = _HELD.__dict__.setdefault("tokens", set())
     if token in held:
         yield
         return
     held.add(token)
     try:
-        with _acquired(storage, url, backend, study_id):
+        with acquire(study_id):
             yield
     finally:
         held.discard(token)
@@ -283,7 +332,10 @@ _HELD = threading.local()
 
 
 @contextlib.contextmanager
-def _acquired(storage: optuna.storages.RDBStorage, url: Any, backend: str, study_id: int) -> Iterator[None]:
+def acquired_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[None]:
+    """The database's budget lock itself, not re-entrant (:func:`budget_lock` is)."""
+    url = make_url(storage.url)
+    backend = url.get_backend_name()
     if backend == "postgresql":
         key = zlib.crc32(f"llrd-search:{study_id}".encode())
         conn = retrying(lambda: _locked_connection(storage.engine, key), lambda: getattr(storage, "retry_seconds", 0.0))()

@@ -26,6 +26,7 @@ from llrd_search.engine.metrics import set_study_metric
 from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError
 from llrd_search.spec import PAPER_POINTS, StudySpec, parse_spec
 from llrd_search.study.compat import study_id
+from llrd_search.study.proxy import is_proxy, is_proxy_url, open_proxy
 from llrd_search.study.pruners import make_pruner
 from llrd_search.study.resilience import (
     RETRY_SECONDS,
@@ -84,24 +85,22 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False) -> optuna.storages.RDBStorage:
+def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False, pool_size: int | None = None) -> optuna.storages.RDBStorage:
     """An ``RDBStorage`` with heartbeats (from ``spec``), retry of dead workers' trials, and calls
-    that retry through a database restart. Opening fails fast: a wrong URL is not an outage."""
+    that retry through a database restart; for ``grpc://HOST:PORT``, the same through an
+    ``llrd-search proxy`` (proxy.py). Opening fails fast: a wrong URL is not an outage.
+    ``pool_size``: connections to keep (the proxy's; a worker keeps 1)."""
+    heartbeat = _heartbeat_settings(spec)
+    if is_proxy_url(url):
+        return open_proxy(url, heartbeat, patient=patient)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
-    heartbeat: dict[str, Any] = {}
-    if spec is not None:
-        heartbeat = {
-            "heartbeat_interval": spec.study.heartbeat_interval,
-            "grace_period": spec.study.grace_period,
-            "heartbeat_stale_trial_callback": retry_stale_trial(spec.study.max_retries),
-        }
     try:
-        storage = _new_storage(url, heartbeat, patient)
+        storage = _new_storage(url, heartbeat, patient, pool_size)
         if parsed.get_backend_name() == "sqlite":
             # WAL lets readers (status, dashboard, progress) run beside a writing worker.
             with storage.engine.connect() as conn:
@@ -112,6 +111,16 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
         raise StorageError(f"--storage: cannot open {where(url)}: {error_reason(err, url)}{open_hint(err, url)}") from None
     return storage
+
+
+def _heartbeat_settings(spec: StudySpec | None) -> dict[str, Any]:
+    if spec is None:
+        return {}
+    return {
+        "heartbeat_interval": spec.study.heartbeat_interval,
+        "grace_period": spec.study.grace_period,
+        "heartbeat_stale_trial_callback": retry_stale_trial(spec.study.max_retries),
+    }
 
 
 def _check_sqlite_file(url: str, database: str | None, mode: object) -> None:
@@ -135,7 +144,7 @@ def _check_sqlite_file(url: str, database: str | None, mode: object) -> None:
         )
 
 
-def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool) -> ResilientRDBStorage:
+def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool, pool_size: int | None = None) -> ResilientRDBStorage:
     """Open, riding out what is not the user's fault: a full server ("too many clients", a server
     starting up), processes racing to create the tables of a fresh database (the losers hit a
     duplicate key), and, when ``patient``, any outage (a worker re-opening a storage it just used)."""
@@ -145,7 +154,10 @@ def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool) -> Resilien
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return ResilientRDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+                kwargs = engine_kwargs(url)
+                if pool_size and "pool_size" in kwargs:
+                    kwargs |= {"pool_size": pool_size, "max_overflow": pool_size}
+                return ResilientRDBStorage(url, engine_kwargs=kwargs, **heartbeat)
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
             text_ = str(getattr(err, "__cause__", None) or "") + str(err)
             busy = any(m in text_ for m in ("too many clients", "remaining connection slots", "starting up"))
@@ -162,6 +174,8 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
     """Return the thread's session and close every pooled connection (each holds a server slot)."""
     if hasattr(storage, "remove_session"):
         storage.remove_session()
+    if is_proxy(storage):
+        storage.close()  # the gRPC channel
     engine = getattr(storage, "engine", None)
     if engine is not None:
         engine.dispose()
@@ -262,7 +276,10 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
             f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
             f"a budget never drops below the finished trials (pass --n-trials {finished} or more)"
         )
-    if old.study.storage is not None:  # made by a version that stored the URL (maybe with a password)
+    # Where runs are tracked is not what the study is: the study file's say goes, for every worker.
+    retracked = (old.study.track, old.study.track_uri) != (spec.study.track, spec.study.track_uri)
+    if old.study.storage is not None or retracked:  # (storage: made by a version that stored the URL, maybe with a password)
+        old.study.track, old.study.track_uri = spec.study.track, spec.study.track_uri
         study.set_user_attr(SPEC_ATTR, stored_spec_json(old))
     if budget != int(study.user_attrs.get(BUDGET_ATTR, 0)):
         study.set_user_attr(BUDGET_ATTR, budget)

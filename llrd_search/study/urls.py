@@ -28,6 +28,8 @@ def shareable_url(url: str) -> tuple[str, bool]:
 
 def where(url: str) -> str:
     """The database named for a person: "SQLite file F" or "postgresql at HOST:PORT/DB"."""
+    if url.startswith("grpc://"):
+        return f"the llrd-search proxy at {url.removeprefix('grpc://')}"
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         return f"SQLite file {u.database}"

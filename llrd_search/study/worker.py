@@ -50,10 +50,11 @@ from llrd_search.study.arms import (
     ensure_control_arm,
     parent_name,
 )
-from llrd_search.study.compat import rdb_of, storage_of, study_id, trial_id
+from llrd_search.study.compat import backend_of, study_id, trial_id
 from llrd_search.study.guards import Heartbeat, Signals
 from llrd_search.study.resilience import count_states
 from llrd_search.study.storage import budget_lock, fail_stale, load_study, opened_storage, quiet_optuna, spec_of
+from llrd_search.study.tracking import trial_tracker
 from llrd_search.vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Budget:
 
 
 def budget_of(study: optuna.Study, total: int) -> Budget:
-    counts = count_states(rdb_of(study), study_id(study))
+    counts = count_states(backend_of(study), study_id(study))
     return Budget(
         finished=sum(counts[s] for s in FINISHED_STATES),
         running=counts[TrialState.RUNNING],
@@ -257,6 +258,8 @@ def run_worker(
         # for the first trials as equals instead of one loading its model while others run them.
         objective = (objective_factory or _default_objective)(spec)
         packer = _pack_runner(objective)
+        tracker = trial_tracker(spec, storage_url)  # each worker logs the trials it finishes
+        after = None if on_trial_end is None and tracker is None else _after_trial(study, tracker, on_trial_end)
         claimer = _Claimer(storage, study, spec, worker_index)
         with Signals() as signals:
             while True:
@@ -271,12 +274,25 @@ def run_worker(
                 if packer is not None:  # K trials at once (study/packs.py): same claims, same tells
                     from llrd_search.study.packs import run_pack
 
-                    ran += run_pack(claimed, claimer, packer, signals, failures, on_trial_end)
+                    ran += run_pack(claimed, claimer, packer, signals, failures, after)
                     continue
                 ran += 1
                 _run_trial(claimed, objective, signals, failures)
-                if on_trial_end is not None:
-                    on_trial_end(study, storage.get_trial(trial_id(claimed.trial)))
+                if after is not None:
+                    after(claimed.study, storage.get_trial(trial_id(claimed.trial)))
+
+
+def _after_trial(study: optuna.Study, tracker: Any, on_trial_end: Any) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """What runs after each finished trial: the tracker logs it in its arm's study, the caller's
+    ``on_trial_end`` hears it with the parent study (both arms report there)."""
+
+    def after(arm_study: optuna.Study, finished: optuna.trial.FrozenTrial) -> None:
+        if tracker is not None:
+            tracker(arm_study, finished)
+        if on_trial_end is not None:
+            on_trial_end(study, finished)
+
+    return after
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None, **attrs: Any) -> bool:
@@ -287,7 +303,7 @@ def _finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: 
             trial.set_user_attr(key, val)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    if (rdb_of(study) or storage_of(study)).get_trial(trial_id(trial)).state.is_finished():
+    if backend_of(study).get_trial(trial_id(trial)).state.is_finished():
         log.warning("trial %d was marked stale while it ran (storage unreachable too long?); its retry will run", trial.number)
         return False
     if state == TrialState.COMPLETE:
