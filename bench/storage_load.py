@@ -3,7 +3,7 @@ each talking to the database directly or through ``llrd-search proxy`` (``--via 
 
 Each worker is the real ``run_worker`` loop (budget lock, stale-trial reaping, heartbeat thread,
 ask/report/tell); only the objective is a 0-10 ms sleep that reports two intermediate values.
-Measured per M: trials/s over the whole run, p50/p95 latency of
+Measured per M: trials/s over the whole run, p50/p95/p99 latency of
 
   ask    - the budget-locked section: lock wait + reap stale + count states + study.ask + first beat
   report - one trial.report() (an intermediate value; pruning checks read these)
