@@ -132,9 +132,29 @@ class TrainSection(_Section):
     # The speed stand-ins of fastpath.py (two change the dropout stream and attention rounding, not
     # accuracy: docs/performance.md); false trains the model's own modules with foreach AdamW.
     fast_path: bool = True
+    # Micro-batches per optimizer step, for a model whose batch does not fit in memory at once.
+    # batch_size stays the batch of one optimizer step (so a study trains the same steps and the
+    # same update whatever grad_accum is) and is split into grad_accum micro-batches of
+    # batch_size / grad_accum examples, run one after the other.
+    grad_accum: int = Field(default=1, ge=1)
+    # Recompute each encoder layer's activations in the backward pass instead of keeping them:
+    # the activation memory of about one layer instead of all of them, for ~30 % more compute.
+    gradient_checkpointing: bool = False
     # The default objective of this study's workers, "package.module:function" (imported from the
     # worker's current directory); unset: the built-in loop. `worker --objective` overrides it.
     objective: str | None = None
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _divides_batch(cls, value: int, info: Any) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % value:
+            fits = [d for d in range(2, batch + 1) if batch % d == 0][:4]
+            raise ValueError(
+                f"{value} does not divide train.batch_size ({batch}): each optimizer step's batch is split into "
+                f"grad_accum micro-batches of equal size; use one of {', '.join(map(str, [1, *fits]))}"
+            )
+        return value
 
     @field_validator("objective")
     @classmethod
@@ -230,11 +250,16 @@ class StudySpec(_Section):
     def identity(self) -> dict[str, Any]:
         """The spec as stored in the study, minus what may change between runs of the same study.
 
-        The budget (``n_trials``) may grow and the storage URL is where the study lives, not what it is.
+        The budget (``n_trials``) may grow, the storage URL is where the study lives, not what it is,
+        and ``train.grad_accum`` / ``train.gradient_checkpointing`` trade memory for time, not results.
         """
         data = self.model_dump(mode="json")
         data["study"].pop("n_trials")
         data["study"].pop("storage")
+        # Memory knobs, not the search: a study that ran out of memory resumes with them changed.
+        # (Left out, the identity of a study made before they existed is unchanged too.)
+        data["train"].pop("grad_accum")
+        data["train"].pop("gradient_checkpointing")
         return data
 
     def fingerprint(self) -> str:

@@ -1,0 +1,230 @@
+"""How much memory one trial needs, whether the device has it, and the one line that says what to change.
+
+An estimate from the model's config and the ``[train]`` keys, not a measurement: ``validate`` runs it
+before any weight is loaded, preflight before the study is written, and an out-of-memory trial
+quotes it. What a trial holds at its peak (the backward pass of its longest micro-batch):
+
+* ``weights``, ``gradients``, ``optimizer``: fp32 weights, their gradients and AdamW's two moments,
+  4 + 4 + 8 bytes a parameter (the vocabulary-rows stand-in trains fewer; not counted: an upper bound);
+* ``activations``: what the forward keeps for the backward, per token and layer (below), times the
+  micro-batch's tokens (``batch_size / grad_accum`` rows of the longest example), plus one layer's
+  worth of gradient buffers while the backward runs;
+* ``other``: autocast's bf16 copy of the weights (2 bytes a parameter, bf16 only), the pretrained
+  template (4 bytes a parameter, on a CPU: it lives in host memory) and the runtime (CUDA context
+  and workspaces, or torch and the data on a CPU).
+
+Per token and encoder layer the forward keeps (e: activation bytes, 2 in bf16 and 4 in fp32; LayerNorm
+and softmax outputs are fp32 under autocast): the q/k/v input, q, k, v, the attention output and the
+MLP's input at e bytes a hidden unit, the two residual LayerNorm inputs at 4,
+two dropout masks at 1; and the GELU input and output at e bytes an intermediate unit. An attention
+that materialises its scores (the math path on a CPU) adds, per head, length x length scores at 4
+bytes, a dropout mask at 1 and the dropped probabilities at e; SDPA's flash and memory-efficient
+kernels on CUDA keep none of them. With gradient checkpointing each layer keeps only its input (4
+bytes a hidden unit) and one layer is recomputed at a time. Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models") count the same way for GPT layers.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llrd_search.exceptions import OutOfMemoryError, TrainingError
+from llrd_search.spec import TrainSection
+
+GIB = 1024**3
+RUNTIME = {"cuda": 512 * 1024**2, "cpu": GIB}  # CUDA context + cuBLAS workspace; torch + data on a CPU
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The encoder dimensions the estimate needs, read from a transformers config."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        """From a config, under the names the families use (BERT's, DistilBERT's ``dim``/``n_layers``...)."""
+        hidden = _first(config, "hidden_size", "dim", "d_model")
+        return cls(
+            hidden=hidden,
+            layers=_first(config, "num_hidden_layers", "n_layers", "num_layers"),
+            heads=_first(config, "num_attention_heads", "n_heads"),
+            intermediate=_first(config, "intermediate_size", "hidden_dim", "ffn_dim", default=4 * hidden),
+        )
+
+
+def _first(config: Any, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    if default is None:
+        raise ValueError(f"the model config has none of {', '.join(names)}")
+    return default
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one trial holds at its peak, by what holds them (see the module docstring)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    other: int
+    micro_batch: int  # rows of one forward pass
+    length: int  # tokens per row assumed (the longest example)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.other
+
+    def describe(self) -> str:
+        states = self.weights + self.gradients + self.optimizer
+        return (
+            f"~{self.total / GIB:.1f} GiB (weights, gradients and AdamW {states / GIB:.1f} GiB; activations "
+            f"{self.activations / GIB:.1f} GiB at {self.micro_batch} x {self.length} tokens a forward pass)"
+        )
+
+
+def layer_activation_bytes(shape: Shape, tokens: int, rows: int, length: int, *, elem: int, materialised_scores: bool) -> int:
+    """What one encoder layer's forward keeps for the backward (module docstring)."""
+    per_token = shape.hidden * (6 * elem + 2 * 4 + 2) + shape.intermediate * 2 * elem
+    scores = rows * shape.heads * length * length * (4 + 1 + elem) if materialised_scores else 0
+    return tokens * per_token + scores
+
+
+def estimate_trial_memory(
+    model_config: Any, n_params: int, cfg: TrainSection, *, max_length: int, bf16: bool, device_type: str = "cuda"
+) -> MemoryEstimate:
+    """Bytes a trial of ``n_params`` parameters needs with ``cfg``'s batch, accumulation and
+    checkpointing, at rows ``max_length`` tokens long, on a ``device_type`` ("cuda" or "cpu")."""
+    shape = Shape.of(model_config)
+    rows = max(1, cfg.batch_size // cfg.grad_accum)
+    tokens = rows * max_length
+    elem = 2 if bf16 else 4
+    layer = layer_activation_bytes(shape, tokens, rows, max_length, elem=elem, materialised_scores=device_type != "cuda")
+    embeddings = tokens * shape.hidden * (4 + 1)  # the LayerNorm input and the dropout mask
+    # Checkpointed, each layer keeps its input and one layer at a time is recomputed in full.
+    kept = shape.layers * tokens * shape.hidden * 4 + layer if cfg.gradient_checkpointing else shape.layers * layer
+    activations = embeddings + kept + layer  # + one layer's gradient buffers during the backward
+    other = (2 * n_params if bf16 else 0) + (4 * n_params if device_type == "cpu" else 0) + RUNTIME.get(device_type, RUNTIME["cpu"])
+    return MemoryEstimate(
+        weights=4 * n_params,
+        gradients=4 * n_params,
+        optimizer=8 * n_params,
+        activations=activations,
+        other=other,
+        micro_batch=rows,
+        length=max_length,
+    )
+
+
+def free_memory(device: Any) -> int | None:
+    """Bytes free for a trial: the CUDA device's free memory, else the host's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    from llrd_search.study.local_workers import available_memory  # the one MemAvailable reader
+
+    return available_memory()
+
+
+def next_grad_accum(cfg: TrainSection) -> int | None:
+    """The smallest grad_accum above the current one that divides batch_size (None: micro-batches of one row)."""
+    return next((d for d in range(cfg.grad_accum + 1, cfg.batch_size + 1) if cfg.batch_size % d == 0), None)
+
+
+def fixes(cfg: TrainSection) -> str:
+    """The keys that make a trial smaller, as one clause: what an out-of-memory line ends with."""
+    options = []
+    if cfg.batch_size > 1:
+        options.append("lower [train] batch_size")
+    accum = next_grad_accum(cfg)
+    if accum is not None:
+        options.append(f"set [train] grad_accum = {accum} or more")
+    if not cfg.gradient_checkpointing:
+        options.append("[train] gradient_checkpointing = true")
+    if not options:
+        return "lower [model] max_length"
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + ", or " + options[-1]
+
+
+def memory_warning(estimate: MemoryEstimate, free: int | None, cfg: TrainSection, device_type: str) -> str | None:
+    """One line when ``estimate`` does not fit in ``free`` bytes (None when it fits or free is unknown)."""
+    if free is None or estimate.total <= free:
+        return None
+    where = "the GPU" if device_type == "cuda" else "this machine"
+    return (
+        f"a trial at batch_size {cfg.batch_size} (grad_accum {cfg.grad_accum}), max_length {estimate.length} needs "
+        f"{estimate.describe()} but {where} has {free / GIB:.1f} GiB free: {fixes(cfg)}"
+    )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA's), or a RuntimeError saying it (from older torch or an extension)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "CUDA out of memory" in str(err))
+
+
+def out_of_memory_error(
+    model: torch.nn.Module, cfg: TrainSection, *, longest: int, evaluating: bool, device: torch.device, dtype: torch.dtype | None
+) -> OutOfMemoryError:
+    """Free what the failed step left (gradients, the cache) and say in one line what to change:
+    the batch that did not fit, what a trial needs and has, the keys that make it smaller."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    free = free_memory(device)
+    sizes = [] if free is None else [f"{free / GIB:.1f} GiB free"]
+    where = "CUDA" if device.type == "cuda" else device.type.upper()
+    if evaluating:  # evaluation keeps no activations: only its batch can be smaller
+        return OutOfMemoryError(
+            f"{where} out of memory evaluating at eval_batch_size {cfg.eval_batch_size}, max_length {longest}"
+            + (f" ({sizes[0]})" if sizes else "") + ": lower [train] eval_batch_size"
+        )
+    try:
+        need = estimate_trial_memory(getattr(model, "config", None), sum(p.numel() for p in model.parameters()), cfg,
+                                     max_length=longest, bf16=dtype is not None, device_type=device.type)
+        sizes.insert(0, f"needs ~{need.total / GIB:.1f} GiB")
+    except ValueError:  # a model without a transformers config: no estimate
+        pass
+    micro = f" (micro-batches of {cfg.batch_size // cfg.grad_accum})" if cfg.grad_accum > 1 else ""
+    return OutOfMemoryError(
+        f"{where} out of memory at batch_size {cfg.batch_size}{micro}, max_length {longest}"
+        + (f" ({', '.join(sizes)})" if sizes else "") + f": {fixes(cfg)}"
+    )
+
+
+@contextmanager
+def checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """transformers' gradient checkpointing (non-reentrant) for the block, off again after it."""
+    if not on:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of inputs passed by keyword
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        undo = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        undo = model.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        undo()
