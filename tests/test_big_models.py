@@ -307,3 +307,49 @@ def test_24_layer_roberta_large_shape_trains_with_accumulation_and_checkpointing
                  "roberta.encoder.layer.0.attention.self.query.weight", "roberta.encoder.layer.23.output.dense.weight", "classifier.out_proj.weight"):
         assert not torch.equal(after[name], before[name]), f"{name} did not move"
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_out_of_memory_trials_fail_free_their_model_and_stop_the_worker(setup, write_study, tmp_path, monkeypatch):
+    """Through the worker: each trial ends FAIL with the one line, its model is gone from memory
+    when the error reaches the worker (not when the worker lets go of it), and the third in a row
+    stops the worker (the batch never fits)."""
+    import weakref
+
+    import optuna
+
+    from llrd_search.engine import objective as objective_module
+    from llrd_search.exceptions import RepeatedFailureError
+    from llrd_search.search import create
+    from llrd_search.spec import load_spec
+    from llrd_search.study.worker import run_worker
+
+    template, task = setup
+    path = write_study(name="oom", n_trials=6)
+    url = f"sqlite:///{tmp_path / 'oom.db'}"
+    create(path, storage=url)
+    models: list[weakref.ref] = []
+    real = objective_module.fresh_model
+
+    def fresh(template, seed):
+        model = real(template, seed)
+        model.forward = _oom
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(objective_module, "fresh_model", fresh)
+    objective = objective_module.Objective(load_spec(path), task=task, template=template)
+    freed: list[bool] = []
+
+    def watched(trial):
+        try:
+            return objective(trial)
+        except OutOfMemoryError:
+            freed.append(models[-1]() is None)  # the error and its traceback are still alive here
+            raise
+
+    with pytest.raises(RepeatedFailureError, match="3 trials in a row failed"):
+        run_worker(url, "oom", objective_factory=lambda spec: watched)
+    failed = optuna.load_study(study_name="oom", storage=url).get_trials()
+    assert [t.state.name for t in failed] == ["FAIL"] * 3
+    assert failed[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CPU out of memory at batch_size 16, max_length ")
+    assert freed == [True, True, True]

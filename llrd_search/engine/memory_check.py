@@ -173,6 +173,13 @@ def memory_warning(estimate: MemoryEstimate, free: int | None, cfg: TrainSection
     )
 
 
+def release_memory(device: torch.device) -> None:
+    """Collect what is unreachable and hand the CUDA cache back, for the next trial or another process."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's out-of-memory error (CUDA's), or a RuntimeError saying it (from older torch or an extension)."""
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -185,9 +192,7 @@ def out_of_memory_error(
     """Free what the failed step left (gradients, the cache) and say in one line what to change:
     the batch that did not fit, what a trial needs and has, the keys that make it smaller."""
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     free = free_memory(device)
     sizes = [] if free is None else [f"{free / GIB:.1f} GiB free"]
     where = "CUDA" if device.type == "cuda" else device.type.upper()

@@ -13,13 +13,14 @@ from collections.abc import Callable
 import optuna
 
 from llrd_search.engine.data import TaskData, load_task_data
+from llrd_search.engine.memory_check import release_memory
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
 from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
-from llrd_search.exceptions import DivergedError
+from llrd_search.exceptions import DivergedError, OutOfMemoryError
 from llrd_search.spec import StudySpec
 from llrd_search.vocab import SEED_ATTR
 
@@ -71,6 +72,11 @@ class Objective:
         trial.set_user_attr("precision", self.precision_name)
         trial.set_user_attr("n_train", len(self.task.train))
         trial.set_user_attr("n_validation", len(self.task.validation))
+        # Memory knobs are not part of a study's identity (a study may resume with them changed): each trial says its own.
+        if self.spec.train.grad_accum > 1:
+            trial.set_user_attr("grad_accum", self.spec.train.grad_accum)
+        if self.spec.train.gradient_checkpointing:
+            trial.set_user_attr("gradient_checkpointing", True)
         evals: list[dict] = []
 
         metric = self.spec.train.metric
@@ -85,6 +91,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at evaluation {len(evals)} ({metric} {value:.4f})")
 
         overhead = time.perf_counter() - t0
+        out_of_memory: str | None = None
         try:
             result = train_and_evaluate(
                 model,
@@ -106,6 +113,15 @@ class Objective:
             trial.set_user_attr("diverged", str(err))
             trial.set_user_attr("evals", evals)
             raise optuna.TrialPruned(f"diverged: {err}") from None
+        except OutOfMemoryError as err:
+            out_of_memory = str(err)
+        if out_of_memory is not None:
+            # Raised again from here without the trial's model: its weights leave the device now, not
+            # when the worker lets go of the error, and the worker's next trial finds the memory free.
+            del model, groups
+            release_memory(self.device)
+            trial.set_user_attr("evals", evals)
+            raise OutOfMemoryError(out_of_memory)
         trial.set_user_attr("evals", evals)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("best_step", result.best_step)
