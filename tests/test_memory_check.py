@@ -21,24 +21,25 @@ def _estimate(device_type="cuda", bf16=True, **train):
 
 
 def test_estimate_on_exact_values():
-    # Micro-batch 4 / 2 = 2 rows x 3 tokens = 6 tokens. Per token and layer in bf16: 4 x (6x2 + 2x4 + 2)
-    # + 8 x 2x2 = 120 bytes; embeddings 6 x 4 x 5 = 120; kept: 2 layers + one layer's gradient buffers.
+    # Micro-batch 4 / 2 = 2 rows x 3 tokens = 6 tokens. Per token and layer in bf16: 4 x (8x2 + 2x4)
+    # + 8 x 2x2 = 128 bytes, 768 a layer; embeddings 6 x 4 x 8 = 192; kept: 2 layers + one layer's
+    # gradient buffers.
     e = _estimate()
     assert (e.weights, e.gradients, e.optimizer) == (4000, 4000, 8000)
-    assert e.activations == 120 + 2 * 720 + 720
+    assert e.activations == 192 + 2 * 768 + 768
     assert e.other == 2000 + 512 * MIB  # autocast's bf16 copy + the CUDA runtime
     assert (e.micro_batch, e.length) == (2, 3)
-    assert e.total == 16000 + 2280 + 2000 + 512 * MIB
-    # On a CPU the attention scores are materialised: 2 rows x 2 heads x 3 x 3 x (4 + 1 + 2) = 252 a layer,
+    assert e.total == 16000 + 2496 + 2000 + 512 * MIB
+    # On a CPU the attention scores are materialised: 2 rows x 2 heads x 3 x 3 x (4 + 2x2) = 288 a layer,
     # and the pretrained template lives in the same memory.
     cpu = _estimate("cpu")
-    assert cpu.activations == 120 + 3 * (720 + 252)
+    assert cpu.activations == 192 + 3 * (768 + 288)
     assert cpu.other == 2000 + 4000 + GIB
     # Checkpointed: each layer keeps its input (6 tokens x 4 x 4 bytes), one layer is recomputed.
-    assert _estimate(gradient_checkpointing=True).activations == 120 + 2 * 96 + 720 + 720
-    # fp32: 4 x (6x4 + 8 + 2) + 8 x 2x4 = 200 bytes a token and layer, no bf16 copy.
+    assert _estimate(gradient_checkpointing=True).activations == 192 + 2 * 96 + 768 + 768
+    # fp32: 4 x (8x4 + 8) + 8 x 2x4 = 224 bytes a token and layer, no bf16 copy.
     fp32 = _estimate(bf16=False)
-    assert (fp32.activations, fp32.other) == (120 + 3 * 1200, 512 * MIB)
+    assert (fp32.activations, fp32.other) == (192 + 3 * 1344, 512 * MIB)
 
 
 def test_parameters_counted_from_the_config_alone():

@@ -5,6 +5,8 @@ applied to every group in proportion, gradient clipping, length-bucketed dynamic
 autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.engine.fastpath.fast_path`
 swaps in faster stand-ins for a few modules and builds the (fused) AdamW; ``[train] fast_path = false``
 trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.engine.model`.
+For big models a step can run as ``[train] grad_accum`` micro-batches, with ``gradient_checkpointing``;
+running out of device memory ends the trial with one line naming the fix (:mod:`llrd_search.engine.memory_guard`).
 """
 
 from __future__ import annotations
