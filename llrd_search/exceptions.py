@@ -72,6 +72,13 @@ class DivergedError(TrainingError):
     In a search the trial ends PRUNED with the reason in its ``diverged`` user attr."""
 
 
+class OutOfMemoryError(TrainingError):
+    """A trial's step did not fit in the device's memory; the message names the batch that did not
+    and the keys that make it fit (batch size, accumulation, checkpointing). Ends the trial (FAIL);
+    the same batch never fits, so a worker seeing it on several trials in a row stops
+    (``study.max_consecutive_failures``)."""
+
+
 class RepeatedFailureError(LLRDSearchError):
     """A worker saw the same error on several trials in a row and stopped instead of burning the budget."""
 

@@ -48,11 +48,32 @@ def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
         build_param_groups(fresh_model(objective.template, 0), base_lr=1e-5, decay=0.9, head_lr=1e-5)
     except ModelError as err:
         raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
+    if spec.train.gradient_checkpointing and not getattr(objective.template.model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"train.gradient_checkpointing: '{spec.model.name}' does not support gradient checkpointing; set it to false")
+    if not spec.train.objective:
+        _warn_memory(spec, objective)
     if spec.train.objective:  # a study naming a broken objective is not created
         from llrd_search.engine.user_objective import load_objective
 
         load_objective(spec.train.objective, "train.objective")
     return objective
+
+
+def _warn_memory(spec: Any, objective: Any) -> None:
+    """One warning line when a trial will not fit in the device's free memory (an estimate, see
+    engine/memory_check.py), naming the keys that make it fit; the study still starts."""
+    from llrd_search.engine.memory_check import check_trial_memory
+
+    model = objective.template.model
+    try:
+        _estimate, _free, warning = check_trial_memory(
+            getattr(model, "config", None), sum(p.numel() for p in model.parameters()), spec.train,
+            max_length=int(objective.task.train.lengths.max()), device=objective.device, bf16=objective.dtype is not None,
+        )
+    except ValueError:  # a config without the encoder's dimensions: no estimate
+        return
+    if warning:
+        log.warning("%s", warning)
 
 
 def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_file: str | Path = "") -> Created:

@@ -137,9 +137,29 @@ class TrainSection(_Section):
     # The speed stand-ins of fastpath.py (two change the dropout stream and attention rounding, not
     # accuracy: docs/performance.md); false trains the model's own modules with foreach AdamW.
     fast_path: bool = True
+    # Micro-batches per optimizer step, for a model whose batch does not fit in memory at once.
+    # batch_size stays the batch of one optimizer step (so a study trains the same steps and the
+    # same update whatever grad_accum is) and is split into grad_accum micro-batches of
+    # batch_size / grad_accum examples, run one after the other.
+    grad_accum: int = Field(default=1, ge=1)
+    # Recompute each encoder layer's activations in the backward pass instead of keeping them:
+    # the activation memory of about one layer instead of all of them, for ~30 % more compute.
+    gradient_checkpointing: bool = False
     # The default objective of this study's workers, "package.module:function" (imported from the
     # worker's current directory); unset: the built-in loop. `worker --objective` overrides it.
     objective: str | None = None
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _divides_batch(cls, value: int, info: Any) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % value:
+            fits = [d for d in range(2, batch + 1) if batch % d == 0][:4]
+            raise ValueError(
+                f"{value} does not divide train.batch_size ({batch}): each optimizer step's batch is split into "
+                f"grad_accum micro-batches of equal size; use one of {', '.join(map(str, [1, *fits]))}"
+            )
+        return value
 
     @field_validator("objective")
     @classmethod
@@ -161,6 +181,17 @@ class TrainSection(_Section):
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{value!r} must be a count >= 1 or \"auto\"")
         return value
+
+    @model_validator(mode="after")
+    def _pack_alone(self) -> TrainSection:
+        # The packed loop (engine/packed.py) has no micro-batches and no recomputation: those are
+        # for a model that barely fits once, which leaves no memory to pack a second copy anyway.
+        if isinstance(self.pack, int) and self.pack > 1 and (self.grad_accum > 1 or self.gradient_checkpointing):
+            raise ValueError(
+                "pack: packed trials do not combine with grad_accum > 1 or gradient_checkpointing "
+                "(a model that needs them leaves no memory for a second copy); set pack = 1 or \"auto\""
+            )
+        return self
 
 
 class SpaceSection(_Section):
@@ -247,11 +278,16 @@ class StudySpec(_Section):
         """The spec as stored in the study, minus what may change between runs of the same study.
 
         The budget (``n_trials``) may grow, the storage URL is where the study lives and tracking
-        where its runs are logged, not what it is.
+        where its runs are logged, not what it is; ``train.grad_accum``, ``train.gradient_checkpointing``
+        and ``train.pack`` trade memory for time, not the search.
         """
         data = self.model_dump(mode="json")
         for key in ("n_trials", "storage", "track", "track_uri"):
             data["study"].pop(key)
+        # Compute knobs, not the search: a study that ran out of memory resumes with them changed.
+        # (Left out, the identity of a study made before they existed is unchanged too.)
+        for key in ("grad_accum", "gradient_checkpointing", "pack"):
+            data["train"].pop(key)
         return data
 
     def fingerprint(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from llrd_search.engine.memory import GIB, activation_bytes, gib, param_count_estimate, trial_memory_estimate
+from llrd_search.engine.memory import GIB, gib, param_count_estimate, trial_memory_estimate
 from llrd_search.exceptions import LLRDSearchError
 from llrd_search.study import gpus as G
 
@@ -28,15 +28,19 @@ def test_param_count_estimate_is_the_models_own_count():
     assert param_count_estimate(BertConfig()) == 109_482_240  # bert-base-uncased
 
 
-def test_trial_memory_estimate_on_exact_values():
-    # 16 bytes a parameter + layers x batch x seq x (34 h + 5 heads seq) activation elements
-    state = 16 * 37856
-    elements = 2 * 8 * 16 * (34 * 32 + 5 * 2 * 16)
-    assert activation_bytes(TINY, 8, 16) == elements * 4 == 1_277_952
-    assert trial_memory_estimate(TINY, 37856, 8, 16, None) == state + elements * 4 == 1_883_648
-    assert trial_memory_estimate(TINY, 37856, 8, 16, torch.bfloat16) == state + elements * 2 == 1_244_672
-    assert trial_memory_estimate(TINY, 37856, 8, 16, "bf16") == 1_244_672
-    assert trial_memory_estimate(TINY, 37856, 8, 16, torch.float32) == 1_883_648
+def test_trial_memory_estimate_is_the_calibrated_estimate_less_the_cuda_context():
+    from llrd_search.engine.memory_check import RUNTIME, estimate_trial_memory
+    from llrd_search.spec import TrainSection
+
+    fp32 = estimate_trial_memory(TINY, 37856, TrainSection(batch_size=8), max_length=16, bf16=False, device_type="cuda")
+    bf16 = estimate_trial_memory(TINY, 37856, TrainSection(batch_size=8), max_length=16, bf16=True, device_type="cuda")
+    assert trial_memory_estimate(TINY, 37856, 8, 16, None) == fp32.total - RUNTIME["cuda"] == trial_memory_estimate(TINY, 37856, 8, 16, torch.float32)
+    assert trial_memory_estimate(TINY, 37856, 8, 16, torch.bfloat16) == bf16.total - RUNTIME["cuda"] == trial_memory_estimate(TINY, 37856, 8, 16, "bf16")
+    # weights, gradients and both AdamW moments are always there: 16 bytes a parameter
+    assert trial_memory_estimate(TINY, 37856, 8, 16, None) > 16 * 37856
+    # accumulation and checkpointing shrink the activations, never the states
+    assert trial_memory_estimate(TINY, 37856, 8, 16, None, grad_accum=2) < trial_memory_estimate(TINY, 37856, 8, 16, None)
+    assert trial_memory_estimate(TINY, 37856, 8, 16, None, gradient_checkpointing=True) < trial_memory_estimate(TINY, 37856, 8, 16, None)
 
 
 def test_gib_rounds_to_one_decimal_below_ten():

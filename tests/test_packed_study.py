@@ -60,6 +60,18 @@ def test_auto_pack_fits_the_free_memory_within_its_cap():
     assert resolve_pack(TrainSection(pack=3), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 3
 
 
+def test_packing_refuses_accumulation_and_checkpointing_and_auto_steps_aside():
+    from llrd_search.exceptions import SpecError
+    from llrd_search.spec import parse_spec
+
+    base = {"study": {"name": "s", "n_trials": 2}, "model": {"name": "m"}, "data": {"path": "d"}}
+    for knob in ({"grad_accum": 2}, {"gradient_checkpointing": True}):
+        with pytest.raises(SpecError, match=r"train.*pack: packed trials do not combine with grad_accum > 1 or gradient_checkpointing"):
+            parse_spec({**base, "train": {"pack": 2, **knob}})
+        cfg = TrainSection(**knob)  # pack = "auto": one copy, even where a GPU would pack
+        assert resolve_pack(cfg, torch.device("cuda"), torch.nn.Linear(2, 2), 32) == 1
+
+
 def test_a_study_run_packed_reaches_the_same_trials_as_one_run_unpacked(write_study, still_model, tmp_path):
     runs = {}
     for name, pack in (("one", 1), ("three", 3)):

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, metavar="NAME")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = add("validate", cmd_validate, "Check study files without touching data, model or storage.")
+    p = add("validate", cmd_validate, "Check study files without touching data, model weights or storage; estimate a trial's memory.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
 
     p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")

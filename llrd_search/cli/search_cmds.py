@@ -27,11 +27,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from llrd_search.engine.memory_check import spec_memory
     from llrd_search.spec import load_spec
 
     for path in args.study_files:
         spec = load_spec(path)
         print(f"{path}: ok (study '{spec.study.name}', {spec.study.n_trials} trials, sampler {spec.study.sampler})")
+        memory = spec_memory(spec)
+        if memory is not None:
+            line, warning = memory
+            print(f"  memory: {line}")
+            if warning:
+                log.warning("%s: %s", path, warning)
     return 0
 
 

@@ -61,6 +61,22 @@ class FastPath:
     fused_qkv: bool = True
 
     @classmethod
+    def for_device(cls, device: torch.device | str) -> FastPath:
+        """What ``[train] fast_path = true`` uses on ``device``. On a CPU every stand-in (as before).
+        On CUDA the two that exist to dodge CPU kernels are off: SDPA's flash and memory-efficient
+        kernels do attention with dropout in bf16 there (``bf16_attention`` would materialise the
+        scores SDPA never does), and torch's CUDA dropout draws its mask on the device
+        (``numpy_dropout`` would draw it on the host and copy it over at every layer). Fused AdamW
+        has a CUDA kernel, so it stays. ``vocab_rows`` stays: AdamW reads and writes every trained
+        tensor at each step, memory-bound work that the untrained rows (half of MiniLM) only add to.
+        ``fused_qkv`` stays: one [3d, d] matmul instead of three small ones is fewer kernel launches,
+        which is what a small encoder's step is made of on a GPU. Their GPU timing is pending a lent
+        GPU (docs/performance.md)."""
+        if torch.device(device).type == "cuda":
+            return cls(numpy_dropout=False, bf16_attention=False)
+        return cls()
+
+    @classmethod
     def off(cls) -> FastPath:
         """Every stand-in off: the model's own modules and foreach AdamW (``[train] fast_path = false``)."""
         return cls(**{f.name: False for f in fields(cls)})

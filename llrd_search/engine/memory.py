@@ -1,9 +1,10 @@
-"""How much accelerator memory one trial needs: a cheap estimate from the model's shape.
+"""How much accelerator memory one trial needs, for scheduling, and what trials really took.
 
-One number shared by whoever has to decide before a trial runs: how many workers fit on a GPU
-(``run --workers-per-gpu auto``), how many trials to pack into one process (``[train] pack =
-"auto"``) and whether a trial will fit at all (preflight's warning). Pure arithmetic on the
-config: no model is built and no device is touched.
+The scheduling view of :mod:`llrd_search.engine.memory_check`'s estimate (the one preflight and
+``validate`` warn with): how many workers fit on a GPU (``run --workers-per-gpu auto``) and how
+many trials to pack into one process (``[train] pack = "auto"``). Pure arithmetic on the config: no
+model is built and no device is touched. A trial's measured peak (:data:`PEAK_ATTR`) replaces the
+estimate once a study has one.
 """
 
 from __future__ import annotations
@@ -12,58 +13,36 @@ from typing import Any
 
 GIB = 1024**3
 
-# fp32 weights, gradients and AdamW's two moments: 4 copies of 4 bytes per parameter.
-TRAIN_STATE_BYTES_PER_PARAM = 16
 
-# Activations kept for the backward pass, per layer and token, in elements: 34 x hidden for the
-# linear layers, layer norms, GELU and dropout masks of a BERT block with a 4 x hidden FFN, plus
-# 5 x heads x seq for the attention scores, softmax and its dropout (Korthikanti et al. 2022,
-# "Reducing Activation Recomputation in Large Transformer Models", table 2). SDPA's fused kernels
-# keep less than the 5 x heads x seq term: the estimate errs on the large side.
-ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN = 34
-ACTIVATION_ELEMENTS_PER_TOKEN_HEAD_SEQ = 5
-
-
-def _dtype_bytes(dtype: Any) -> int:
-    """Bytes per activation element: 2 under bf16/fp16 autocast, else 4 (fp32)."""
+def _is_half(dtype: Any) -> bool:
+    """bf16/fp16 autocast (2-byte activations); None or anything else is fp32."""
     if dtype is None:
-        return 4
-    name = str(dtype).removeprefix("torch.")
-    return 2 if name in ("bfloat16", "float16", "bf16", "fp16", "half") else 4
+        return False
+    return str(dtype).removeprefix("torch.") in ("bfloat16", "float16", "bf16", "fp16", "half")
 
 
-def activation_bytes(config: Any, batch_size: int, max_length: int, dtype: Any = None) -> int:
-    """What the forward pass of one training step keeps for the backward pass (all layers)."""
-    hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
-    per_token = ACTIVATION_ELEMENTS_PER_TOKEN_HIDDEN * hidden + ACTIVATION_ELEMENTS_PER_TOKEN_HEAD_SEQ * heads * max_length
-    return layers * batch_size * max_length * per_token * _dtype_bytes(dtype)
+def trial_memory_estimate(
+    config: Any, n_params: int, batch_size: int, max_length: int, dtype: Any = None, *, grad_accum: int = 1, gradient_checkpointing: bool = False
+) -> int:
+    """Bytes one trial needs on a GPU at its peak, for scheduling: the calibrated estimate of
+    :func:`llrd_search.engine.memory_check.estimate_trial_memory` (weights, gradients, AdamW moments,
+    the activations of one micro-batch of ``batch_size / grad_accum`` rows of ``max_length`` tokens,
+    autocast's bf16 weight copy when ``dtype`` is bf16/fp16), less the process's CUDA context, which
+    ``workers_per_gpu`` counts once per worker and packing shares between a pack's trials."""
+    from llrd_search.engine.memory_check import RUNTIME, estimate_trial_memory
+    from llrd_search.spec import TrainSection
 
-
-def trial_memory_estimate(config: Any, n_params: int, batch_size: int, max_length: int, dtype: Any = None) -> int:
-    """Bytes one trial needs on its device at its peak: fp32 weights, gradients and AdamW moments
-    (16 bytes a parameter) plus the activations of one step of ``batch_size`` x ``max_length``
-    tokens (:func:`activation_bytes`; ``dtype`` the autocast dtype, None for fp32). Not included:
-    the CUDA context of the process (~0.5 GiB, counted once per worker by ``workers_per_gpu``).
-
-    ``config``: anything with ``hidden_size``, ``num_hidden_layers`` and ``num_attention_heads``
-    (a transformers config). Padded batches are shorter than ``max_length`` with length bucketing,
-    so this is an upper bound for a plain fine-tuning step.
-    """
-    return TRAIN_STATE_BYTES_PER_PARAM * n_params + activation_bytes(config, batch_size, max_length, dtype)
+    cfg = TrainSection(batch_size=batch_size, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
+    estimate = estimate_trial_memory(config, n_params, cfg, max_length=max_length, bf16=_is_half(dtype), device_type="cuda")
+    return estimate.total - RUNTIME["cuda"]
 
 
 def param_count_estimate(config: Any) -> int:
-    """Parameters of a BERT-like encoder from its config alone (embeddings, layers, pooler; the
-    classification head is left out: a few thousand), for when the model is not loaded."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * h)
-    positions = getattr(config, "max_position_embeddings", 512)
-    types = getattr(config, "type_vocab_size", 0) or 0
-    embeddings = (config.vocab_size + positions + types) * h + 2 * h  # + LayerNorm
-    attention = 4 * (h * h + h) + 2 * h  # q, k, v, output + LayerNorm
-    ffn = (h * inter + inter) + (inter * h + h) + 2 * h  # up, down + LayerNorm
-    pooler = h * h + h
-    return embeddings + layers * (attention + ffn) + pooler
+    """Parameters of a BERT-like encoder from its config alone, for when the model is not loaded
+    (:func:`llrd_search.engine.memory_check.count_params`)."""
+    from llrd_search.engine.memory_check import count_params
+
+    return count_params(config)
 
 
 PEAK_ATTR = "cuda_peak_bytes"  # the trial user attribute: what a trial really took on its GPU

@@ -15,13 +15,14 @@ import torch
 
 from llrd_search.engine.data import TaskData, load_task_data
 from llrd_search.engine.memory import PEAK_ATTR, peak_bytes, reset_peak
+from llrd_search.engine.memory_guard import release_memory
 from llrd_search.engine.metrics import check_metric
 from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, load_tokenizer
 from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
 from llrd_search.engine.train import TrainResult, pick_device, pick_precision, train_and_evaluate
-from llrd_search.exceptions import DivergedError
+from llrd_search.exceptions import DivergedError, OutOfMemoryError
 from llrd_search.spec import StudySpec
 from llrd_search.vocab import SEED_ATTR
 
@@ -66,6 +67,7 @@ class Objective:
         on_eval = self.pruning_callback(trial, evals)
         overhead = time.perf_counter() - t0
         reset_peak(self.device)  # what this trial takes on a GPU sizes `run --workers-per-gpu auto` on resume
+        out_of_memory: str | None = None
         try:
             result = train_and_evaluate(
                 model,
@@ -81,6 +83,15 @@ class Objective:
             )
         except DivergedError as err:
             raise self.diverged(trial, err, evals) from None
+        except OutOfMemoryError as err:
+            out_of_memory = str(err)
+        if out_of_memory is not None:
+            # Raised again from here without the trial's model: its weights leave the device now, not
+            # when the worker lets go of the error, and the worker's next trial finds the memory free.
+            del model, groups
+            release_memory(self.device)
+            trial.set_user_attr("evals", evals)
+            raise OutOfMemoryError(out_of_memory)
         return self.record(trial, result, evals, overhead)
 
     # The steps of a trial, shared with packed trials (engine/packed_trials.py), which run the
@@ -103,6 +114,11 @@ class Objective:
         trial.set_user_attr("precision", self.precision_name)
         trial.set_user_attr("n_train", len(self.task.train))
         trial.set_user_attr("n_validation", len(self.task.validation))
+        # Memory knobs are not part of a study's identity (a study may resume with them changed): each trial says its own.
+        if self.spec.train.grad_accum > 1:
+            trial.set_user_attr("grad_accum", self.spec.train.grad_accum)
+        if self.spec.train.gradient_checkpointing:
+            trial.set_user_attr("gradient_checkpointing", True)
         return model, groups, seed
 
     def pruning_callback(self, trial: optuna.Trial, evals: list[dict]) -> Callable[[int, float], None]:

@@ -43,15 +43,16 @@ def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtyp
     """One trial's device memory: :func:`llrd_search.engine.memory.trial_memory_estimate`, the same
     number ``--workers-per-gpu auto`` and preflight's warning use."""
     n_params = sum(p.numel() for p in model.parameters())
-    return trial_memory_estimate(model.config, n_params, cfg.batch_size, max_length, dtype)
+    return trial_memory_estimate(model.config, n_params, cfg.batch_size, max_length, dtype)  # packs never accumulate (spec)
 
 
 def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int, dtype: torch.dtype | None = None) -> int:
     """``[train] pack`` as a count: ``"auto"`` is 1 on CPU (one copy already uses every core a
-    worker has) and on CUDA :func:`auto_pack` of the free memory."""
+    worker has) and with accumulation or checkpointing (the packed loop has neither), and on CUDA
+    :func:`auto_pack` of the free memory."""
     if cfg.pack != "auto":
         return int(cfg.pack)
-    if device.type != "cuda":
+    if device.type != "cuda" or cfg.grad_accum > 1 or cfg.gradient_checkpointing:
         return 1
     free, _total = torch.cuda.mem_get_info(device)
     return auto_pack(trial_bytes(model, cfg, max_length, dtype), free)

@@ -5,6 +5,8 @@ applied to every group in proportion, gradient clipping, length-bucketed dynamic
 autocast where the hardware runs it fast. For the length of a trial, :func:`llrd_search.engine.fastpath.fast_path`
 swaps in faster stand-ins for a few modules and builds the (fused) AdamW; ``[train] fast_path = false``
 trains without them (see docs/performance.md). The model itself comes from :mod:`llrd_search.engine.model`.
+For big models a step can run as ``[train] grad_accum`` micro-batches, with ``gradient_checkpointing``;
+running out of device memory ends the trial with one line naming the fix (:mod:`llrd_search.engine.memory_guard`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from llrd_search.engine.data import Encoded, TaskData
 from llrd_search.engine.divergence import DivergenceGuard
 from llrd_search.engine.fastpath import FastPath, fast_path
+from llrd_search.engine.memory_guard import checkpointing, is_out_of_memory, out_of_memory_error
 from llrd_search.engine.metrics import score
 
 # Model loading moved to model.py; its names stay importable from here (tests and bench/ use them).
@@ -110,7 +113,21 @@ def linear_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], fl
     return factor
 
 
+def micro_batches(idx: np.ndarray, grad_accum: int) -> list[np.ndarray]:
+    """One optimizer step's examples in ``grad_accum`` consecutive pieces (fewer for a short last
+    batch). Consecutive: with length bucketing a batch is sorted by length, so each piece is too."""
+    if grad_accum == 1:
+        return [idx]
+    return [piece for piece in np.array_split(idx, grad_accum) if len(piece)]
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        # From pageable memory a "non-blocking" copy waits for the GPU to drain its queue: one sync a
+        # step, and a small model's step is all launch overhead the host can no longer run ahead of.
+        # From pinned memory (torch caches the pinned blocks) it is queued and the host moves on, as
+        # the Trainer's DataLoader does with pin_memory=True.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -164,6 +181,18 @@ def _check_losses(losses: list[torch.Tensor], first_step: int, guard: Divergence
     losses.clear()
 
 
+@dataclass
+class _Progress:
+    """Where a run is: what :class:`TrainResult` is built from, and what an out-of-memory names."""
+
+    step: int = 0
+    examples: int = 0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    evaluating: bool = False
+
+
 def train_and_evaluate(
     model: torch.nn.Module,
     task: TaskData,
@@ -182,62 +211,110 @@ def train_and_evaluate(
 
     ``on_eval(step, score)`` (score: ``cfg.metric``) may raise (e.g. ``optuna.TrialPruned``) to stop early. A loss that
     is not finite or climbs far above its start raises :class:`DivergedError` naming the step. The training-time stand-ins of
-    :mod:`llrd_search.engine.fastpath` are on when ``cfg.fast_path`` is; ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``.
+    :mod:`llrd_search.engine.fastpath` are on when ``cfg.fast_path`` is (those for ``device``: :meth:`FastPath.for_device`);
+    ``fast`` overrides that, e.g. ``FastPath(vocab_rows=False)``. Each optimizer step runs ``cfg.grad_accum`` micro-batches;
+    ``cfg.gradient_checkpointing`` recomputes the layers in the backward. Out of device memory, it frees what the trial
+    held and raises :class:`~llrd_search.exceptions.OutOfMemoryError` naming the keys that make the trial fit.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model.to(device).train()
+    if fast is None:
+        fast = FastPath.for_device(device) if cfg.fast_path else FastPath.off()
+    if cfg.gradient_checkpointing:
+        # Checkpointing runs each layer's forward again in the backward: torch's dropout draws the
+        # same masks again (the checkpoint saves its RNG state), numpy's stream would not, and the
+        # gradient would be that of other masks than the loss's.
+        fast = replace(fast, numpy_dropout=False, bf16_attention=False)
+    progress = _Progress()
+    try:
+        _train(model, task, groups, cfg, progress, rng=rng, seed=seed, pad_id=pad_id, device=device, dtype=dtype, on_eval=on_eval, on_step=on_step, fast=fast)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+    else:
+        best_step, best = max(progress.evals, key=lambda e: (e[1], -e[0]))
+        return TrainResult(
+            best_score=best,
+            best_step=best_step,
+            steps=progress.step,
+            train_seconds=progress.train_s,
+            eval_seconds=progress.eval_s,
+            examples_per_second=progress.examples / progress.train_s if progress.train_s > 0 else 0.0,
+            evals=progress.evals,
+        )
+    # Out of the except block: the error's traceback, and with it every activation and the optimizer
+    # its frames held, is gone; free the cache so the worker's next trial (or another process) gets it.
+    raise out_of_memory_error(model, cfg, longest=int(task.train.lengths.max()), evaluating=progress.evaluating, device=device, dtype=dtype)
+
+
+def _train(
+    model: torch.nn.Module,
+    task: TaskData,
+    groups: list[dict],
+    cfg: TrainSection,
+    progress: _Progress,
+    *,
+    rng: np.random.Generator,
+    seed: int,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    on_eval: Callable[[int, float], None] | None,
+    on_step: Callable[[int, int], None] | None,
+    fast: FastPath,
+) -> None:
+    """The loop of :func:`train_and_evaluate`, in a frame of its own: an error's traceback holds
+    its tensors (the optimizer, the last batch and loss) and nothing of the caller's."""
+    model.to(device).train()  # in here: a model too big for the device is an out-of-memory too
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     eval_every = {min(steps_per_epoch, round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
     # On CPU a finiteness check is free; on a GPU it is a sync, so check in chunks of steps.
     check_every = 1 if device.type == "cpu" else 32
     guard = DivergenceGuard(getattr(getattr(model, "config", None), "num_labels", 2))
-    if fast is None:
-        fast = FastPath() if cfg.fast_path else FastPath.off()
 
-    evals: list[tuple[int, float]] = []
     losses: list[torch.Tensor] = []
-    step, examples, train_s, eval_s = 0, 0, 0.0, 0.0
-    with fast_path(model, groups, fast, token_ids=np.append(task.train.ids, pad_id), seed=seed, device=device) as run:
+    with checkpointing(model, cfg.gradient_checkpointing), \
+            fast_path(model, groups, fast, token_ids=np.append(task.train.ids, pad_id), seed=seed, device=device) as run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, linear_schedule(total, cfg.warmup_ratio))
         for _epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             for i, idx in enumerate(batch_order(task.train.lengths, cfg.batch_size, rng, cfg.length_bucketing), 1):
-                batch = _to(task.train.batch(idx, pad_id), device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = model(**batch).loss
-                losses.append(loss.detach())
-                if len(losses) >= check_every or i in eval_every:
-                    _check_losses(losses, step + 1 - len(losses), guard)
-                loss.backward()
+                pieces = micro_batches(idx, cfg.grad_accum)
+                step_loss = None
+                for k, piece in enumerate(pieces, 1):
+                    batch = _to(task.train.batch(piece, pad_id), device)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        loss = model(**batch).loss
+                    if len(pieces) > 1:
+                        # Each micro-batch's mean loss weighted by its share of the batch's examples: the
+                        # accumulated gradient is the full batch's mean gradient.
+                        loss = loss * (len(piece) / len(idx))
+                    step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                    if k == len(pieces):  # the guard sees one loss per optimizer step
+                        losses.append(step_loss)
+                        if len(losses) >= check_every or i in eval_every:
+                            _check_losses(losses, progress.step + 1 - len(losses), guard)
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
                 run.step()
                 scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                examples += len(idx)
+                progress.step += 1
+                progress.examples += len(idx)
                 if on_step:
-                    on_step(step, total)
+                    on_step(progress.step, total)
                 if i in eval_every:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    train_s += time.perf_counter() - t0
+                    progress.train_s += time.perf_counter() - t0
                     t1 = time.perf_counter()
+                    progress.evaluating = True
                     acc = evaluate(model, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
-                    eval_s += time.perf_counter() - t1
-                    evals.append((step, acc))
+                    progress.evaluating = False
+                    progress.eval_s += time.perf_counter() - t1
+                    progress.evals.append((progress.step, acc))
                     if on_eval:
-                        on_eval(step, acc)
+                        on_eval(progress.step, acc)
                     t0 = time.perf_counter()
-            train_s += time.perf_counter() - t0
-    best_step, best = max(evals, key=lambda e: (e[1], -e[0]))
-    return TrainResult(
-        best_score=best,
-        best_step=best_step,
-        steps=step,
-        train_seconds=train_s,
-        eval_seconds=eval_s,
-        examples_per_second=examples / train_s if train_s > 0 else 0.0,
-        evals=evals,
-    )
+            progress.train_s += time.perf_counter() - t0

@@ -202,7 +202,8 @@ def objective_trial_bytes(objective: Any) -> int | None:
         return None
     model, spec = template.model, objective.spec
     n_params = sum(p.numel() for p in model.parameters())
-    return trial_memory_estimate(model.config, n_params, spec.train.batch_size, spec.model.max_length, objective.dtype)
+    return trial_memory_estimate(model.config, n_params, spec.train.batch_size, spec.model.max_length, objective.dtype,
+                                 grad_accum=spec.train.grad_accum, gradient_checkpointing=spec.train.gradient_checkpointing)
 
 
 def spec_trial_bytes(spec: Any) -> int | None:
@@ -226,7 +227,8 @@ def spec_trial_bytes(spec: Any) -> int | None:
     from llrd_search.engine.train import pick_precision
 
     dtype = pick_precision(spec.train.precision, torch.device("cuda"))
-    return trial_memory_estimate(config, n_params, spec.train.batch_size, spec.model.max_length, dtype)
+    return trial_memory_estimate(config, n_params, spec.train.batch_size, spec.model.max_length, dtype,
+                                 grad_accum=spec.train.grad_accum, gradient_checkpointing=spec.train.gradient_checkpointing)
 
 
 def plan_run(objective: Any, *, user_objective: bool, workers: int | None, per_gpu: int | str | None, threads: int | None, remaining: int,
