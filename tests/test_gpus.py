@@ -22,10 +22,11 @@ TINY = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, in
 
 
 def test_param_count_estimate_is_the_models_own_count():
-    from transformers import BertModel
+    from transformers import BertForSequenceClassification
 
-    assert param_count_estimate(TINY) == sum(p.numel() for p in BertModel(TINY).parameters()) == 37856
-    assert param_count_estimate(BertConfig()) == 109_482_240  # bert-base-uncased
+    # encoder, pooler and a 2-label classifier
+    assert param_count_estimate(TINY) == sum(p.numel() for p in BertForSequenceClassification(TINY).parameters()) == 37922
+    assert param_count_estimate(BertConfig()) == 109_482_240 + 2 * 768 + 2  # bert-base-uncased + its classifier
 
 
 def test_trial_memory_estimate_is_the_calibrated_estimate_less_the_cuda_context():
@@ -159,7 +160,7 @@ def _objective(device: str):
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification(TINY)
-    spec = SimpleNamespace(train=SimpleNamespace(batch_size=8), model=SimpleNamespace(max_length=16))
+    spec = SimpleNamespace(train=SimpleNamespace(batch_size=8, grad_accum=1, gradient_checkpointing=False), model=SimpleNamespace(max_length=16))
     return SimpleNamespace(device=torch.device(device), template=SimpleNamespace(model=model), spec=spec, dtype=None)
 
 
