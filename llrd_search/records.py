@@ -160,6 +160,7 @@ class Launch:
     finished: int
     best: float | None
     metric: str
+    best_arm: str | None = None  # the arm that holds ``best`` ("llrd" or "control")
 
     @property
     def remaining(self) -> int:

@@ -120,15 +120,16 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
     watcher = watch or Quiet()
 
     def run(name: str) -> None:
+        from llrd_search.console import best_value
         from llrd_search.engine.metrics import study_metric_name
         from llrd_search.study.storage import opened_study
-        from llrd_search.vocab import BUDGET_ATTR, best_trial, finished_count
+        from llrd_search.vocab import BUDGET_ATTR, finished_count
 
         with opened_study(storage, name) as linked:
             trials = linked.get_trials(deepcopy=False)
-            best = best_trial(trials)
+            best, arm = best_value(linked)
             launch = Launch(workers, threads, f"confirming in '{name}'", int(linked.user_attrs[BUDGET_ATTR]), finished_count(trials),
-                            best.value if best is not None else None, study_metric_name(linked))
+                            best, study_metric_name(linked), arm)
         watcher.started(launch)
         try:
             from llrd_search.engine.user_objective import pick_objective
