@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llrd_search.records import ConfirmRow, SweepRow
+    from llrd_search.records import ConfirmRow, SweepRow, Verdict
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -27,6 +27,21 @@ def _lrs(p: dict[str, float]) -> str:
 
 def _confirmed(r: ConfirmRow | SweepRow) -> str:
     return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
+
+
+def lead_text(v: Verdict, n_configurations: int, has_control: bool) -> str:
+    """What ``confirm`` says about the winner's lead over the LLRD runner-up (``v``: :class:`Verdict`)."""
+    if v.runner_up is None:
+        # One LLRD configuration is no verdict on its own: the comparison that matters is the control.
+        which = "one LLRD configuration was confirmed" if n_configurations == 1 else f"one of {n_configurations} LLRD configurations finished"
+        after = "it is compared with the control below" if has_control else "there is no other configuration to compare it with"
+        return f"{which} (no LLRD runner-up to rank it against); {after}"
+    if v.noise is None:
+        return f"its lead over trial {v.runner_up} is {v.lead:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)"
+    if v.within_noise:
+        return (f"its lead over trial {v.runner_up} ({v.lead:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v.noise:.4f}): "
+                "noise could explain it; either is a fine choice, or add seeds/data to separate them")
+    return f"its lead over trial {v.runner_up} ({v.lead:.4f}) exceeds the 95 % Welch threshold ({v.noise:.4f}): unlikely to be noise"
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
@@ -48,18 +63,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
-    print(f"winner: trial {v.winner} ({_lrs(c.winner.params)}): {v.mean:.4f} ± {v.std:.4f} over {v.n} seed(s)")
-    if v.runner_up is None:
-        print("only one configuration finished: nothing to compare it with")
-    elif v.noise is None:
-        print(f"its lead over trial {v.runner_up} is {v.lead:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)")
-    elif v.within_noise:
-        print(
-            f"its lead over trial {v.runner_up} ({v.lead:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v.noise:.4f}): "
-            "noise could explain it; either is a fine choice, or add seeds/data to separate them"
-        )
-    else:
-        print(f"its lead over trial {v.runner_up} ({v.lead:.4f}) exceeds the 95 % Welch threshold ({v.noise:.4f}): unlikely to be noise")
+    label = "winner" if v.runner_up is not None else "the LLRD configuration"
+    print(f"{label}: trial {v.winner} ({_lrs(c.winner.params)}): {v.mean:.4f} ± {v.std:.4f} over {v.n} seed(s)")
+    print(lead_text(v, len(c.configurations), c.control is not None))
     if sweep:
         print(f"decay sweep at base_lr={sweep[0].base_lr:.3g} head_lr={sweep[0].head_lr:.3g} (confirm trial {sweep[0].winner}), same seeds at every ξ:")
         for r in sweep:
