@@ -39,6 +39,7 @@ class Runs:
     n_planned: int  # S: n falls short by the runs that diverged, failed for good, or have not run yet
     n_diverged: int  # ended PRUNED by the divergence guard; never re-run (a result about the configuration)
     n_failed: int
+    reused_from: str | None  # the source whose identical runs (same LRs, ξ, seeds) these are; None: its own
 
     HEAD: ClassVar[tuple[str, ...]] = ()  # the keys that come before the runs' in the dict form
 

@@ -45,6 +45,7 @@ class Confirmation:
     control: ConfirmRow | None  # the control arm's best, confirmed with the same seeds
     paired: PairedVerdict | None  # LLRD vs the control, seed by seed
     sweep: list[SweepRow] | None  # None without --decay-sweep
+    runs_saved: int = 0  # runs not trained: identical ones (same LRs, ξ, seeds) were already held (``reused_from``)
 
     @property
     def winner(self) -> ConfirmRow | None:
@@ -61,6 +62,7 @@ class Confirmation:
             "control": self.control.as_dict() if self.control else None,
             "llrd_vs_control": None if self.paired is None else asdict(self.paired),
             "decay_sweep": [r.as_dict() for r in self.sweep or []],
+            "runs_saved": self.runs_saved,
         }
 
 
@@ -86,6 +88,7 @@ def confirm(
     from llrd_search.engine.train import set_threads
     from llrd_search.study.confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary
     from llrd_search.study.confirm import verdict as judge
+    from llrd_search.study.confirm_rows import runs_saved
     from llrd_search.study.local_workers import threads_per_worker
 
     _at_least_one(top=top, seeds=seeds, workers=workers)
@@ -110,6 +113,7 @@ def confirm(
         control=ConfirmRow.of(control) if control else None,
         paired=PairedVerdict(**paired) if paired else None,
         sweep=[SweepRow.of(r) for r in sweep] if sweep is not None else None,
+        runs_saved=runs_saved(storage, study),
     )
 
 

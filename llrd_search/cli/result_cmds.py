@@ -29,6 +29,14 @@ def _confirmed(r: ConfirmRow | SweepRow) -> str:
     return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
 
 
+def _reused(r: ConfirmRow | SweepRow) -> str:
+    if r.reused_from is None:
+        return ""
+    src = r.reused_from
+    whose = f"the control's (trial {src.split(':')[1]})" if src.startswith("control:") else f"{src}'s" if ":" in src else f"trial {src}'s"
+    return f"  (reused: {whose} runs, same LRs, ξ and seeds)"
+
+
 def lead_text(v: Verdict, n_configurations: int, has_control: bool) -> str:
     """What ``confirm`` says about the winner's lead over the LLRD runner-up (``v``: :class:`Verdict`)."""
     if v.runner_up is None:
@@ -59,7 +67,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
     for r in [*c.configurations, *([c.control] if c.control else [])]:
         label = f"control {r.source_trial:>2}" if r.arm == "control" else f"trial {r.source_trial:>4}"
-        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}")
+        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}{_reused(r)}")
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
@@ -69,11 +77,13 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if sweep:
         print(f"decay sweep at base_lr={sweep[0].base_lr:.3g} head_lr={sweep[0].head_lr:.3g} (confirm trial {sweep[0].winner}), same seeds at every ξ:")
         for r in sweep:
-            print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}")
+            print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}{_reused(r)}")
     if paired is not None:
         print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired.control} of the control arm): {paired.text}")
     elif c.control is None:
         print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
+    if c.runs_saved:
+        print(f"reused {c.runs_saved} finished or queued run(s) instead of training them again (same LRs, ξ, seeds, data and training)")
     return 0
 
 

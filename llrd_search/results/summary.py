@@ -88,6 +88,8 @@ def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accura
         ms = f"{r['mean']:.4f} ± {r['std']:.4f}" if r["n"] else "no run finished"
         paper = PAPER_TABLE4.get(round(r["decay"], 6))
         own = " (winner's ξ)" if r["own"] else ""
+        if r.get("reused_from"):  # identical runs (same LRs, ξ, seeds) another row already holds
+            own += " (the control's runs, reused)" if str(r["reused_from"]).startswith("control:") else " (reused runs)"
         text += f"| {r['decay']:.3f}{own} | {ms} | {runs_text(r)} | {'' if paper is None else f'{paper:.2f}'} |\n"
     extra = sorted(x for x in PAPER_TABLE4 if all(abs(x - r["decay"]) > 1e-9 for r in rows))
     if extra:
@@ -116,7 +118,8 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
-        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged")} for r in sweep or []],
+        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged", "reused_from")}
+                        for r in sweep or []],
     }
     if best is not None:
         out["best"] = {"trial": best.number, "accuracy": best.value, **{p: best.params[p] for p in ("base_lr", "head_lr", "decay")}}

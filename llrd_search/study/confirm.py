@@ -50,6 +50,7 @@ from llrd_search.study.confirm_rows import (
     interrupted,
     is_sweep,
     read_meta,
+    run_owners,
 )
 from llrd_search.study.storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
 from llrd_search.study.sweep import keep_sweep, parse_decays, prepare_sweep, sweep_summary
@@ -187,7 +188,8 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
 def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
     """Queue the runs each configuration still lacks; set the budget to exactly the queued work.
 
-    Idempotent and safe beside running workers (it holds the workers' budget lock). A configuration
+    A source whose runs another source already holds (same LRs, ξ and seeds: :func:`run_owners`) queues
+    nothing: it reads those runs. Idempotent and safe beside running workers (it holds the workers' budget lock). A configuration
     stops being topped up after S failures (interruptions excluded): it is unstable, and the summary
     says so. Returns how many trials were enqueued.
     """
@@ -195,8 +197,11 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
     seeds = meta["seeds"]
     with budget_lock(storage, study_id(linked)):
         trials = linked.get_trials(deepcopy=False)
+        reused = run_owners(meta, trials)  # identical runs already held by another source: not trained twice
         added = 0
         for src in meta["sources"]:
+            if str(src) in reused:
+                continue
             mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
             active = sum(t.state in _ACTIVE for t in mine)
             failed = sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)

@@ -70,6 +70,48 @@ def run_stats(trials: list[FrozenTrial], src: Any, planned: int) -> dict[str, An
             "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)}
 
 
+def run_owners(meta: dict[str, Any], trials: list[FrozenTrial]) -> dict[str, str]:
+    """Source key → the source whose runs it reuses, for every source that trains nothing of its own.
+
+    Run i of every source in the linked study trains with the same seed (``seed_base + i``) on the
+    same data with the same training settings, so two sources with equal (base_lr, head_lr, decay)
+    are the same runs: the sweep's ξ = 1 at the winner's LRs is the control's confirmation runs when
+    the control's best sits at those LRs. The owner is the first of them (in plan order) that has a
+    run of its own, else the first; the others queue nothing and read the owner's runs. Without a
+    ``seed_base`` (a plan from before paired seeds) no two sources share a seed: nothing is reused.
+    """
+    if "seed_base" not in meta:
+        return {}
+    tagged = {str(t.user_attrs.get(SOURCE_ATTR)) for t in trials}
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for src in map(str, meta["sources"]):
+        groups.setdefault(tuple(float(meta["params"][src][p]) for p in PARAMS), []).append(src)
+    out = {}
+    for group in groups.values():
+        owner = next((s for s in group if s in tagged), group[0])
+        out.update({s: owner for s in group if s != owner and s not in tagged})
+    return out
+
+
+def source_stats(meta: dict[str, Any], trials: list[FrozenTrial], src: Any) -> dict[str, Any]:
+    """:func:`run_stats` of ``src``, read from the source it reuses (:func:`run_owners`) when it has one;
+    ``reused_from`` names that source (None: its own runs)."""
+    owner = run_owners(meta, trials).get(str(src))
+    key = src if owner is None else next(s for s in meta["sources"] if str(s) == owner)
+    return {**run_stats(trials, key, meta["seeds"]), "reused_from": owner}
+
+
+def runs_saved(storage: str | optuna.storages.BaseStorage, study_name: str) -> int:
+    """Runs the linked study did not train because another source holds identical ones (:func:`run_owners`):
+    S per reusing source; 0 before ``confirm``."""
+    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
+        linked = linked_runs(store, study_name)
+    if linked is None:
+        return 0
+    meta, trials = linked
+    return len(run_owners(meta, trials)) * int(meta["seeds"])
+
+
 def linked_runs(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
     """The plan and the trials of ``study_name``'s linked study, or None before ``confirm``."""
     meta = read_meta(store, confirm_name(study_name), strict=False)
@@ -93,7 +135,7 @@ def all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] 
             "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
             "params": {p: meta["params"][str(src)][p] for p in PARAMS},
             "search_accuracy": meta["search_accuracy"][str(src)],
-            **run_stats(trials, src, meta["seeds"]),
+            **source_stats(meta, trials, src),
         })
     return rows
 
@@ -110,7 +152,8 @@ def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name:
     Keys: ``source_trial``, ``arm``, ``params`` (base_lr, head_lr, decay), ``accuracies`` (one per
     finished run), ``by_seed`` (run index → accuracy: the pairing), ``mean``, ``std`` (sample std;
     0.0 with one run), ``n``, ``search_accuracy`` (the source trial's value), ``n_planned`` (S),
-    ``n_diverged`` and ``n_failed`` (:func:`run_stats`; :func:`records.runs_text` words them). A
+    ``n_diverged`` and ``n_failed`` (:func:`run_stats`; :func:`records.runs_text` words them),
+    ``reused_from`` (the source whose identical runs it reads, :func:`run_owners`; None: its own). A
     configuration whose runs all failed comes last with NaN mean. The control arm's row:
     :func:`control_summary`.
     """
@@ -125,3 +168,4 @@ def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str)
     """The confirmed control-arm configuration (same keys as a :func:`confirmation_summary` row;
     ``source_trial`` numbers a trial of ``NAME.control``), or None when none was confirmed."""
     return next((r for r in _rows(storage, study_name) or [] if r["arm"] == CONTROL), None)
+
