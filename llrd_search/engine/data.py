@@ -230,6 +230,13 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
         splits_rows = {"train": (train, np.arange(len(y_train))), "validation": (raw[data.validation_split], None)}
     if data.test_split in raw:
         splits_rows["test"] = (raw[data.test_split], None)
+    elif data.test_fraction > 0:
+        # Carved from what is left for training, after validation: disjoint from both, and the
+        # validation split is the one the search had without it. Another seed than validation's.
+        left = splits_rows["train"][1]
+        test_idx = left[stratified_indices(y_train[left], data.test_fraction, seed + 1)]
+        splits_rows["train"] = (train, np.setdiff1d(left, test_idx))
+        splits_rows["test"] = (train, test_idx)
 
     encoded: dict[str, Encoded] = {}
     for name, (ds, rows) in splits_rows.items():
@@ -239,7 +246,7 @@ def load_task_data(data: DataSection, tokenizer: Any, max_length: int, seed: int
         labels = y_train if rows is not None else to_ids(labels_of(ds, split_name), split_name)
         if rows is None:
             rows = np.arange(len(labels))
-        limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)
+        limit = {"train": data.train_limit, "validation": data.validation_limit, "test": data.test_limit}.get(name, 0)
         rows = rows[_limit(len(rows), limit, labels[rows], seed)]
         if len(rows) == 0:
             raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")

@@ -18,10 +18,10 @@ from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, 
 from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
-from llrd_search.engine.train import pick_device, pick_precision, train_and_evaluate
+from llrd_search.engine.train import evaluate, pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError
 from llrd_search.spec import StudySpec
-from llrd_search.vocab import SEED_ATTR
+from llrd_search.vocab import CONFIRM_OF_ATTR, SEED_ATTR, TEST_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,19 @@ class Objective:
         evals: list[dict] = []
 
         metric = self.spec.train.metric
+        # A confirmation run also scores the held-out test split, at the evaluation validation picks
+        # (the first best, as train_and_evaluate's best_score): reported beside it, never ranked by.
+        test = self.task.test if CONFIRM_OF_ATTR in trial.user_attrs else None
+        best_val = [float("-inf")]
 
         def on_eval(step: int, value: float) -> None:
             evals.append({"eval": len(evals) + 1, "step": step, metric: value})
+            if test is not None and value > best_val[0]:
+                best_val[0] = value
+                score = evaluate(model, test, pad_id=self.pad_id, batch_size=self.spec.train.eval_batch_size, device=self.device,
+                                 dtype=self.dtype, metric=metric)
+                trial.set_user_attr(TEST_ATTR, score)
+                trial.set_user_attr("n_test", len(test))
             # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
             trial.report(value, len(evals))
             if trial.should_prune():
