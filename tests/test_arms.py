@@ -196,7 +196,7 @@ def test_search_confirm_report_give_a_confirmed_paired_verdict(write_study, tmp_
     said = capsys.readouterr().out
     # --top 1: one LLRD configuration, compared with the control; never "nothing to compare it with".
     assert "one LLRD configuration was confirmed (no LLRD runner-up to rank it against); it is compared with the control below" in said
-    assert "nothing to compare" not in said and "LLRD vs the LR-matched control" in said
+    assert "nothing to compare it with" not in said and "LLRD vs the better control" in said
     out = tmp_path / "after"
     assert main(["report", "--storage", url, "--study", "done", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())

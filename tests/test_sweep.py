@@ -135,12 +135,13 @@ def test_a_sweep_point_equal_to_the_confirmed_control_is_reused_not_trained(writ
     (xi1,) = [r for r in data["decay_sweep"] if r["decay"] == 1.0]
     assert xi1["reused_from"] == f"control:{control['source_trial']}" and control["reused_from"] is None
     assert (xi1["by_seed"], xi1["mean"], xi1["n"]) == (control["by_seed"], control["mean"], 2)  # the same numbers
-    assert data["runs_saved"] == 2
+    # Saved: the sweep's ξ = 1 and the verdict's second control (ξ = 1 at the winner's LRs), 2 seeds each.
+    assert data["runs_saved"] == 4 and data["plain_at_winner_lrs"]["reused_from"] == xi1["reused_from"]
     assert main(args) == 0  # resuming trains nothing and says what it reused
     out = capsys.readouterr().out
     assert len(trials(url, "reuse.confirm")) == 4
     assert "(reused: the control's (trial 0) runs, same LRs, ξ and seeds)" in out
-    assert "reused 2 finished or queued run(s) instead of training them again" in out
+    assert "reused 4 finished or queued run(s) instead of training them again" in out
     report = tmp_path / "report"
     assert main(["report", "--storage", url, "--study", "reuse", "--out", str(report)]) == 0
     assert "| 1.000 (the control's runs, reused) |" in (report / "summary.md").read_text()

@@ -29,6 +29,10 @@ def _confirmed(r: ConfirmRow | SweepRow) -> str:
     return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
 
 
+def _test(r: ConfirmRow | SweepRow) -> str:
+    return f"  test {r.test_mean:.4f}" if r.test_mean is not None else ""
+
+
 def _reused(r: ConfirmRow | SweepRow) -> str:
     if r.reused_from is None:
         return ""
@@ -57,7 +61,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from llrd_search.search import confirm
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
-                threads=args.threads, objective=args.objective, watch=ProgressConsole())
+                threads=args.threads, objective=args.objective, watch=ProgressConsole(), max_seeds=args.max_seeds,
+                min_effect=args.min_effect / 100)
     v, paired, sweep = c.verdict, c.paired, c.sweep
     if args.format == "json":
         print(json.dumps(c.as_dict(), indent=2))
@@ -65,9 +70,10 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if c.plan.note:
         print(f"note: {c.plan.note}", file=sys.stderr)
     print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
-    for r in [*c.configurations, *([c.control] if c.control else [])]:
-        label = f"control {r.source_trial:>2}" if r.arm == "control" else f"trial {r.source_trial:>4}"
-        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}{_reused(r)}")
+    for r in [*c.configurations, *([c.control] if c.control else []), *([c.plain] if c.plain else [])]:
+        label = {"control": f"control {r.source_trial:>2}", "plain": "ξ = 1 at winner"}.get(r.arm, f"trial {r.source_trial:>4}")
+        search = f"search {r.search_accuracy:.4f}" if r.search_accuracy is not None else "search    -  "
+        print(f"  {label}  {_lrs(r.params)}  {search}  confirmed {_confirmed(r)}{_test(r)}{_reused(r)}")
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
@@ -79,7 +85,14 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         for r in sweep:
             print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}{_reused(r)}")
     if paired is not None:
-        print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired.control} of the control arm): {paired.text}")
+        which = ("plain fine-tuning at the winner's own LRs" if paired.control_source == "winner_lrs"
+                 else f"trial {paired.control} of the control arm")
+        print(f"LLRD vs the better control (ξ = 1, {which}): {paired.text}")
+        if paired.sequential:
+            print(f"sequential confirmation: {paired.sequential['stopped']} ({paired.sequential['method']})")
+        if paired.test:
+            t = paired.test
+            print(f"held-out test split (never used for a choice): LLRD {t['llrd']:.4f}, control {t['control']:.4f}: {t['text']}")
     elif c.control is None:
         print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
     if c.runs_saved:

@@ -23,10 +23,11 @@ from llrd_search.study.storage import load_study, opened_storage
 from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 from llrd_search.vocab import CONFIRM_OF_ATTR as SOURCE_ATTR
 from llrd_search.vocab import CONFIRM_REP_ATTR as REP_ATTR
-from llrd_search.vocab import PARAMS
+from llrd_search.vocab import PARAMS, TEST_ATTR
 
 SUFFIX = ".confirm"
 SWEEP = "sweep"
+PLAIN = "plain"  # ``plain:W``: plain fine-tuning (ξ = 1) at LLRD winner W's LRs, the second control candidate
 
 
 def confirm_name(study_name: str) -> str:
@@ -36,6 +37,16 @@ def confirm_name(study_name: str) -> str:
 def is_sweep(src: Any) -> bool:
     """Whether a source key names a decay-sweep point (``sweep:ξ``)."""
     return str(src).startswith(SWEEP + ":")
+
+
+def is_plain(src: Any) -> bool:
+    """Whether a source key names plain fine-tuning at the LLRD winner's LRs (``plain:W``)."""
+    return str(src).startswith(PLAIN + ":")
+
+
+def planned_seeds(meta: dict[str, Any], src: Any) -> int:
+    """S for one source: ``seeds_of`` (sequential confirmation extends the verdict's sources only) or the plan's S."""
+    return int(meta.get("seeds_of", {}).get(str(src), meta["seeds"]))
 
 
 def read_meta(storage: optuna.storages.BaseStorage, name: str, strict: bool = True) -> dict[str, Any] | None:
@@ -59,15 +70,19 @@ def interrupted(t: FrozenTrial) -> bool:
 def run_stats(trials: list[FrozenTrial], src: Any, planned: int) -> dict[str, Any]:
     """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n, and
     why n may fall short of the ``planned`` S: runs that diverged (PRUNED with a ``diverged`` attr, never
-    re-run: the configuration blew up at that seed) and runs that failed (re-queued up to S times)."""
+    re-run: the configuration blew up at that seed) and runs that failed (re-queued up to S times); and
+    ``test_by_seed`` / ``test_mean``, the runs' held-out test scores (empty / None without a test split)."""
     mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
     accs = [float(t.value) for t in done]
     mean, std = mean_std(accs)
+    test = {int(t.user_attrs.get(REP_ATTR, -1)): float(t.user_attrs[TEST_ATTR]) for t in done if TEST_ATTR in t.user_attrs}
     return {"accuracies": accs, "by_seed": {int(t.user_attrs.get(REP_ATTR, -1)): float(t.value) for t in done},
             "mean": mean, "std": std, "n": len(accs), "n_planned": planned,
             "n_diverged": sum(t.state == TrialState.PRUNED and "diverged" in t.user_attrs for t in mine),
-            "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)}
+            "n_failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine),
+            # The held-out test score of each run (run index → score): shown beside, never ranked by.
+            "test_by_seed": test, "test_mean": mean_std(list(test.values()))[0] if test else None}
 
 
 def run_owners(meta: dict[str, Any], trials: list[FrozenTrial]) -> dict[str, str]:
@@ -98,7 +113,7 @@ def source_stats(meta: dict[str, Any], trials: list[FrozenTrial], src: Any) -> d
     ``reused_from`` names that source (None: its own runs)."""
     owner = run_owners(meta, trials).get(str(src))
     key = src if owner is None else next(s for s in meta["sources"] if str(s) == owner)
-    return {**run_stats(trials, key, meta["seeds"]), "reused_from": owner}
+    return {**run_stats(trials, key, planned_seeds(meta, src)), "reused_from": owner}
 
 
 def runs_saved(storage: str | optuna.storages.BaseStorage, study_name: str) -> int:
@@ -109,7 +124,7 @@ def runs_saved(storage: str | optuna.storages.BaseStorage, study_name: str) -> i
     if linked is None:
         return 0
     meta, trials = linked
-    return len(run_owners(meta, trials)) * int(meta["seeds"])
+    return sum(planned_seeds(meta, src) for src in run_owners(meta, trials))
 
 
 def linked_runs(store: optuna.storages.BaseStorage, study_name: str) -> tuple[dict, list[FrozenTrial]] | None:
@@ -132,7 +147,7 @@ def all_rows(store: optuna.storages.BaseStorage, study_name: str) -> list[dict] 
             continue  # the decay sweep's runs: sweep.sweep_summary
         rows.append({
             "source_trial": int(str(src).rsplit(":", 1)[-1]),
-            "arm": CONTROL if str(src).startswith(CONTROL + ":") else LLRD,
+            "arm": CONTROL if str(src).startswith(CONTROL + ":") else PLAIN if is_plain(src) else LLRD,
             "params": {p: meta["params"][str(src)][p] for p in PARAMS},
             "search_accuracy": meta["search_accuracy"][str(src)],
             **source_stats(meta, trials, src),
@@ -160,8 +175,17 @@ def confirmation_summary(storage: str | optuna.storages.BaseStorage, study_name:
     rows = _rows(storage, study_name)
     if rows is None:
         return None
-    llrd = [r for r in rows if r["arm"] == LLRD]
-    return sorted(llrd, key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+    llrd = sorted((r for r in rows if r["arm"] == LLRD), key=lambda r: (r["n"] == 0, -r["mean"] if r["n"] else 0.0, r["source_trial"]))
+    # The verdict's winner, once chosen (when the ξ = 1 control at its LRs was queued), stays first:
+    # its later seeds are paired with the controls', and a runner-up with fewer seeds does not displace it.
+    chosen = _winner(storage, study_name)
+    return sorted(llrd, key=lambda r: r["source_trial"] != chosen) if chosen is not None else llrd
+
+
+def _winner(storage: str | optuna.storages.BaseStorage, study_name: str) -> int | None:
+    with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
+        meta = read_meta(store, confirm_name(study_name), strict=False)
+    return None if meta is None else meta.get("winner")
 
 
 def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
@@ -169,3 +193,8 @@ def control_summary(storage: str | optuna.storages.BaseStorage, study_name: str)
     ``source_trial`` numbers a trial of ``NAME.control``), or None when none was confirmed."""
     return next((r for r in _rows(storage, study_name) or [] if r["arm"] == CONTROL), None)
 
+
+def plain_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
+    """Plain fine-tuning (ξ = 1) at the LLRD winner's LRs, confirmed with the same seeds (``arm`` "plain",
+    ``source_trial`` the LLRD winner's trial), or None before it was queued."""
+    return next((r for r in _rows(storage, study_name) or [] if r["arm"] == PLAIN), None)

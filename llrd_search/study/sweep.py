@@ -73,7 +73,8 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
         if sweep is None:
             rows = [r for r in all_rows(storage, study_name) or [] if r["arm"] == LLRD and r["n"]]
             best = min(rows, key=lambda r: (-r["mean"], r["source_trial"]), default=None)
-            sweep = {"winner": best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int)), "decays": []}
+            first = best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int))
+            sweep = {"winner": meta.get("winner", first), "decays": []}  # the verdict's kept winner when there is one
         params = meta["params"][str(sweep["winner"])]
         sweep["decays"] = sorted(set(sweep["decays"]) | set(decays) | {float(params["decay"])}, reverse=True)
         for xi in sweep["decays"]:
@@ -83,6 +84,9 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
                 meta["params"][key] = {"base_lr": params["base_lr"], "head_lr": params["head_lr"], "decay": xi}
                 meta["search_accuracy"][key] = None
         meta["sweep"] = sweep
+        if str(sweep["winner"]) in meta.get("seeds_of", {}):  # sequential: the sweep pairs all the winner's seeds
+            for key in (k for k in meta["sources"] if is_sweep(k)):
+                meta["seeds_of"][key] = meta["seeds_of"][str(sweep["winner"])]
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         return sweep
 
