@@ -33,11 +33,18 @@ def trial_line(t: Any, metric: str = "acc") -> str:
     return f"{arm}trial {t.number} {t.state.name} {acc} {lr}{took}{extra}"
 
 
-def best_value(study: Any) -> float | None:
-    from llrd_search.vocab import best_trial
+def arm_label(arm: str | None) -> str:
+    """How the progress line and ``status`` name an arm."""
+    return {"llrd": "LLRD arm", "control": "ξ = 1 arm"}.get(arm or "", "")
 
-    best = best_trial(study.get_trials(deepcopy=False))
-    return best.value if best is not None else None
+
+def best_value(study: Any) -> tuple[float | None, str | None]:
+    """(value, arm) of the best COMPLETE trial over both arms of ``study`` (a search with its control
+    arm, or a confirmation study whose runs carry their arm), or (None, None)."""
+    from llrd_search.study.arms import arm_trials, best_of_arms
+
+    best = best_of_arms(arm_trials(study))
+    return (best[1].value, best[0]) if best is not None else (None, None)
 
 
 def say(line: str) -> None:
@@ -47,8 +54,8 @@ def say(line: str) -> None:
 class Progress:
     """Trials done/total, best metric value, ETA; a rich bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc"):
-        self.total, self.done, self.best, self.metric = total, done, best, metric
+    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc", best_arm: str | None = None):
+        self.total, self.done, self.best, self.metric, self.best_arm = total, done, best, metric, best_arm
         self.t0 = time.time()
         self.start_done = done
         self.reported: set[tuple[str, int]] = set()
@@ -71,14 +78,18 @@ class Progress:
             self.bar.start()
 
     def _best(self) -> str:
-        return f"best {self.metric} {self.best:.4f}" if self.best is not None else f"best {self.metric} -"
+        if self.best is None:
+            return f"best {self.metric} -"
+        # The best over both arms: a control trial that beats every LLRD trial shows as the best.
+        arm = f" ({arm_label(self.best_arm)})" if self.best_arm else ""
+        return f"best {self.metric} {self.best:.4f}{arm}"
 
     def step(self, step: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(self.step_task, total=total, completed=step, visible=True)
 
-    def update(self, done: int, best: float | None, line: str | None = None) -> None:
-        self.done, self.best = done, best
+    def update(self, done: int, best: float | None, line: str | None = None, best_arm: str | None = None) -> None:
+        self.done, self.best, self.best_arm = done, best, best_arm
         if self.bar is not None:
             if line:
                 self.bar.console.print(line, highlight=False)
@@ -103,7 +114,8 @@ class Progress:
         self.reported.add(key)
         if is_finished(trial.state):
             self.done += 1
-        self.update(self.done, best_value(study), trial_line(trial, self.metric))
+        best, arm = best_value(study)
+        self.update(self.done, best, trial_line(trial, self.metric), arm)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -133,7 +145,7 @@ class ProgressConsole:
     def started(self, launch: Launch) -> None:
         if launch.gpu_plan and launch.remaining > 0:
             say(launch.gpu_plan)
-        self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric)
+        self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric, launch.best_arm)
 
     def step(self, step: int, total: int) -> None:
         if self.progress is not None:
@@ -158,7 +170,7 @@ class RunConsole(ProgressConsole):
         w, t = launch.workers, launch.threads
         if launch.remaining > 0:
             say(launch.gpu_plan or f"{w} worker{'s' * (w > 1)} x {t} thread{'s' * (t > 1)} {launch.where}")
-        self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric))
+        self.progress = Progress(launch.budget, launch.finished, launch.best, short_metric(launch.metric), launch.best_arm)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,9 @@ class Runs:
     n_planned: int  # S: n falls short by the runs that diverged, failed for good, or have not run yet
     n_diverged: int  # ended PRUNED by the divergence guard; never re-run (a result about the configuration)
     n_failed: int
+    test_by_seed: dict[int, float]  # run index → held-out test score (empty without a test split): never ranked by
+    test_mean: float | None
+    reused_from: str | None  # the source whose identical runs (same LRs, ξ, seeds) these are; None: its own
 
     HEAD: ClassVar[tuple[str, ...]] = ()  # the keys that come before the runs' in the dict form
 
@@ -59,7 +62,8 @@ class Runs:
 
 @dataclass(kw_only=True)
 class ConfirmRow(Runs):
-    """One confirmed configuration (:func:`confirm.confirmation_summary` row; ``arm`` "llrd" or "control")."""
+    """One confirmed configuration (:func:`confirm.confirmation_summary` row; ``arm`` "llrd", "control", or
+    "plain": ξ = 1 at the LLRD winner's LRs, ``source_trial`` that winner's)."""
 
     source_trial: int  # a trial of the search, or of its control arm (``NAME.control``)
     arm: str
@@ -110,6 +114,9 @@ class PairedVerdict:
     p: float | None
     confirmed: bool
     text: str
+    control_source: str | None = None  # "control_arm" or "winner_lrs" (ξ = 1 at the winner's LRs): :func:`controls.pick_control`
+    sequential: dict[str, Any] | None = None  # --seeds auto: the design, the look it stopped at and why (:mod:`rounds`)
+    test: dict[str, Any] | None = None  # the held-out test split: each side's mean and the paired difference
 
 
 @dataclass
@@ -163,6 +170,7 @@ class Launch:
     # On a GPU machine, how the workers were placed and why (study/gpus.py GpuPlan.line):
     # "8 workers: 2 per GPU on 4 GPUs (auto: ~3.1 GiB per trial, ...), 2 threads each".
     gpu_plan: str | None = None
+    best_arm: str | None = None  # the arm that holds ``best`` ("llrd" or "control")
 
     @property
     def remaining(self) -> int:

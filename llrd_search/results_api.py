@@ -45,6 +45,8 @@ class Confirmation:
     control: ConfirmRow | None  # the control arm's best, confirmed with the same seeds
     paired: PairedVerdict | None  # LLRD vs the control, seed by seed
     sweep: list[SweepRow] | None  # None without --decay-sweep
+    runs_saved: int = 0  # runs not trained: identical ones (same LRs, ξ, seeds) were already held (``reused_from``)
+    plain: ConfirmRow | None = None  # ξ = 1 at the LLRD winner's LRs: the second control candidate
 
     @property
     def winner(self) -> ConfirmRow | None:
@@ -59,8 +61,10 @@ class Confirmation:
             "configurations": [r.as_dict() for r in self.configurations],
             "verdict": None if self.verdict is None else asdict(self.verdict),
             "control": self.control.as_dict() if self.control else None,
+            "plain_at_winner_lrs": self.plain.as_dict() if self.plain else None,
             "llrd_vs_control": None if self.paired is None else asdict(self.paired),
             "decay_sweep": [r.as_dict() for r in self.sweep or []],
+            "runs_saved": self.runs_saved,
         }
 
 
@@ -69,28 +73,43 @@ def confirm(
     study: str,
     *,
     top: int = 3,
-    seeds: int = 5,
+    seeds: int | str = 5,
     decay_sweep: str | Sequence[float] | None = None,
     workers: int | None = None,
     threads: int | None = None,
     objective: str | None = None,
     watch: Watcher | None = None,
     workers_per_gpu: int | str | None = None,
+    max_seeds: int = 10,
+    min_effect: float = 0.005,
 ) -> Confirmation:
     """Re-run the ``top`` best configurations of ``study`` with ``seeds`` fresh seeds each (linked
-    study ``STUDY.confirm``; resumes where it stopped) and judge the winner.
+    study ``STUDY.confirm``; resumes where it stopped) and judge the winner against the better of
+    the control arm's best and ξ = 1 at the winner's own LRs (both on the same paired seeds).
 
-    ``decay_sweep``: also re-run the winner's LRs at each ξ ("1.0,0.9" or a list), same seeds.
-    ``workers``: local worker processes (None: 1 on a CPU; on a CUDA machine ``workers_per_gpu`` on
-    every visible GPU, None/"auto" what memory holds, as ``run``); ``objective``: ``module:function`` to train with instead
-    of the study's. ``watch`` sees each round of runs: started, step and trial, then close.
+    ``seeds="auto"``: paired seeds in rounds until the verdict is decided (a group-sequential test,
+    :mod:`sequential`; at most ``max_seeds``, and a difference within ±``min_effect``, in accuracy
+    units, counts as none). ``decay_sweep``: also re-run the winner's LRs at each ξ ("1.0,0.9" or a
+    list), same seeds. ``workers``: local worker processes (None: 1 on a CPU; on a CUDA machine
+    ``workers_per_gpu`` on every visible GPU, None/"auto" what memory holds, as ``run``);
+    ``objective``: ``module:function`` to train with instead of the study's. ``watch`` sees each
+    round of runs: started, step and trial, then close.
     """
     from llrd_search.engine.train import set_threads
-    from llrd_search.study.confirm import control_summary, paired_verdict, parse_decays, run_confirmation, sweep_summary
+    from llrd_search.sequential import FIRST_LOOK
+    from llrd_search.study.confirm import control_summary, parse_decays, run_confirmation, sweep_summary
     from llrd_search.study.confirm import verdict as judge
+    from llrd_search.study.confirm_rows import plain_summary, runs_saved
     from llrd_search.study.local_workers import threads_per_worker
+    from llrd_search.study.rounds import judged
 
-    _at_least_one(top=top, seeds=seeds, workers=workers)
+    if seeds != "auto" and not isinstance(seeds, int):
+        raise LLRDSearchError(f"--seeds: a whole number or 'auto' (got {seeds!r})")
+    _at_least_one(top=top, workers=workers, **({} if seeds == "auto" else {"seeds": seeds}))
+    if seeds == "auto" and max_seeds < FIRST_LOOK:
+        raise LLRDSearchError(f"--max-seeds: must be >= {FIRST_LOOK} (got {max_seeds})")
+    if not 0 <= min_effect < 1:
+        raise LLRDSearchError(f"--min-effect: must be >= 0 points and below 100 (got {100 * min_effect:g})")
     decays = None
     if decay_sweep is not None:  # before anything is written
         decays = parse_decays(decay_sweep if isinstance(decay_sweep, str) else ",".join(repr(float(x)) for x in decay_sweep))
@@ -101,15 +120,15 @@ def confirm(
     from llrd_search.study.gpus import plan_confirm
 
     plan = plan_confirm(storage, study, workers=workers, per_gpu=workers_per_gpu, threads=threads, objective=objective,
-                        runs=seeds * (top + 1 + len(decays or ())))  # + the control arm's best
+                        runs=(FIRST_LOOK if seeds == "auto" else seeds) * (top + 2 + len(decays or ())))  # + the two controls
     workers, threads = (plan.workers, plan.threads) if plan is not None else (workers or 1, threads)
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
     run_round = _round_runner(storage, workers, threads, objective, watch, plan)
-    plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays)
+    plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays, max_seeds=max_seeds, min_effect=min_effect)
     sweep = sweep_summary(storage, study)
-    control = control_summary(storage, study)
-    v, paired = judge(rows), paired_verdict(rows, control)
+    control, plain = control_summary(storage, study), plain_summary(storage, study)
+    v, paired = judge(rows), judged(storage, study)
     result = Confirmation(
         plan=plan,
         configurations=[ConfirmRow.of(r) for r in rows],
@@ -117,6 +136,8 @@ def confirm(
         control=ConfirmRow.of(control) if control else None,
         paired=PairedVerdict(**paired) if paired else None,
         sweep=[SweepRow.of(r) for r in sweep] if sweep is not None else None,
+        runs_saved=runs_saved(storage, study),
+        plain=ConfirmRow.of(plain) if plain else None,
     )
     _track(storage, study, result)
     return result
@@ -139,15 +160,16 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
     watcher = watch or Quiet()
 
     def run(name: str) -> None:
+        from llrd_search.console import best_value
         from llrd_search.engine.metrics import study_metric_name
         from llrd_search.study.storage import opened_study
-        from llrd_search.vocab import BUDGET_ATTR, best_trial, finished_count
+        from llrd_search.vocab import BUDGET_ATTR, finished_count
 
         with opened_study(storage, name) as linked:
             trials = linked.get_trials(deepcopy=False)
-            best = best_trial(trials)
+            best, arm = best_value(linked)
             launch = Launch(workers, threads, f"confirming in '{name}'", int(linked.user_attrs[BUDGET_ATTR]), finished_count(trials),
-                            best.value if best is not None else None, study_metric_name(linked), plan.line() if plan is not None else None)
+                            best, study_metric_name(linked), plan.line() if plan is not None else None, arm)
         watcher.started(launch)
         try:
             from llrd_search.engine.user_objective import pick_objective

@@ -158,8 +158,8 @@ def run(
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
     where = f"on {objective.device.type}" if hasattr(objective, "device") else f"running {spec.train.objective}"
-    best, metric = _best_and_metric(url, name)
-    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric, plan.line() if plan else None))
+    best, metric, best_arm = _best_and_metric(url, name)
+    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric, plan.line() if plan else None, best_arm))
     try:
         from llrd_search.study.worker import run_worker
 
@@ -183,14 +183,15 @@ def _measured_peak(url: str, name: str) -> int | None:
         return measured_trial_bytes(study.get_trials(deepcopy=False))
 
 
-def _best_and_metric(url: str, name: str) -> tuple[float | None, str]:
+def _best_and_metric(url: str, name: str) -> tuple[float | None, str, str | None]:
+    """The best value over both arms, the metric, and the arm that holds the best."""
+    from llrd_search.console import best_value
     from llrd_search.engine.metrics import study_metric_name
     from llrd_search.study.storage import opened_study
-    from llrd_search.vocab import best_trial
 
     with opened_study(url, name) as study:
-        best = best_trial(study.get_trials(deepcopy=False))
-        return (best.value if best is not None else None), study_metric_name(study)
+        best, arm = best_value(study)
+        return best, study_metric_name(study), arm
 
 
 def summary(url: str, name: str) -> Summary:
@@ -233,6 +234,7 @@ class BestTrial:
     accuracy: float | None  # kept for scripts from before train.metric: the value when it is an accuracy
     params: dict[str, float]
     train_examples_per_second: float | None
+    arm: str = "llrd"  # the arm that holds it: ``trial`` numbers a trial of that arm's study
 
 
 @dataclass
@@ -245,7 +247,8 @@ class Running:
 
 @dataclass
 class Status:
-    """Counts by state (``states``: the LLRD arm; ``arms``: each arm's), budget, best, running trials."""
+    """Counts by state (``states``: the LLRD arm; ``arms``: each arm's, with its best value), budget, the best
+    over both arms (``best.arm`` holds it), running trials."""
 
     study: str
     storage: str
@@ -267,7 +270,7 @@ def status(url: str, name: str) -> Status:
     from optuna.trial import TrialState
 
     from llrd_search.engine.metrics import study_metric_name
-    from llrd_search.study.arms import CONTROL, arm_of, arm_trials
+    from llrd_search.study.arms import CONTROL, arm_of, arm_trials, best_of_arms
     from llrd_search.study.storage import mask_url, opened_study
     from llrd_search.vocab import BUDGET_ATTR, best_trial, finished_count, state_counts
 
@@ -276,9 +279,12 @@ def status(url: str, name: str) -> Status:
         trials = study.get_trials(deepcopy=False)
         by_arm = arm_trials(study)
         budget = int(study.user_attrs.get(BUDGET_ATTR, 0))
-    best = best_trial(trials)
+    # The best over both arms (a control trial that beats the LLRD arm is the best), and each arm's.
+    top = best_of_arms(by_arm)
+    best_arm, best = top if top is not None else (None, None)
     seconds = sum(t.user_attrs.get("wall_seconds", 0) for t in trials)
-    arms = {arm: {"finished": finished_count(ts), "states": state_counts(ts)} for arm, ts in by_arm.items()}
+    arms = {arm: {"finished": finished_count(ts), "states": state_counts(ts), "best": getattr(best_trial(ts), "value", None)}
+            for arm, ts in by_arm.items()}
     if CONTROL in arms:  # the budget is study-wide: the parent's counts alone are the LLRD arm's
         seconds += sum(t.user_attrs.get("wall_seconds", 0) for t in by_arm[CONTROL])
     running = [t for ts in ([trials, by_arm[CONTROL]] if CONTROL in arms else [trials]) for t in ts if t.state == TrialState.RUNNING]
@@ -292,6 +298,6 @@ def status(url: str, name: str) -> Status:
         arms=arms,
         compute_seconds=round(seconds, 1),
         best=None if best is None else BestTrial(best.number, best.value, best.value if metric == "accuracy" else None,
-                                                 best.params, best.user_attrs.get("train_examples_per_second")),
+                                                 best.params, best.user_attrs.get("train_examples_per_second"), best_arm),
         running=[Running(t.number, arm_of(t), t.user_attrs.get("worker"), t.params) for t in running],
     )

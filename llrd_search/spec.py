@@ -118,7 +118,11 @@ class DataSection(_Section):
     test_split: str = "test"
     train_limit: int = Field(default=0, ge=0)
     validation_limit: int = Field(default=0, ge=0)
+    test_limit: int = Field(default=0, ge=0)  # a stratified subsample of the test split (0: all of it)
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    # Without a test split: carve this share of train as a held-out test split (stratified, seeded,
+    # disjoint from validation), which only `confirm` scores and nothing chooses by. 0: none.
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class TrainSection(_Section):

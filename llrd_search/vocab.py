@@ -32,6 +32,7 @@ ARM_ATTR = "llrd:arm"  # "control" on the control arm's trials
 CONFIRM_OF_ATTR = "llrd:confirm_of"  # the source trial a confirmation run repeats
 CONFIRM_REP_ATTR = "llrd:confirm_rep"  # which repeat of it
 SWEEP_ATTR = "llrd:sweep"  # the ξ of a decay-sweep run (absent on other confirmation runs)
+TEST_ATTR = "llrd:test_score"  # a confirmation run's score on the held-out test split (never ranked by)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -193,7 +193,10 @@ def test_search_confirm_report_give_a_confirmed_paired_verdict(write_study, tmp_
     conf = trials(url, "done.confirm")
     seeds = {(t.user_attrs["llrd:arm"], t.user_attrs["llrd:confirm_rep"]): t.user_attrs["llrd:seed"] for t in conf}
     assert seeds[(LLRD, 0)] == seeds[(CONTROL, 0)] != seeds[(LLRD, 1)] == seeds[(CONTROL, 1)]  # paired seeds
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    # --top 1: one LLRD configuration, compared with the control; never "nothing to compare it with".
+    assert "one LLRD configuration was confirmed (no LLRD runner-up to rank it against); it is compared with the control below" in said
+    assert "nothing to compare it with" not in said and "LLRD vs the better control" in said
     out = tmp_path / "after"
     assert main(["report", "--storage", url, "--study", "done", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -42,6 +42,18 @@ def _frozen(number: int, value: float | None, params: dict[str, float], state: T
     return t
 
 
+def test_lead_text_for_one_configuration_says_what_is_true():
+    from llrd_search.cli.result_cmds import lead_text
+    from llrd_search.records import Verdict
+
+    one = Verdict(winner=3, mean=0.8, std=0.01, n=3, runner_up=None, lead=None, noise=None, within_noise=None)
+    assert lead_text(one, 1, True) == "one LLRD configuration was confirmed (no LLRD runner-up to rank it against); it is compared with the control below"
+    assert lead_text(one, 1, False).endswith("there is no other configuration to compare it with")
+    assert lead_text(one, 3, True).startswith("one of 3 LLRD configurations finished")
+    two = Verdict(winner=3, mean=0.8, std=0.01, n=3, runner_up=1, lead=0.002, noise=0.01, within_noise=True)
+    assert "WITHIN NOISE" in lead_text(two, 2, True)
+
+
 def test_top_trials_distinct_params_best_first_and_keeps_previous_choice():
     a = {"base_lr": 1e-4, "head_lr": 1e-3, "decay": 0.9}
     b = {"base_lr": 2e-4, "head_lr": 1e-3, "decay": 0.8}

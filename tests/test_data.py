@@ -137,3 +137,23 @@ def test_unreadable_cache_file_is_rebuilt_with_a_warning(toy_data_dir, tokenizer
     with caplog.at_level("WARNING", logger="llrd_search"):
         load_task_data(DataSection(path=str(toy_data_dir)), tokenizer, 32, seed=0)
     assert not caplog.records  # rebuilt in place: the next load is a clean cache hit
+
+
+def _examples(enc: Encoded) -> list[tuple[int, ...]]:
+    return [tuple(enc.ids[enc.offsets[i]:enc.offsets[i + 1]]) for i in range(len(enc))]
+
+
+def test_test_fraction_carves_a_stratified_seeded_test_split_disjoint_from_validation(tmp_path, tokenizer):
+    folder = write_toy_dataset(tmp_path / "d", n_train=200, n_val=0, labels=("neg", "pos"))
+    before = load_task_data(DataSection(path=str(folder), validation_fraction=0.25), tokenizer, 32, seed=0)
+    task = load_task_data(DataSection(path=str(folder), validation_fraction=0.25, test_fraction=0.2), tokenizer, 32, seed=0)
+    assert before.test is None and (len(task.train), len(task.validation), len(task.test)) == (120, 50, 30)
+    assert sorted(np.bincount(task.test.labels)) == [15, 15]  # stratified
+    assert _examples(task.validation) == _examples(before.validation)  # the search's validation split is untouched
+    train, val, test = (set(_examples(s)) for s in (task.train, task.validation, task.test))
+    assert not test & train and not test & val and (test | train) == set(_examples(before.train))
+    again = load_task_data(DataSection(path=str(folder), validation_fraction=0.25, test_fraction=0.2), tokenizer, 32, seed=0, use_cache=False)
+    assert _examples(again.test) == _examples(task.test)  # seeded
+    shipped = write_toy_dataset(tmp_path / "t", n_train=100, n_val=20, n_test=40)
+    limited = load_task_data(DataSection(path=str(shipped), test_fraction=0.2, test_limit=10), tokenizer, 32, seed=0)
+    assert len(limited.test) == 10 and len(limited.train) == 100  # a shipped test split wins over carving

@@ -62,3 +62,45 @@ def test_the_monitor_reports_a_trial_that_finished_before_its_thread_ran(tmp_pat
     with monitored(url, "p", lambda _s, t: seen.append(t.number), every=3600):
         pass
     assert seen == [0]
+
+
+def _two_arms(tmp_path, llrd_values, control_values):
+    """A search study and its control arm (``NAME.control``), with complete trials of these values."""
+    from llrd_search.vocab import ARM_ATTR
+
+    url = f"sqlite:///{tmp_path / 'arms.db'}"
+    storage = open_storage(url)
+    parent = optuna.create_study(study_name="arms", storage=storage, direction="maximize")
+    control = optuna.create_study(study_name="arms.control", storage=storage, direction="maximize")
+    for study, values, arm in ((parent, llrd_values, "llrd"), (control, control_values, "control")):
+        for v in values:
+            study.add_trial(create_trial(state=TrialState.COMPLETE, value=v, params={"base_lr": 1e-5, "head_lr": 1e-4, "decay": 0.9},
+                                         distributions=DIST, user_attrs={ARM_ATTR: arm}))
+    return url, parent, control
+
+
+def test_a_control_trial_that_beats_the_llrd_arm_is_the_best_on_the_progress_line(tmp_path, capsys):
+    url, parent, control = _two_arms(tmp_path, [0.8274, 0.80], [0.8557])
+    progress = Progress(3, 2, None)
+    progress.trial(parent, control.get_trials()[0])  # the monitor hands on the parent study for either arm
+    err = capsys.readouterr().err
+    assert "best acc 0.8557 (ξ = 1 arm)" in err and "0.8274" not in err
+
+
+def test_the_llrd_arm_holding_the_best_says_so(tmp_path, capsys):
+    url, parent, control = _two_arms(tmp_path, [0.87], [0.8557])
+    Progress(3, 1, None).trial(parent, parent.get_trials()[0])
+    assert "best acc 0.8700 (LLRD arm)" in capsys.readouterr().err
+
+
+def test_status_shows_the_best_over_both_arms_and_its_arm(tmp_path, capsys):
+    from llrd_search.cli import main
+    from llrd_search.search import status
+
+    url, parent, control = _two_arms(tmp_path, [0.8274, 0.80], [0.8557])
+    s = status(url, "arms")
+    assert (s.best.value, s.best.arm, s.best.trial) == (0.8557, "control", 0)
+    assert s.arms["llrd"]["best"] == 0.8274 and s.arms["control"]["best"] == 0.8557
+    assert main(["status", "--storage", url, "--study", "arms"]) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 of the control arm (ξ = 1): accuracy 0.8557" in out

@@ -168,11 +168,11 @@ def test_export_report_and_train_of_a_finished_study(finished, tmp_path):
 def test_rows_keep_the_key_order_confirm_printed_and_turn_nan_into_null():
     row = {"source_trial": 3, "arm": "llrd", "params": {"base_lr": 1e-4, "head_lr": 1e-3, "decay": 0.9}, "search_accuracy": 0.8,
            "accuracies": [], "by_seed": {}, "mean": math.nan, "std": math.nan, "n": 0, "n_planned": 2, "n_diverged": 0,
-           "n_failed": 2}  # fmt: skip
+           "n_failed": 2, "test_by_seed": {}, "test_mean": None, "reused_from": None}  # fmt: skip
     data = ConfirmRow.of(row).as_dict()
     assert list(data) == list(row) and data["mean"] is None and data["std"] is None and data["n_failed"] == 2
     sweep = {"decay": 0.9, "base_lr": 1e-4, "head_lr": 1e-3, "winner": 3, "own": True, "accuracies": [0.8], "by_seed": {0: 0.8},
-             "mean": 0.8, "std": 0.0, "n": 1, "n_planned": 2, "n_diverged": 1, "n_failed": 0}  # fmt: skip
+             "mean": 0.8, "std": 0.0, "n": 1, "n_planned": 2, "n_diverged": 1, "n_failed": 0, "test_by_seed": {0: 0.7}, "test_mean": 0.7, "reused_from": "control:0"}  # fmt: skip
     assert SweepRow.of(sweep).as_dict() == sweep and list(SweepRow.of(sweep).as_dict()) == list(sweep)
     assert SweepRow.of(sweep).n_text == "1 of 2, 1 diverged" and ConfirmRow.of(row).n_text == "0 of 2, 2 failed"
     with pytest.raises(TypeError):  # a key confirm adds must be added here too, not dropped

@@ -84,8 +84,13 @@ def test_done_means_control_confirm_sweep_report(write_study, tmp_path, capsys):
     winner = next(t for t in conf if t.user_attrs["llrd:arm"] == "llrd" and SWEEP_ATTR not in t.user_attrs)
     own = winner.params["decay"]
     want = sorted({1.0, 0.9, own}, reverse=True)
+    control_run = next(t for t in conf if t.user_attrs["llrd:arm"] == "control")
+    # Both arms' random samplers share the seed, so the control's trial sits at the winner's LRs:
+    # ξ = 1 there is the control's confirmation runs, reused (issue 19.3), not trained again.
+    shared = (control_run.params["base_lr"], control_run.params["head_lr"]) == (winner.params["base_lr"], winner.params["head_lr"])
+    assert shared
     # The winner's own ξ is its confirmation runs; every other ξ is 2 sweep runs at the winner's LRs.
-    assert sorted({t.user_attrs[SWEEP_ATTR] for t in swept}, reverse=True) == [x for x in want if x != own]
+    assert sorted({t.user_attrs[SWEEP_ATTR] for t in swept}, reverse=True) == [x for x in want if x not in (own, 1.0)]
     assert all(t.state.name == "COMPLETE" and t.params["decay"] == t.user_attrs[SWEEP_ATTR] for t in swept)
     assert {(t.params["base_lr"], t.params["head_lr"]) for t in swept} == {(winner.params["base_lr"], winner.params["head_lr"])}
     # Paired: run i of every ξ (and of the confirmation runs) used the same seed.
@@ -111,3 +116,33 @@ def test_done_means_control_confirm_sweep_report(write_study, tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert "## Decay sweep" in text and "| 0.900 " in text and "5.52" in text  # the paper's ξ = 0.9 row beside ours
     assert (out / "decay_sweep.png").stat().st_size > 0 and "decay_sweep.png" in text
+
+
+def test_a_sweep_point_equal_to_the_confirmed_control_is_reused_not_trained(write_study, tmp_path, capsys):
+    """Issue 19.3: the control's best sits at the winner's LRs, so the sweep's ξ = 1 runs are its runs."""
+    url = f"sqlite:///{tmp_path / 'reuse.db'}"
+    at = {"base_lr": 3e-4, "head_lr": 3e-3}
+    path = write_study(name="reuse", n_trials=2, study={"control_fraction": 0.5, "enqueue": [{**at, "decay": 0.9}, {**at, "decay": 1.0}]})
+    assert main(["run", str(path), "--storage", url, "--threads", "1"]) == 0
+    capsys.readouterr()
+    args = ["confirm", "--storage", url, "--study", "reuse", "--top", "1", "--seeds", "2", "--decay-sweep", "1.0,0.9", "--threads", "1"]
+    assert main(args + ["--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    conf = trials(url, "reuse.confirm")
+    # 2 seeds of the winner and 2 of the control; no sweep run: ξ = 0.9 is the winner's, ξ = 1 the control's.
+    assert len(conf) == 4 and not [t for t in conf if SWEEP_ATTR in t.user_attrs]
+    control = data["control"]
+    (xi1,) = [r for r in data["decay_sweep"] if r["decay"] == 1.0]
+    assert xi1["reused_from"] == f"control:{control['source_trial']}" and control["reused_from"] is None
+    assert (xi1["by_seed"], xi1["mean"], xi1["n"]) == (control["by_seed"], control["mean"], 2)  # the same numbers
+    # Saved: the sweep's ξ = 1 and the verdict's second control (ξ = 1 at the winner's LRs), 2 seeds each.
+    assert data["runs_saved"] == 4 and data["plain_at_winner_lrs"]["reused_from"] == xi1["reused_from"]
+    assert main(args) == 0  # resuming trains nothing and says what it reused
+    out = capsys.readouterr().out
+    assert len(trials(url, "reuse.confirm")) == 4
+    assert "(reused: the control's (trial 0) runs, same LRs, ξ and seeds)" in out
+    assert "reused 4 finished or queued run(s) instead of training them again" in out
+    report = tmp_path / "report"
+    assert main(["report", "--storage", url, "--study", "reuse", "--out", str(report)]) == 0
+    assert "| 1.000 (the control's runs, reused) |" in (report / "summary.md").read_text()
+    assert json.loads((report / "summary.json").read_text())["decay_sweep"][0]["reused_from"] == "control:0"

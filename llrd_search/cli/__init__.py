@@ -45,6 +45,7 @@ with your own training code (a function(trial) -> float in my_training.py, in th
   llrd-search validate studies/*.toml""",
     "confirm": """example:
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
+  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds auto --max-seeds 10
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --workers-per-gpu 2
   (runs go to the linked study sst2-minilm.confirm; more machines can help with:
    llrd-search worker --storage URL --study sst2-minilm.confirm)""",
@@ -99,6 +100,16 @@ def _per_gpu(value: str) -> int | str:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _seeds(text: str) -> int | str:
+    """``--seeds``: a count, or "auto" (sequential confirmation)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
     p.add_argument("--study", required=True, metavar="NAME", help="study name (the search)")
     p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default 3)")
-    p.add_argument("--seeds", type=int, default=5, metavar="S", help="fresh seeds per configuration (default 5)")
+    p.add_argument("--seeds", type=_seeds, default=5, metavar="S|auto", help="fresh seeds per configuration (default 5); auto: "
+                   "3, then more paired seeds for the winner and the controls in rounds until the verdict is decided "
+                   "(group-sequential test, see docs/results.md)")
+    p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10, at least 3)")
+    p.add_argument("--min-effect", type=float, default=0.5, metavar="POINTS", help="with --seeds auto: stop when the interval "
+                   "lies within ± this many points, a difference too small to matter (default 0.5; 0: never)")
     p.add_argument("--decay-sweep", metavar="XI,XI,...", help="also re-run the winner's base and head LR at each ξ (0 < ξ <= 1), "
                    "e.g. 1.0,0.95,0.9,0.8,0.7, with the same seeds; the winner's own ξ is added")
     p.add_argument("--workers", type=int, metavar="W", help="local worker processes in all (default: 1 on a CPU, --workers-per-gpu on every GPU)")
@@ -211,7 +227,7 @@ def _positive(args: argparse.Namespace) -> None:
     # Before any command starts (`train` draws its bar first); the search layer checks them again for scripts.
     for key in ("workers", "n_trials", "threads", "top", "seeds", "epochs", "train_limit"):
         value = getattr(args, key, None)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llrd_search.records import ConfirmRow, SweepRow
+    from llrd_search.records import ConfirmRow, SweepRow, Verdict
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -29,12 +29,40 @@ def _confirmed(r: ConfirmRow | SweepRow) -> str:
     return f"{r.mean:.4f} ± {r.std:.4f} (n = {r.n_text})" if r.n else f"no finished run (n = {r.n_text})"
 
 
+def _test(r: ConfirmRow | SweepRow) -> str:
+    return f"  test {r.test_mean:.4f}" if r.test_mean is not None else ""
+
+
+def _reused(r: ConfirmRow | SweepRow) -> str:
+    if r.reused_from is None:
+        return ""
+    src = r.reused_from
+    whose = f"the control's (trial {src.split(':')[1]})" if src.startswith("control:") else f"{src}'s" if ":" in src else f"trial {src}'s"
+    return f"  (reused: {whose} runs, same LRs, ξ and seeds)"
+
+
+def lead_text(v: Verdict, n_configurations: int, has_control: bool) -> str:
+    """What ``confirm`` says about the winner's lead over the LLRD runner-up (``v``: :class:`Verdict`)."""
+    if v.runner_up is None:
+        # One LLRD configuration is no verdict on its own: the comparison that matters is the control.
+        which = "one LLRD configuration was confirmed" if n_configurations == 1 else f"one of {n_configurations} LLRD configurations finished"
+        after = "it is compared with the control below" if has_control else "there is no other configuration to compare it with"
+        return f"{which} (no LLRD runner-up to rank it against); {after}"
+    if v.noise is None:
+        return f"its lead over trial {v.runner_up} is {v.lead:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)"
+    if v.within_noise:
+        return (f"its lead over trial {v.runner_up} ({v.lead:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v.noise:.4f}): "
+                "noise could explain it; either is a fine choice, or add seeds/data to separate them")
+    return f"its lead over trial {v.runner_up} ({v.lead:.4f}) exceeds the 95 % Welch threshold ({v.noise:.4f}): unlikely to be noise"
+
+
 def cmd_confirm(args: argparse.Namespace) -> int:
     from llrd_search.console import ProgressConsole
     from llrd_search.search import confirm
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
-                threads=args.threads, objective=args.objective, watch=ProgressConsole(), workers_per_gpu=args.workers_per_gpu)
+                threads=args.threads, objective=args.objective, watch=ProgressConsole(), workers_per_gpu=args.workers_per_gpu,
+                max_seeds=args.max_seeds, min_effect=args.min_effect / 100)
     v, paired, sweep = c.verdict, c.paired, c.sweep
     if args.format == "json":
         print(json.dumps(c.as_dict(), indent=2))
@@ -42,32 +70,33 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if c.plan.note:
         print(f"note: {c.plan.note}", file=sys.stderr)
     print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
-    for r in [*c.configurations, *([c.control] if c.control else [])]:
-        label = f"control {r.source_trial:>2}" if r.arm == "control" else f"trial {r.source_trial:>4}"
-        print(f"  {label}  {_lrs(r.params)}  search {r.search_accuracy:.4f}  confirmed {_confirmed(r)}")
+    for r in [*c.configurations, *([c.control] if c.control else []), *([c.plain] if c.plain else [])]:
+        label = {"control": f"control {r.source_trial:>2}", "plain": "ξ = 1 at winner"}.get(r.arm, f"trial {r.source_trial:>4}")
+        search = f"search {r.search_accuracy:.4f}" if r.search_accuracy is not None else "search    -  "
+        print(f"  {label}  {_lrs(r.params)}  {search}  confirmed {_confirmed(r)}{_test(r)}{_reused(r)}")
     if v is None or c.winner is None:
         print("no confirmation run finished; run the same command again to resume", file=sys.stderr)
         return 1
-    print(f"winner: trial {v.winner} ({_lrs(c.winner.params)}): {v.mean:.4f} ± {v.std:.4f} over {v.n} seed(s)")
-    if v.runner_up is None:
-        print("only one configuration finished: nothing to compare it with")
-    elif v.noise is None:
-        print(f"its lead over trial {v.runner_up} is {v.lead:.4f}; with one run each noise cannot be judged (use --seeds 3 or more)")
-    elif v.within_noise:
-        print(
-            f"its lead over trial {v.runner_up} ({v.lead:.4f}) is WITHIN NOISE (below the 95 % Welch threshold {v.noise:.4f}): "
-            "noise could explain it; either is a fine choice, or add seeds/data to separate them"
-        )
-    else:
-        print(f"its lead over trial {v.runner_up} ({v.lead:.4f}) exceeds the 95 % Welch threshold ({v.noise:.4f}): unlikely to be noise")
+    label = "winner" if v.runner_up is not None else "the LLRD configuration"
+    print(f"{label}: trial {v.winner} ({_lrs(c.winner.params)}): {v.mean:.4f} ± {v.std:.4f} over {v.n} seed(s)")
+    print(lead_text(v, len(c.configurations), c.control is not None))
     if sweep:
         print(f"decay sweep at base_lr={sweep[0].base_lr:.3g} head_lr={sweep[0].head_lr:.3g} (confirm trial {sweep[0].winner}), same seeds at every ξ:")
         for r in sweep:
-            print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}")
+            print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}{_reused(r)}")
     if paired is not None:
-        print(f"LLRD vs the LR-matched control (ξ = 1, trial {paired.control} of the control arm): {paired.text}")
+        which = ("plain fine-tuning at the winner's own LRs" if paired.control_source == "winner_lrs"
+                 else f"trial {paired.control} of the control arm")
+        print(f"LLRD vs the better control (ξ = 1, {which}): {paired.text}")
+        if paired.sequential:
+            print(f"sequential confirmation: {paired.sequential['stopped']} ({paired.sequential['method']})")
+        if paired.test:
+            t = paired.test
+            print(f"held-out test split (never used for a choice): LLRD {t['llrd']:.4f}, control {t['control']:.4f}: {t['text']}")
     elif c.control is None:
         print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
+    if c.runs_saved:
+        print(f"reused {c.runs_saved} finished or queued run(s) instead of training them again (same LRs, ξ, seeds, data and training)")
     return 0
 
 

@@ -126,7 +126,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data["best"]:
         b = data["best"]
         p = b["params"]
-        table.add_row("best", f"trial {b['trial']}: {data['metric']} {b['value']:.4f}")
+        arm = " of the control arm (ξ = 1)" if b["arm"] == "control" else (" of the LLRD arm" if len(data["arms"]) > 1 else "")
+        table.add_row("best", f"trial {b['trial']}{arm}: {data['metric']} {b['value']:.4f}")
+        for name, a in data["arms"].items() if len(data["arms"]) > 1 else ():
+            if a["best"] is not None:
+                table.add_row(f"{name} arm: best", f"{data['metric']} {a['best']:.4f}")
         table.add_row("best params", f"base_lr {p['base_lr']:.3g}, head_lr {p['head_lr']:.3g}, decay {p['decay']:.3f}")
     for r in data["running"]:
         table.add_row(f"running #{r['trial']} ({r['arm']})", str(r["worker"]))

@@ -281,6 +281,13 @@ def _split_rows(raw: dict[str, Any], data: DataSection, y_train: np.ndarray, see
         plan = {"train": (train, np.arange(len(y_train))), "validation": (raw[data.validation_split], None)}
     if data.test_split in raw:
         plan["test"] = (raw[data.test_split], None)
+    elif data.test_fraction > 0:
+        # Carved from what is left for training, after validation: disjoint from both, and the
+        # validation split is the one the search had without it. Another seed than validation's.
+        left = plan["train"][1]
+        test_idx = left[stratified_indices(y_train[left], data.test_fraction, seed + 1)]
+        plan["train"] = (train, np.setdiff1d(left, test_idx))
+        plan["test"] = (train, test_idx)
     return plan
 
 
@@ -294,7 +301,7 @@ def _encode_split(
     y = labels.y_train if rows is not None else labels.ids(labels.read(ds, split_name), split_name)
     if rows is None:
         rows = np.arange(len(y))
-    limit = {"train": data.train_limit, "validation": data.validation_limit}.get(name, 0)
+    limit = {"train": data.train_limit, "validation": data.validation_limit, "test": data.test_limit}.get(name, 0)
     rows = rows[_limit(len(rows), limit, y[rows], seed)]
     if len(rows) == 0:
         raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")

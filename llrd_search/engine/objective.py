@@ -13,7 +13,7 @@ from collections.abc import Callable
 import optuna
 import torch
 
-from llrd_search.engine.data import TaskData, load_task_data
+from llrd_search.engine.data import Encoded, TaskData, load_task_data
 from llrd_search.engine.memory import PEAK_ATTR, peak_bytes, reset_peak
 from llrd_search.engine.memory_guard import release_memory
 from llrd_search.engine.metrics import check_metric
@@ -21,10 +21,10 @@ from llrd_search.engine.model import ModelTemplate, fresh_model, load_template, 
 from llrd_search.engine.param_groups import build_param_groups, group_table
 from llrd_search.engine.space import suggest
 from llrd_search.engine.steps import step_callback
-from llrd_search.engine.train import TrainResult, pick_device, pick_precision, train_and_evaluate
+from llrd_search.engine.train import TrainResult, evaluate, pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError, OutOfMemoryError
 from llrd_search.spec import StudySpec
-from llrd_search.vocab import SEED_ATTR
+from llrd_search.vocab import CONFIRM_OF_ATTR, SEED_ATTR, TEST_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,11 @@ class Objective:
         t0 = time.perf_counter()
         model, groups, seed = self.prepare(trial)
         evals: list[dict] = []
-        on_eval = self.pruning_callback(trial, evals)
+        test = self.test_split_for(trial)
+        test_score = None if test is None else lambda: evaluate(
+            model, test, pad_id=self.pad_id, batch_size=self.spec.train.eval_batch_size, device=self.device, dtype=self.dtype, metric=self.spec.train.metric
+        )
+        on_eval = self.pruning_callback(trial, evals, test_score)
         overhead = time.perf_counter() - t0
         reset_peak(self.device)  # what this trial takes on a GPU sizes `run --workers-per-gpu auto` on resume
         out_of_memory: str | None = None
@@ -121,12 +125,30 @@ class Objective:
             trial.set_user_attr("gradient_checkpointing", True)
         return model, groups, seed
 
-    def pruning_callback(self, trial: optuna.Trial, evals: list[dict]) -> Callable[[int, float], None]:
-        """``on_eval`` for the loop: record, report, raise TrialPruned when the pruner says so."""
+    def test_split_for(self, trial: optuna.Trial) -> Encoded | None:
+        """The held-out test split when ``trial`` is a confirmation run and the data has one: it is
+        scored there, beside validation, and never ranked by."""
+        return self.task.test if CONFIRM_OF_ATTR in trial.user_attrs else None
+
+    def record_test(self, trial: optuna.Trial, score: float) -> None:
+        trial.set_user_attr(TEST_ATTR, score)
+        trial.set_user_attr("n_test", len(self.task.test) if self.task.test is not None else 0)
+
+    def pruning_callback(
+        self, trial: optuna.Trial, evals: list[dict], test_score: Callable[[], float] | None = None
+    ) -> Callable[[int, float], None]:
+        """``on_eval`` for the loop: record, report, raise TrialPruned when the pruner says so.
+        With ``test_score``, the test split is scored at every evaluation that beats the ones before
+        (so what is kept is the test score at the evaluation validation picks: the first best, as
+        ``train_and_evaluate``'s best_score)."""
         metric = self.spec.train.metric
+        best = [float("-inf")]
 
         def on_eval(step: int, value: float) -> None:
             evals.append({"eval": len(evals) + 1, "step": step, metric: value})
+            if test_score is not None and value > best[0]:
+                best[0] = value
+                self.record_test(trial, test_score())
             # Intermediate steps are evaluation indices: the pruner's resources are evaluations.
             trial.report(value, len(evals))
             if trial.should_prune():

@@ -57,6 +57,9 @@ class PackJob:
     seed: int
     on_eval: Callable[[int, float], None] | None = None
     tag: Any = None
+    # Hears the test split's score at each evaluation that beats the slot's earlier ones (a
+    # confirmation run's held-out score, see Objective.test_split_for); None: the test split is not scored.
+    on_test: Callable[[float], None] | None = None
 
 
 @dataclass
@@ -175,6 +178,11 @@ def train_packed(
         if due:
             t1 = time.perf_counter()
             scores = evaluate_packed(model, state, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
+            improved = [k for k in due if slots[k].job.on_test and scores[k] > max((e[1] for e in slots[k].evals), default=float("-inf"))]
+            if improved and task.test is not None:  # one pass of the test split serves every copy
+                tests = evaluate_packed(model, state, task.test, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
+                for k in improved:
+                    slots[k].job.on_test(tests[k])
             spent = time.perf_counter() - t1
             for k in due:
                 slot = slots[k]

@@ -95,7 +95,8 @@ class PackedTrials:
         tag = _Tagged(trial, [], 0.0)
         on_eval = self.objective.pruning_callback(trial, tag.evals)
         tag.overhead = time.perf_counter() - t0
-        return PackJob(model=model, groups=groups, seed=seed, on_eval=on_eval, tag=tag)
+        on_test = (lambda score: self.objective.record_test(trial, score)) if self.objective.test_split_for(trial) is not None else None
+        return PackJob(model=model, groups=groups, seed=seed, on_eval=on_eval, tag=tag, on_test=on_test)
 
     def outcome(self, end: SlotEnd) -> float:
         """The trial's value, or raise what the unpacked objective raises for this end."""

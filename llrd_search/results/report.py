@@ -282,7 +282,8 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         trials = trial_infos(study)
         metric = study_metric_name(study)
         # Looked up when called (not at import): tests stand in a confirmation_summary of their own.
-        from llrd_search.study.confirm import confirmation_summary, control_summary, paired_verdict, sweep_summary
+        from llrd_search.study.confirm import confirmation_summary, control_summary, sweep_summary
+        from llrd_search.study.rounds import judged
 
         confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)
@@ -290,7 +291,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         control_arm = ARM_PRESENT if control_study is not None else ARM_PREDATES if study_predates_control_arm(study) else ARM_OFF
         sweep = sweep_summary(storage, study_name)
         control_row = control_summary(storage, study_name) if confirmation else None
-        paired = paired_verdict(confirmation, control_row) if confirmation else None
+        paired = judged(storage, study_name) if confirmation else None  # against the better of the two controls
         importances, importance_why = param_importances(study, trials)
     best = best_trial(trials)
     if best is None:

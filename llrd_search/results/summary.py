@@ -72,8 +72,33 @@ def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict
     tail = f"\n\n{winner_text(winner)}" if winner else ""
     if paired is None:
         return text + table + "\n\n**" + unconfirmed_text(best, control) + ".**" + tail
-    return (text + table + f"\n\nConfirmed (confirm trial {paired['winner']} vs control trial {paired['control']}, paired seeds): "
-            f"**{paired['text']}**." + tail)
+    which = ("plain fine-tuning (ξ = 1) at the LLRD winner's own LRs, which beat the control arm's best"
+             if paired.get("control_source") == "winner_lrs" else f"the control arm's best, trial {paired['control']}")
+    return (text + table + f"\n\nConfirmed (confirm trial {paired['winner']} vs the better of two controls: {which}; paired seeds): "
+            f"**{paired['text']}**." + _stop_line(paired) + _test_table(paired) + tail)
+
+
+def _stop_line(paired: dict) -> str:
+    seq = paired.get("sequential")
+    if not seq:
+        return ""
+    return f"\n\nSequential confirmation ({seq['method']}): {seq['stopped']}."
+
+
+def _test_table(paired: dict) -> str:
+    """Validation and the held-out test split side by side (the test split decided nothing)."""
+    t = paired.get("test")
+    if not t:
+        return ""
+
+    def ci(x: list | None) -> str:
+        return "–" if x is None else f"[{100 * x[0]:+.2f}, {100 * x[1]:+.2f}]"
+
+    return ("\n\n| | validation | held-out test |\n|---|---|---|\n"
+            f"| paired gain, points (95 % CI) | {100 * paired['gain']:+.2f} {ci(paired['ci95'])} | {100 * t['gain']:+.2f} {ci(t['ci95'])} |\n"
+            f"| paired seeds | {paired['n_seeds']} | {t['n_seeds']} |\n\n"
+            f"Test means: LLRD winner {t['llrd']:.4f}, control {t['control']:.4f}. The test split is scored only by confirmation "
+            "runs and never used for a choice (winner, control and stop are all decided on validation).")
 
 
 def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accuracy") -> str:
@@ -88,6 +113,8 @@ def sweep_section(rows: list[dict], interval: dict | None, metric: str = "accura
         ms = f"{r['mean']:.4f} ± {r['std']:.4f}" if r["n"] else "no run finished"
         paper = PAPER_TABLE4.get(round(r["decay"], 6))
         own = " (winner's ξ)" if r["own"] else ""
+        if r.get("reused_from"):  # identical runs (same LRs, ξ, seeds) another row already holds
+            own += " (the control's runs, reused)" if str(r["reused_from"]).startswith("control:") else " (reused runs)"
         text += f"| {r['decay']:.3f}{own} | {ms} | {runs_text(r)} | {'' if paper is None else f'{paper:.2f}'} |\n"
     extra = sorted(x for x in PAPER_TABLE4 if all(abs(x - r["decay"]) > 1e-9 for r in rows))
     if extra:
@@ -116,7 +143,8 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
         "verdict": None,
         "decay_interval": [interval["low"], interval["high"]] if interval else None,
         "decay_interval_method": interval["method"] if interval else None,
-        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged")} for r in sweep or []],
+        "decay_sweep": [{k: _finite(r.get(k)) for k in ("decay", "mean", "std", "n", "n_planned", "n_diverged", "reused_from")}
+                        for r in sweep or []],
     }
     if best is not None:
         out["best"] = {"trial": best.number, "accuracy": best.value, **{p: best.params[p] for p in ("base_lr", "head_lr", "decay")}}
@@ -131,8 +159,19 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
         out["winner"] = {"arm": winner["arm"], "trial": winner["trial"], "selected_by": winner["selected_by"], "accuracy": winner["value"],
                          **{p: winner["params"][p] for p in ("base_lr", "head_lr", "decay")},
                          "confirmed": None if conf is None else {k: _finite(conf.get(k)) for k in ("mean", "std", "n", "n_planned", "n_diverged")}}
+    out["test"] = None
     if paired is not None:
-        out["verdict"] = {k: paired.get(k) for k in ("gain", "ci95", "n_seeds", "n_planned", "n_diverged", "confirmed", "text")}
+        out["verdict"] = {k: paired.get(k) for k in ("gain", "ci95", "n_seeds", "n_planned", "n_diverged", "confirmed", "text",
+                                                      "control_source")}
+        seq = paired.get("sequential")
+        # How many paired seeds ran and why it stopped: fixed seeds stop at S by plan.
+        out["verdict"]["stopped"] = ({"reason": seq["reason"], "text": seq["stopped"], "seeds_run": paired["n_seeds"],
+                                      "max_seeds": seq["max_seeds"], "looks": seq["looks"], "min_effect": seq["min_effect"],
+                                      "method": seq["method"]} if seq else
+                                     {"reason": "fixed_seeds", "text": f"fixed --seeds {paired['n_planned']}", "seeds_run": paired["n_seeds"]})
+        t = paired.get("test")
+        if t is not None:
+            out["test"] = {"llrd": t["llrd"], "control": t["control"], "verdict": {k: t[k] for k in ("gain", "ci95", "n_seeds", "text")}}
     else:
         gain = best.value - control.value if best is not None and control is not None else None
         out["verdict"] = {"gain": gain, "ci95": None, "n_seeds": 0, "confirmed": False, "text": unconfirmed_text(best, control)}

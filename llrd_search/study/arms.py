@@ -168,6 +168,18 @@ def arm_trials(study: optuna.Study, states: tuple | None = None) -> dict[str, li
     return out
 
 
+def best_of_arms(by_arm: dict[str, list[FrozenTrial]]) -> tuple[str, FrozenTrial] | None:
+    """(arm, trial): the best COMPLETE trial over both arms (:func:`arm_trials`), or None.
+
+    A trial's own ``llrd:arm`` attr wins over the list it came in, so a confirmation study (both
+    arms' runs in one study) reads right too. A tie goes to the LLRD arm, then the earlier trial.
+    """
+    from llrd_search.vocab import completed
+
+    found = [(CONTROL if t.user_attrs.get(ARM_ATTR) == CONTROL else arm, t) for arm, ts in by_arm.items() for t in completed(ts)]
+    return max(found, key=lambda x: (x[1].value, x[0] == LLRD, -x[1].number), default=None)
+
+
 def load_control(study: optuna.Study) -> optuna.Study | None:
     """The control arm of ``study`` from the same storage, or None when it has none."""
     name = control_name(study.study_name)

@@ -48,9 +48,13 @@ from llrd_search.study.confirm_rows import (
     confirmation_summary,
     control_summary,
     interrupted,
+    is_plain,
     is_sweep,
+    planned_seeds,
     read_meta,
+    run_owners,
 )
+from llrd_search.study.controls import keep_verdict
 from llrd_search.study.storage import budget_lock, create_study, load_study, opened_storage, opened_study, spec_of
 from llrd_search.study.sweep import keep_sweep, parse_decays, prepare_sweep, sweep_summary
 from llrd_search.vocab import ARM_ATTR, BUDGET_ATTR, ENQUEUED_ATTR, PARAMS, SEED_ATTR
@@ -179,24 +183,29 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
             meta["params"][key] = control.params
             meta["search_accuracy"][key] = control.value
         keep_sweep(old, meta)  # a decay sweep already queued stays (its runs are paired)
+        keep_verdict(old, meta)
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         top_up(storage, linked)
-        return Plan(study_name, name, [k for k in meta["sources"] if not is_sweep(k)], want_s, created, note)
+        return Plan(study_name, name, [k for k in meta["sources"] if not is_sweep(k) and not is_plain(k)], want_s, created, note)
 
 
 def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
     """Queue the runs each configuration still lacks; set the budget to exactly the queued work.
 
-    Idempotent and safe beside running workers (it holds the workers' budget lock). A configuration
+    A source whose runs another source already holds (same LRs, ξ and seeds: :func:`run_owners`) queues
+    nothing: it reads those runs. Idempotent and safe beside running workers (it holds the workers' budget lock). A configuration
     stops being topped up after S failures (interruptions excluded): it is unstable, and the summary
     says so. Returns how many trials were enqueued.
     """
     meta = json.loads(linked.user_attrs[META_ATTR])
-    seeds = meta["seeds"]
     with budget_lock(storage, study_id(linked)):
         trials = linked.get_trials(deepcopy=False)
+        reused = run_owners(meta, trials)  # identical runs already held by another source: not trained twice
         added = 0
         for src in meta["sources"]:
+            if str(src) in reused:
+                continue
+            seeds = planned_seeds(meta, src)  # sequential confirmation extends only the verdict's sources
             mine = [t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src]
             active = sum(t.state in _ACTIVE for t in mine)
             failed = sum(t.state == TrialState.FAIL and not interrupted(t) for t in mine)
@@ -207,7 +216,7 @@ def top_up(storage: optuna.storages.RDBStorage, linked: optuna.Study) -> int:
             missing = [rep for rep in range(seeds) if rep not in held][: max(0, seeds - active)]
             for rep in missing:
                 attrs = {SOURCE_ATTR: src, REP_ATTR: rep, ENQUEUED_ATTR: "confirm",
-                         ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") else LLRD}
+                         ARM_ATTR: CONTROL if str(src).startswith(CONTROL + ":") or is_plain(src) else LLRD}
                 if "seed_base" in meta:
                     attrs[SEED_ATTR] = meta["seed_base"] + rep
                 if is_sweep(src):
@@ -243,23 +252,39 @@ def run_confirmation(
     url: str,
     study_name: str,
     top: int,
-    seeds: int,
+    seeds: int | str,
     run_workers: Callable[[str], None],
     *,
     max_rounds: int = 3,
     decays: list[float] | None = None,
+    max_seeds: int = 10,
+    min_effect: float = 0.005,
 ) -> tuple[Plan, list[dict]]:
     """Prepare the linked study, then let ``run_workers(linked_name)`` run it until every
-    configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``).
+    configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``); then the
+    second control candidate, ξ = 1 at the winner's LRs (:func:`controls.add_plain`), on the same seeds.
 
-    With ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of the confirmed winner."""
-    plan = prepare(url, study_name, top, seeds)
-    _run_rounds(url, plan.study_name, run_workers, max_rounds)
+    ``seeds="auto"``: S is the first look's (3), and the verdict's sources then get more paired seeds
+    in rounds until it is decided (:func:`rounds.run_sequential`, at most ``max_seeds``; ``min_effect``
+    in accuracy units). With ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of
+    the confirmed winner (with as many seeds as the winner has)."""
+    from llrd_search.sequential import looks
+    from llrd_search.study.controls import add_plain
+    from llrd_search.study.rounds import run_sequential
+
+    auto = seeds == "auto"
+    plan = prepare(url, study_name, top, looks(max_seeds)[0] if auto else int(seeds))
+    run = lambda: _run_rounds(url, plan.study_name, run_workers, max_rounds)  # noqa: E731
+    run()
+    if add_plain(url, study_name) is not None:
+        run()
+    if auto:
+        run_sequential(url, study_name, run, max_seeds, min_effect)
     if decays:
         prepare_sweep(url, study_name, decays)
         with opened_storage(url) as storage:
             top_up(storage, load_study(storage, plan.study_name))  # queue the sweep's runs
-        _run_rounds(url, plan.study_name, run_workers, max_rounds)
+        run()
     return plan, confirmation_summary(url, study_name) or []
 
 

@@ -3,7 +3,9 @@
 The confirmed winner's ``base_lr`` and ``head_lr`` re-run at each listed ξ with the same S seeds as
 its confirmation (source key ``sweep:ξ`` in the linked study ``NAME.confirm``, user attr
 ``llrd:sweep`` = ξ), so the rows are paired, as Sun et al. did at a fixed LR. The winner's own ξ is
-its confirmation row (same params, same seeds): it is not run twice. The winner is chosen on the
+its confirmation row (same params, same seeds): it is not run twice; nor is any ξ whose runs another
+source already holds (:func:`confirm_rows.run_owners`: ξ = 1 when the control's best sits at the
+winner's LRs). The winner is chosen on the
 first sweep and kept (its runs are paired); later sweeps add ξ values to the same runs.
 
 The runs live in the linked study and are queued by :func:`confirm.top_up` like every confirmation
@@ -20,7 +22,7 @@ import optuna
 
 from llrd_search.exceptions import LLRDSearchError
 from llrd_search.study.arms import LLRD
-from llrd_search.study.confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, run_stats
+from llrd_search.study.confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, source_stats
 from llrd_search.study.storage import load_study, opened_storage
 from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 
@@ -71,7 +73,8 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
         if sweep is None:
             rows = [r for r in all_rows(storage, study_name) or [] if r["arm"] == LLRD and r["n"]]
             best = min(rows, key=lambda r: (-r["mean"], r["source_trial"]), default=None)
-            sweep = {"winner": best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int)), "decays": []}
+            first = best["source_trial"] if best else next(s for s in meta["sources"] if isinstance(s, int))
+            sweep = {"winner": meta.get("winner", first), "decays": []}  # the verdict's kept winner when there is one
         params = meta["params"][str(sweep["winner"])]
         sweep["decays"] = sorted(set(sweep["decays"]) | set(decays) | {float(params["decay"])}, reverse=True)
         for xi in sweep["decays"]:
@@ -81,6 +84,9 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
                 meta["params"][key] = {"base_lr": params["base_lr"], "head_lr": params["head_lr"], "decay": xi}
                 meta["search_accuracy"][key] = None
         meta["sweep"] = sweep
+        if str(sweep["winner"]) in meta.get("seeds_of", {}):  # sequential: the sweep pairs all the winner's seeds
+            for key in (k for k in meta["sources"] if is_sweep(k)):
+                meta["seeds_of"][key] = meta["seeds_of"][str(sweep["winner"])]
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         return sweep
 
@@ -90,7 +96,8 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
 
     Keys: ``decay``, ``base_lr``, ``head_lr`` (the winner's), ``winner`` (its confirm source trial),
     ``own`` (True for the winner's own ξ: its confirmation runs), ``accuracies``, ``by_seed``,
-    ``mean``, ``std``, ``n``, ``n_planned``, ``n_diverged``, ``n_failed`` (:func:`confirm_rows.run_stats`).
+    ``mean``, ``std``, ``n``, ``n_planned``, ``n_diverged``, ``n_failed`` (:func:`confirm_rows.run_stats`),
+    ``reused_from`` (the source whose identical runs this ξ reads, e.g. ``control:N`` at ξ = 1; None: its own).
     """
     with opened_storage(storage) if isinstance(storage, str) else contextlib.nullcontext(storage) as store:
         linked = linked_runs(store, study_name)
@@ -104,5 +111,5 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
         is_own = xi == float(params["decay"])
         src = winner if is_own else f"{SWEEP}:{xi!r}"
         rows.append({"decay": xi, "base_lr": params["base_lr"], "head_lr": params["head_lr"], "winner": winner, "own": is_own,
-                     **run_stats(trials, src, meta["seeds"])})
+                     **source_stats(meta, trials, src)})
     return rows

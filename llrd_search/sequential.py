@@ -1,0 +1,142 @@
+"""Sequential confirmation (``confirm --seeds auto``): paired seeds in rounds, stopping once decided.
+
+Looking at the paired differences after every round and stopping at the first interval that
+excludes 0 would call "LLRD helps" far more often than 5 % when it does not: each look is another
+chance for noise. The design here is a **group-sequential paired t-test with Lan–DeMets alpha
+spending** (Lan & DeMets 1983, Biometrika 70(3):659–663), Pocock-type spending function
+α(t) = α·ln(1 + (e − 1)·t), which spends early enough that a large effect stops at the first
+looks. The boundaries are computed on the normal scale by the usual recursive numerical
+integration over the looks (Armitage, McPherson & Rowe 1969; Jennison & Turnbull 2000, *Group
+Sequential Methods with Applications to Clinical Trials*), then each look's nominal level is read
+as a Student-t quantile with that look's n − 1 degrees of freedom (the variance is estimated from
+the same few seeds, as small as 3). ``tests/test_sequential.py`` checks by simulation that the false
+"LLRD helps" rate stays under 5 % with no effect.
+
+At each look the **repeated confidence interval** mean ± c_k·sd/√n (Jennison & Turnbull 1989)
+decides, and it holds its level jointly over all looks, so the reason to stop is one of:
+
+- ``helps``: the interval lies above 0; ``hurts``: below 0;
+- ``no_difference``: it lies within ±``min_effect`` (a difference that would not matter; a
+  non-binding futility stop, which can only lower the error rates above);
+- ``max_seeds``: the last planned look came and none of the above held (cannot tell).
+
+Pure functions on plain numbers (scipy.stats); :mod:`confirm` runs the rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from scipy import optimize
+from scipy import stats as _st
+
+METHOD = "group-sequential paired t-test, Lan-DeMets Pocock-type alpha spending (two-sided 0.05)"
+FIRST_LOOK = 3  # the fewest pairs with a spread worth judging (2 degrees of freedom)
+REASONS = ("helps", "hurts", "no_difference", "max_seeds")
+
+
+def looks(max_seeds: int) -> list[int]:
+    """The planned looks: 3, 5, 7, ... below ``max_seeds``, then ``max_seeds`` (10 → [3, 5, 7, 10]).
+
+    A look one seed short of the last is dropped: it would spend alpha for almost no information."""
+    if max_seeds < FIRST_LOOK:
+        raise ValueError(f"max_seeds must be >= {FIRST_LOOK} (got {max_seeds})")
+    out = list(range(FIRST_LOOK, max_seeds, 2))
+    if out and max_seeds - out[-1] == 1 and len(out) > 1:
+        out.pop()
+    return [*out, max_seeds] if not out or out[-1] != max_seeds else out
+
+
+def spent(t: float, alpha: float = 0.05) -> float:
+    """Pocock-type spending function of Lan & DeMets (1983): the alpha spent by information fraction t."""
+    return alpha * math.log(1 + (math.e - 1) * min(max(t, 0.0), 1.0))
+
+
+@lru_cache(maxsize=64)
+def z_boundaries(planned: tuple[int, ...], alpha: float = 0.05, grid: int = 1201) -> tuple[float, ...]:
+    """Two-sided normal-scale boundaries c_k for looks at ``planned`` pair counts (information n_k).
+
+    c_k solves P(|Z_j| < c_j for j < k, |Z_k| >= c_k) = α(t_k) − α(t_{k−1}) under no effect, where Z_k
+    is the standardised sum of the first n_k differences; the sub-density of the sum on the
+    continuation region is carried from look to look on a grid (trapezoid rule).
+    """
+    info = np.asarray(planned, dtype=float)
+    frac = info / info[-1]
+    targets = np.diff([0.0, *(spent(t, alpha) for t in frac)])
+    c = [float(_st.norm.isf(targets[0] / 2))]
+    edge = c[0] * math.sqrt(info[0])
+    s = np.linspace(-edge, edge, grid)  # the sum S_1 on the continuation region
+    dens = _st.norm.pdf(s, scale=math.sqrt(info[0]))
+    for k in range(1, len(info)):
+        sd = math.sqrt(info[k] - info[k - 1])
+        w = np.full(grid, (s[1] - s[0]))
+        w[[0, -1]] /= 2
+        mass = dens * w
+
+        def exit_prob(ck: float, mass=mass, s=s, sd=sd, k=k) -> float:
+            b = ck * math.sqrt(info[k])
+            return float(np.sum(mass * (_st.norm.sf((b - s) / sd) + _st.norm.cdf((-b - s) / sd))))
+
+        ck = optimize.brentq(lambda x, k=k: exit_prob(x) - targets[k], 0.1, 20.0, xtol=1e-10)
+        c.append(float(ck))
+        edge = ck * math.sqrt(info[k])
+        new = np.linspace(-edge, edge, grid)
+        dens = (_st.norm.pdf((new[:, None] - s[None, :]) / sd) / sd) @ mass
+        s = new
+    return tuple(c)
+
+
+def t_boundaries(planned: Sequence[int], alpha: float = 0.05) -> list[float]:
+    """Each look's boundary on the t scale: the normal boundary's nominal level as a Student-t
+    quantile with n_k − 1 degrees of freedom."""
+    return list(_t_boundaries(tuple(int(n) for n in planned), alpha))
+
+
+@lru_cache(maxsize=64)
+def _t_boundaries(planned: tuple[int, ...], alpha: float) -> tuple[float, ...]:
+    z = z_boundaries(planned, alpha)
+    return tuple(float(_st.t.isf(_st.norm.sf(c), n - 1)) for c, n in zip(z, planned, strict=True))
+
+
+def decide(diffs: Sequence[float], look: int, planned: Sequence[int], min_effect: float, alpha: float = 0.05) -> dict:
+    """The decision at look index ``look`` (0-based into ``planned``) from the paired differences so far.
+
+    Returns ``{"reason"`` (one of :data:`REASONS`, or None: continue), ``"n", "mean", "ci"`` (the repeated
+    confidence interval, None with fewer than 2 pairs), ``"boundary"`` (c_k on the t scale)``}``.
+    ``min_effect`` is the smallest difference that matters (accuracy units; 0 turns that stop off).
+    """
+    n = len(diffs)
+    c = _t_boundaries(tuple(int(x) for x in planned), alpha)[look]
+    mean = float(np.mean(diffs)) if n else math.nan
+    last = look == len(planned) - 1
+    out = {"reason": "max_seeds" if last else None, "n": n, "mean": mean, "ci": None, "boundary": c}
+    if n < 2:
+        return out
+    sd = float(np.std(diffs, ddof=1))
+    half = c * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    out["ci"] = [lo, hi]
+    if lo > 0:
+        out["reason"] = "helps"
+    elif hi < 0:
+        out["reason"] = "hurts"
+    elif min_effect > 0 and -min_effect < lo and hi < min_effect:
+        out["reason"] = "no_difference"
+    return out
+
+
+def stop_text(reason: str | None, n: int, max_seeds: int, min_effect: float) -> str:
+    """Why sequential confirmation stopped, in words (the report and ``confirm`` print it)."""
+    if reason == "helps":
+        return f"stopped after {n} of at most {max_seeds} paired seeds: the repeated 95 % interval lies above 0"
+    if reason == "hurts":
+        return f"stopped after {n} of at most {max_seeds} paired seeds: the repeated 95 % interval lies below 0"
+    if reason == "no_difference":
+        return (f"stopped after {n} of at most {max_seeds} paired seeds: the repeated 95 % interval lies within "
+                f"±{100 * min_effect:.2f} points, a difference too small to matter")
+    if reason == "max_seeds":
+        return f"ran all {max_seeds} paired seeds (the maximum) without a decision: cannot tell"
+    return f"{n} of at most {max_seeds} paired seeds so far; not decided yet"
