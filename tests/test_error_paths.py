@@ -261,7 +261,9 @@ def test_a_diverged_confirm_and_sweep_run_shows_in_n_everywhere(write_study, tmp
     assert "ξ = 1.000" in out and any("(n = 1 of 2, 1 diverged)  (the winner" in line for line in lines), out
     assert "n = 1 of 2 paired seeds (1 diverged in the LLRD winner)" in out
     assert main(args) == 0  # resuming does not re-run a diverged run: it is a result, not a failure
-    assert len(trials(url, "div.confirm")) == 6
+    # 2 winner + 2 control runs: the control sits at the winner's LRs, so the sweep's ξ = 1 and the
+    # ξ = 1 control at the winner's LRs are its runs, reused (issue 19.3), not 2 + 2 more.
+    assert len(trials(url, "div.confirm")) == 4
 
     report_dir = tmp_path / "report"
     assert main(["report", "--storage", url, "--study", "div", "--out", str(report_dir)]) == 0
