@@ -191,6 +191,8 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
                 worker()
             else:
                 envs = [s.env for s in plan.slots] if plan is not None else None
+                if plan is not None:
+                    plan.share_here()
                 run_local_workers(storage, name, workers, threads, watcher.trial, in_process=worker, objective=objective, child_env=envs)
         finally:
             watcher.close()

@@ -168,6 +168,8 @@ def run(
         else:
             in_process = lambda: run_worker(url, name, objective_factory=lambda _spec: objective)  # noqa: E731
             envs = [s.env for s in plan.slots] if plan is not None else None
+            if plan is not None:
+                plan.share_here()
             run_local_workers(url, name, workers, threads, watch.trial, in_process=in_process, child_env=envs)
     finally:
         watch.close()

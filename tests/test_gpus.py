@@ -76,9 +76,11 @@ def test_plan_k_per_gpu_worker_zero_stays_in_the_parent():
     assert plan.workers == 8 and plan.threads == 2 and plan.counts() == [2, 2, 2, 2]
     assert [s.gpu for s in plan.slots] == ["0", "1", "2", "3", "0", "1", "2", "3"]
     assert [s.in_process for s in plan.slots] == [True] + [False] * 7
-    assert plan.slots[0].env == {}
-    assert plan.slots[1].env == {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "2"}
-    assert plan.slots[4].env == {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "2"}
+    assert plan.slots[0].env == {"LLRD_SEARCH_GPU_SHARE": "2"}  # applied to this process by run/confirm
+    assert plan.slots[1].env == {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "2", "LLRD_SEARCH_GPU_SHARE": "2"}
+    assert plan.slots[4].env == {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "2", "LLRD_SEARCH_GPU_SHARE": "2"}
+    uneven = G.gpu_plan(["0", "1"], workers=3, cores=6)
+    assert [s.env["LLRD_SEARCH_GPU_SHARE"] for s in uneven.slots] == ["2", "1", "2"]
     assert plan.line() == "8 workers: 2 per GPU on 4 GPUs (auto: why), 2 threads each"
 
 

@@ -60,6 +60,18 @@ def test_auto_pack_fits_the_free_memory_within_its_cap():
     assert resolve_pack(TrainSection(pack=3), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 3
 
 
+def test_auto_pack_takes_its_share_of_the_gpu(monkeypatch):
+    from llrd_search.engine.memory import GPU_SHARE_ENV
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    monkeypatch.setattr("llrd_search.engine.packed_trials.trial_bytes", lambda *a, **k: 10 * 2**30)
+    cfg, model = TrainSection(), torch.nn.Linear(2, 2)
+    monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
+    assert resolve_pack(cfg, torch.device("cuda"), model, 32) == 8  # 90 GiB usable holds 9, capped
+    monkeypatch.setenv(GPU_SHARE_ENV, "4")  # four workers on this GPU: 25 GiB free each
+    assert resolve_pack(cfg, torch.device("cuda"), model, 32) == 2
+
+
 def test_packing_refuses_accumulation_and_checkpointing_and_auto_steps_aside():
     from llrd_search.exceptions import SpecError
     from llrd_search.spec import parse_spec

@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 GIB = 1024**3
+# Workers sharing this process's GPU (set by `run`/`confirm`'s GPU plan, study/gpus.py): pack =
+# "auto" packs into 1/N of the free memory, since its neighbours start at the same moment.
+GPU_SHARE_ENV = "LLRD_SEARCH_GPU_SHARE"
 
 
 def _is_half(dtype: Any) -> bool:

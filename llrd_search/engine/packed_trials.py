@@ -10,6 +10,7 @@ the exception the unpacked objective would have raised (``TrialPruned`` when pru
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from llrd_search.engine.memory import trial_memory_estimate
+from llrd_search.engine.memory import GPU_SHARE_ENV, trial_memory_estimate
 from llrd_search.engine.model import fresh_model
 from llrd_search.engine.objective import Objective
 from llrd_search.engine.packed import PackJob, SlotEnd, train_packed
@@ -29,6 +30,7 @@ from llrd_search.spec import TrainSection
 log = logging.getLogger(__name__)
 
 AUTO_CAP = 8
+
 HEADROOM = 0.9  # of the free memory: the CUDA context, fragmentation and eval batches need some
 
 
@@ -55,7 +57,8 @@ def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module
     if device.type != "cuda" or cfg.grad_accum > 1 or cfg.gradient_checkpointing:
         return 1
     free, _total = torch.cuda.mem_get_info(device)
-    return auto_pack(trial_bytes(model, cfg, max_length, dtype), free)
+    share = os.environ.get(GPU_SHARE_ENV, "1")
+    return auto_pack(trial_bytes(model, cfg, max_length, dtype), free // max(1, int(share) if share.isdigit() else 1))
 
 
 def check_packable(objective: Objective) -> str | None:

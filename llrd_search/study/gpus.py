@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llrd_search.engine.memory import gib
+from llrd_search.engine.memory import GPU_SHARE_ENV, gib
 from llrd_search.exceptions import LLRDSearchError
 
 # One process's CUDA context, cuBLAS workspace and allocator slack: counted once per worker.
@@ -89,6 +89,12 @@ class GpuPlan:
         """Workers on each GPU, in the order of :attr:`gpus`."""
         return [sum(s.gpu == g for s in self.slots) for g in self.gpus]
 
+    def share_here(self) -> None:
+        """Tell this process (worker 0, when it runs here) how many workers share its GPU: its
+        ``pack = "auto"`` then takes its share of the free memory, as the children do from their env."""
+        if self.slots and self.slots[0].in_process:
+            os.environ.update(self.slots[0].env)
+
     def line(self) -> str:
         """The start line: ``8 workers: 2 per GPU on 4 GPUs (auto: ...), 2 threads each``."""
         n, g, counts = self.workers, len(self.gpus), self.counts()
@@ -120,11 +126,14 @@ def gpu_plan(
         raise LLRDSearchError(f"--workers: must be >= 1 (got {total})")
     gpus = list(gpus[: total]) if workers is not None and total < len(gpus) else list(gpus)
     threads = threads or max(1, cores // total)
+    placed = [gpus[i % len(gpus)] for i in range(total)]
     slots = []
-    for i in range(total):
-        gpu = gpus[i % len(gpus)]
+    for i, gpu in enumerate(placed):
         parent = in_process and i == 0
-        env = {} if parent else {"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": str(threads)}
+        # Each worker's pack = "auto" sizes itself by its share of its GPU's free memory: workers
+        # started together all see the whole of it free (engine/packed_trials.resolve_pack).
+        share = {GPU_SHARE_ENV: str(placed.count(gpu))}
+        env = share if parent else {"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": str(threads), **share}
         slots.append(Slot(i, gpu, parent, env))
     return GpuPlan(gpus, slots, threads, reason or (f"--workers {workers}" if workers is not None else f"--workers-per-gpu {per_gpu}"))
 
