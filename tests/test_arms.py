@@ -14,7 +14,7 @@ from llrd_search.engine.objective import suggest
 from llrd_search.spec import load_spec
 from llrd_search.stats import paired_difference, verdict_text
 from llrd_search.study import compat
-from llrd_search.study.arms import CONTROL, LLRD, arm_of, choose_arm, control_target
+from llrd_search.study.arms import CONTROL, LLRD, arm_of, choose_arm, control_spec, control_target
 from llrd_search.study.storage import create_study, open_storage
 
 # --------------------------------------------------------------------------- pure pieces
@@ -23,6 +23,15 @@ from llrd_search.study.storage import create_study, open_storage
 @pytest.mark.parametrize(("fraction", "total", "want"), [(0.25, 2, 1), (0.34, 6, 2), (0.25, 12, 3), (0.0, 10, 0), (0.5, 5, 3), (0.25, 1, 0)])
 def test_control_target_rounds_half_up(fraction, total, want):
     assert control_target(fraction, total) == want
+
+
+def test_the_control_arm_queues_no_more_points_than_its_share():
+    from llrd_search.spec import parse_spec
+
+    spec = parse_spec({"study": {"name": "s", "n_trials": 12}, "model": {"name": "m"}, "data": {"path": "d"}})
+    assert [p["decay"] for p in control_spec(spec, 12).study.enqueue] == [1.0]  # the paper's ξ = 1 point
+    # a budget of 1: the control's share rounds to 0, so its point is not queued (it would run over budget)
+    assert control_spec(spec, 1).study.enqueue == [] and control_target(0.25, 1) == 0
 
 
 def _allocate(total: int, target: int, start: dict | None = None) -> list[str]:

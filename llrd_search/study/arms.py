@@ -124,9 +124,12 @@ def control_spec(spec: StudySpec, total: int) -> StudySpec:
         raise SpecError("study file", [f"study.name: '{spec.study.name}' is too long for its control arm '{name}' (121 characters at most, or control_fraction = 0)"])
     copy = spec.model_copy(deep=True)
     copy.study.name = name
-    copy.study.n_trials = max(1, control_target(spec.study.control_fraction, total))
+    target = control_target(spec.study.control_fraction, total)
+    copy.study.n_trials = max(1, target)  # a valid spec; the parent's budget lock allots the trials
     copy.study.control_fraction = 0.0
-    copy.study.enqueue = spec.control_points()
+    # No more queued points than the arm's share: a queued trial runs whatever the budget says, so a
+    # budget of 1 (share 0) would otherwise finish 2 trials.
+    copy.study.enqueue = spec.control_points()[:target]
     copy.study.enqueue_paper_points = False
     copy.space.decay = [1.0]
     return copy
