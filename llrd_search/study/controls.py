@@ -19,6 +19,7 @@ import json
 
 from llrd_search.study.arms import LLRD
 from llrd_search.study.confirm_rows import PLAIN, all_rows, confirm_name, is_plain
+from llrd_search.study.queue import top_up
 from llrd_search.study.storage import load_study, opened_storage
 from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 
@@ -46,8 +47,6 @@ def add_plain(url: str, study_name: str) -> str | None:
     the decay sweep and later seeds all pair with it. Returns the source key, None when the search
     has no confirmed control arm (then there is no verdict) or no LLRD configuration has a finished run yet.
     """
-    from llrd_search.study.confirm import top_up
-
     with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))
         meta = json.loads(linked.user_attrs[META_ATTR])

@@ -79,6 +79,8 @@ def _proxy_class() -> type:
         ``heartbeat_interval``, ``grace_period`` and the stale-trial callback come from the study's
         spec (as ``storage.open_storage`` gives them to a database storage)."""
 
+        is_llrd_proxy = True  # what resilience.is_proxied reads, without importing this module
+
         retry_seconds = RETRY_SECONDS
 
         def __init__(self, url: str, heartbeat: dict[str, Any]):
@@ -155,7 +157,9 @@ def proxy_class() -> type:
 
 
 def is_proxy(storage: Any) -> bool:
-    return bool(_CLASS) and isinstance(storage, _CLASS[0])
+    from llrd_search.study.resilience import is_proxied
+
+    return is_proxied(storage)
 
 
 def open_proxy(url: str, heartbeat: dict[str, Any], *, patient: bool = False) -> Any:

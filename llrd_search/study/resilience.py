@@ -101,6 +101,12 @@ def _root_name(err: BaseException) -> str:
 _nesting = threading.local()
 
 
+def is_proxied(storage: Any) -> bool:
+    """Whether ``storage`` is a client of ``llrd-search proxy`` (study/proxy.py's ProxyStorage), which
+    carries the budget lock, heartbeats and counts over gRPC instead of SQL."""
+    return bool(getattr(storage, "is_llrd_proxy", False))
+
+
 def retrying(call: Callable[..., Any], seconds: Callable[[], float]) -> Callable[..., Any]:
     """Retry ``call`` on transient storage errors with jittered backoff for up to ``seconds()``.
     Only the outermost storage call retries, so nested calls do not multiply the wait."""
@@ -212,10 +218,9 @@ def fail_stale(study: optuna.Study) -> list[int]:
     first beat, or a retried create committed twice) once it is far older than the grace period.
     Call under :func:`budget_lock` so two workers do not re-queue the same trial.
     """
-    from llrd_search.study.proxy import is_proxy
 
     storage = backend_of(study)
-    proxied = is_proxy(storage)
+    proxied = is_proxied(storage)
     if not (proxied or isinstance(storage, optuna.storages.RDBStorage)) or storage.heartbeat_interval is None:
         return []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -281,9 +286,8 @@ def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[Tri
     """Trials per state in one small query: it runs under the budget lock on every ask, where
     loading every trial (``study.get_trials``) would grow with the study and stall the fleet.
     Through the proxy (``grpc://``), the proxy runs this query."""
-    from llrd_search.study.proxy import is_proxy
 
-    if is_proxy(storage):
+    if is_proxied(storage):
         return storage.count_states(study_id)
 
     def query() -> dict[TrialState, int]:
@@ -305,12 +309,11 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[
     transaction mode; ends with its transaction, so an interrupted or dropped worker cannot leave
     it held). SQLite: a lock file beside the database (local workers only, all SQLite does well).
     """
-    from llrd_search.study.proxy import is_proxy
 
     # Re-entrant per thread: creating the control arm (or a half-made study's spec) takes the lock
     # inside a section that already holds it. SQLite's lock is one file per database, and a second
     # flock on it from the same thread would wait for itself forever.
-    if is_proxy(storage):  # the proxy takes this lock for us, as a lease (proxy.py)
+    if is_proxied(storage):  # the proxy takes this lock for us, as a lease (proxy.py)
         token, acquire = storage.lock_token(study_id), storage.budget_lock
     else:
         url = make_url(storage.url)

@@ -21,6 +21,7 @@ from llrd_search.sequential import METHOD, decide, looks, stop_text
 from llrd_search.stats import paired_difference, paired_verdict
 from llrd_search.study.confirm_rows import confirm_name, confirmation_summary, control_summary, linked_runs, plain_summary
 from llrd_search.study.controls import CONTROL_WORDS, pick_control
+from llrd_search.study.queue import top_up
 from llrd_search.study.storage import load_study, opened_storage
 from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 
@@ -113,8 +114,6 @@ def _look(url: str, study_name: str, k: int, plan: list[int], min_effect: float)
 
 def _extend(url: str, study_name: str, n: int) -> None:
     """Give the verdict's sources (the winner and both control candidates) ``n`` seeds each."""
-    from llrd_search.study.confirm import top_up
-
     with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))
         meta = json.loads(linked.user_attrs[META_ATTR])

@@ -8,7 +8,7 @@ source already holds (:func:`confirm_rows.run_owners`: ξ = 1 when the control's
 winner's LRs). The winner is chosen on the
 first sweep and kept (its runs are paired); later sweeps add ξ values to the same runs.
 
-The runs live in the linked study and are queued by :func:`confirm.top_up` like every confirmation
+The runs live in the linked study and are queued by :func:`queue.top_up` like every confirmation
 run; this module only plans the sweep's sources and reads its rows back (:mod:`confirm_rows`). Its interval is
 :func:`stats.sweep_interval`; its Markdown, :func:`summary.sweep_section`.
 """
@@ -60,7 +60,7 @@ def keep_sweep(old: dict | None, meta: dict) -> None:
 def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
     """Queue the decay sweep in the linked study (after :func:`confirm.prepare`): the confirmed
     winner's LRs at each ξ of ``decays`` plus its own, S seeds each, written into the linked study's
-    plan. Runs and queues nothing (the caller queues the runs with :func:`confirm.top_up`); returns
+    plan. Runs and queues nothing (the caller queues the runs with :func:`queue.top_up`); returns
     ``meta["sweep"]``.
 
     The winner is the confirmed best mean (the search's best when no confirmation run finished),
