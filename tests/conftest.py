@@ -86,6 +86,22 @@ def toy_data_dir(tmp_path_factory) -> Path:
     return write_toy_dataset(tmp_path_factory.mktemp("toy-data"))
 
 
+@pytest.fixture(scope="module")
+def tiny_template_and_task(tiny_model_dir, toy_data_dir, tmp_path_factory):
+    """The tiny model's template and the toy data, tokenized at max_length 32: one per test module,
+    so a module may change the template (e.g. set dropout to 0) without touching the others."""
+    from llrd_search.engine.data import load_task_data
+    from llrd_search.engine.model import load_template
+    from llrd_search.spec import DataSection, ModelSection
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    template = load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"})
+    task = load_task_data(DataSection(path=str(toy_data_dir)), template.tokenizer, 32, 0)
+    mp.undo()
+    return template, task
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # One tokenization cache per test session, never the user's ~/.cache.

@@ -11,7 +11,6 @@ import torch
 
 from llrd_search.engine import fastpath
 from llrd_search.engine import train as tr
-from llrd_search.engine.data import load_task_data
 from llrd_search.engine.fastpath import FastDropout, FastPath, fast_path
 from llrd_search.engine.param_groups import build_param_groups
 from llrd_search.engine.train import (
@@ -19,12 +18,11 @@ from llrd_search.engine.train import (
     evaluate,
     fresh_model,
     linear_schedule,
-    load_template,
     micro_batches,
     train_and_evaluate,
 )
 from llrd_search.exceptions import OutOfMemoryError
-from llrd_search.spec import DataSection, ModelSection, TrainSection, parse_spec
+from llrd_search.spec import TrainSection, parse_spec
 from llrd_search.study.worker import FailureCounter, error_signature
 
 CPU = torch.device("cpu")
@@ -32,12 +30,8 @@ LR = {"base_lr": 1e-3, "decay": 0.8, "head_lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, toy_data_dir, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    template = load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"})
-    task = load_task_data(DataSection(path=str(toy_data_dir)), template.tokenizer, 32, 0)
-    mp.undo()
+def setup(tiny_template_and_task):
+    template, task = tiny_template_and_task
     return template, task
 
 
@@ -368,8 +362,8 @@ def test_batches_go_to_a_gpu_from_pinned_memory():
             calls.append((str(device), non_blocking))
             return self
 
-    tr._to({"input_ids": Fake()}, torch.device("cuda"))
+    tr.to_device({"input_ids": Fake()}, torch.device("cuda"))
     assert calls == ["pin", ("cuda", True)]
     calls.clear()
-    tr._to({"input_ids": Fake()}, CPU)
+    tr.to_device({"input_ids": Fake()}, CPU)
     assert calls == [("cpu", True)]

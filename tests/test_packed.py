@@ -12,15 +12,14 @@ import torch
 from torch import nn
 
 from llrd_search.engine import fastpath
-from llrd_search.engine.data import load_task_data
-from llrd_search.engine.model import fresh_model, load_template
+from llrd_search.engine.model import fresh_model
 from llrd_search.engine.packed import PackJob, lr_of, stack_batches, train_packed
 from llrd_search.engine.packed_model import PackedEmbedding, PackedLayerNorm, PackedLinear, PackState, copy_weights, pack_models
 from llrd_search.engine.packed_optim import PackedAdamW
 from llrd_search.engine.param_groups import build_param_groups
 from llrd_search.engine.train import linear_schedule, train_and_evaluate
 from llrd_search.exceptions import DivergedError, ModelError
-from llrd_search.spec import DataSection, ModelSection, TrainSection
+from llrd_search.spec import TrainSection
 
 CPU = torch.device("cpu")
 LRS = [(1e-2, 0.8, 1e-2), (5e-3, 0.6, 2e-2), (2e-2, 0.9, 5e-3)]
@@ -28,12 +27,8 @@ WEIGHT_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, toy_data_dir, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    template = load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"})
-    task = load_task_data(DataSection(path=str(toy_data_dir)), template.tokenizer, 32, 0)
-    mp.undo()
+def setup(tiny_template_and_task):
+    template, task = tiny_template_and_task
     for module in template.model.modules():  # dropout 0: packed and unpacked draw no masks
         if isinstance(module, nn.Dropout):
             module.p = 0.0

@@ -10,7 +10,6 @@ import torch
 
 from llrd_search.engine import fastpath
 from llrd_search.engine import train as tr
-from llrd_search.engine.data import load_task_data
 from llrd_search.engine.fastpath import FastDropout, FastPath, TrainVocabEmbedding
 from llrd_search.engine.fused_qkv import FusedQKV
 from llrd_search.engine.param_groups import build_param_groups
@@ -18,24 +17,19 @@ from llrd_search.engine.train import (
     batch_order,
     fresh_model,
     linear_schedule,
-    load_template,
     pick_precision,
     train_and_evaluate,
 )
 from llrd_search.exceptions import LLRDSearchError, TrainingError
-from llrd_search.spec import DataSection, ModelSection, TrainSection
+from llrd_search.spec import TrainSection
 from llrd_search.study import local_workers as lw
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, toy_data_dir, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLRD_SEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    template = load_template(ModelSection(name=str(tiny_model_dir), max_length=32), {0: "0", 1: "1"})
-    task = load_task_data(DataSection(path=str(toy_data_dir)), template.tokenizer, 32, 0)
-    mp.undo()
+def setup(tiny_template_and_task):
+    template, task = tiny_template_and_task
     return template, task
 
 

@@ -41,7 +41,7 @@ from llrd_search.engine.divergence import DivergenceGuard
 from llrd_search.engine.metrics import score
 from llrd_search.engine.packed_model import PackState, keep_copies, load_copy, pack_models
 from llrd_search.engine.packed_optim import PackedAdamW
-from llrd_search.engine.train import TrainResult, batch_order, linear_schedule
+from llrd_search.engine.train import TrainResult, batch_order, linear_schedule, to_device
 from llrd_search.exceptions import DivergedError
 from llrd_search.spec import TrainSection
 
@@ -142,8 +142,8 @@ def train_packed(
         picks = [s.next_batch(task.train.lengths, cfg) for s in slots]
         batch, labels = stack_batches([task.train.batch(idx, pad_id) for idx in picks], pad_id)
         state.rows = labels.shape[1]
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        labels = labels.to(device, non_blocking=True)
+        batch = to_device({**batch, "labels": labels}, device)
+        labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
         losses = copy_losses(logits, labels)
@@ -277,7 +277,7 @@ def evaluate_packed(
         batch.pop("labels")
         rows = len(batch["input_ids"])
         state.rows = rows
-        batch = {name: v.repeat(state.k, 1).to(device, non_blocking=True) for name, v in batch.items()}
+        batch = to_device({name: v.repeat(state.k, 1) for name, v in batch.items()}, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
         predictions.append(logits.reshape(state.k, rows, -1).argmax(-1))

@@ -121,7 +121,8 @@ def micro_batches(idx: np.ndarray, grad_accum: int) -> list[np.ndarray]:
     return [piece for piece in np.array_split(idx, grad_accum) if len(piece)]
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on ``device``, without a sync where the copy can be queued (the packed loop too)."""
     if device.type == "cuda":
         # From pageable memory a "non-blocking" copy waits for the GPU to drain its queue: one sync a
         # step, and a small model's step is all launch overhead the host can no longer run ahead of.
@@ -149,7 +150,7 @@ def evaluate(
     order = np.argsort(data.lengths, kind="stable")
     predictions = []
     for i in range(0, len(order), batch_size):
-        batch = _to(data.batch(order[i : i + batch_size], pad_id), device)
+        batch = to_device(data.batch(order[i : i + batch_size], pad_id), device)
         batch.pop("labels")
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
@@ -283,7 +284,7 @@ def _train(
                 pieces = micro_batches(idx, cfg.grad_accum)
                 step_loss = None
                 for k, piece in enumerate(pieces, 1):
-                    batch = _to(task.train.batch(piece, pad_id), device)
+                    batch = to_device(task.train.batch(piece, pad_id), device)
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         loss = model(**batch).loss
                     if len(pieces) > 1:

@@ -28,7 +28,16 @@ from llrd_search.engine.steps import step_hook
 from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.study.compat import trial_id
 from llrd_search.study.guards import Signals
-from llrd_search.study.worker import INTERRUPTED, FailureCounter, _Claimed, _Claimer, _finish, _seconds_since
+from llrd_search.study.worker import (
+    INTERRUPTED,
+    FailureCounter,
+    _Claimed,
+    _Claimer,
+    _finish,
+    _seconds_since,
+    repeated_failure,
+    tell_outcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +112,7 @@ def run_pack(
         log.warning("a pack of %d trial(s) failed: %s", len(live), reason)
         told = _fail_all(live, signals, fail_reason=reason[:2000], traceback=traceback.format_exc()[-4000:])
         if told and failures.record(err):  # one broken pack is one failure, however many trials it held
-            raise RepeatedFailureError(
-                f"{failures.repeats} trials in a row failed with the same error, stopping this worker (fix the setup, then run again): {reason}"
-            ) from err
+            raise repeated_failure(failures, reason) from err
     finally:
         for claimed, _t0 in live.values():
             claimed.heartbeat.stop()
@@ -114,27 +121,12 @@ def run_pack(
 
 def _tell(claimed: _Claimed, packer: PackedTrials, end: SlotEnd, signals: Signals, failures: FailureCounter, t0: float) -> None:
     """Tell one slot's trial its outcome, as the unpacked worker tells a trial."""
-    study, trial = claimed.study, claimed.trial
     try:
         value = packer.outcome(end)
-    except optuna.TrialPruned:
-        with signals.deferred():
-            _finish(study, trial, TrialState.PRUNED, wall_seconds=_seconds_since(t0))
-        failures.reset()
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}".strip()
-        with signals.deferred():
-            told = _finish(study, trial, TrialState.FAIL, fail_reason=reason[:2000],
-                           traceback="".join(traceback.format_exception(err))[-4000:], wall_seconds=_seconds_since(t0))
-        log.warning("trial %d failed: %s", trial.number, reason)
-        if told and failures.record(err):
-            raise RepeatedFailureError(
-                f"{failures.repeats} trials in a row failed with the same error, stopping this worker (fix the setup, then run again): {reason}"
-            ) from err
+    except Exception as err:  # optuna.TrialPruned included: told PRUNED
+        tell_outcome(claimed.study, claimed.trial, signals, failures, t0, error=err, tb="".join(traceback.format_exception(err)))
     else:
-        with signals.deferred():
-            _finish(study, trial, TrialState.COMPLETE, value, wall_seconds=_seconds_since(t0))
-        failures.reset()
+        tell_outcome(claimed.study, claimed.trial, signals, failures, t0, value=value)
 
 
 def _fail_all(live: dict[int, tuple[_Claimed, float]], signals: Signals, **attrs: Any) -> bool:

@@ -189,39 +189,50 @@ def _run_trial(claimed: _Claimed, objective: Callable[[optuna.Trial], float], si
         # inside a GC or weakref callback) still stops the trial at its next step.
         with step_hook(lambda _step, _total: signals.check()):
             value = objective(trial)
-    except optuna.TrialPruned:
-        with signals.deferred():
-            _finish(study, trial, TrialState.PRUNED, wall_seconds=_seconds_since(t0))
-        failures.reset()
     except KeyboardInterrupt:
         signals.clear()  # this is that signal: raised below, after the trial is marked
         with signals.deferred():
             _finish(study, trial, TrialState.FAIL, fail_reason=INTERRUPTED)
         raise
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}".strip()
-        with signals.deferred():
-            told = _finish(
-                study,
-                trial,
-                TrialState.FAIL,
-                fail_reason=reason[:2000],
-                traceback=traceback.format_exc()[-4000:],
-                wall_seconds=_seconds_since(t0),
-            )
-        log.warning("trial %d failed: %s", trial.number, reason)
-        # A trial reaped under us says nothing about the setup: it is not counted.
-        if told and failures.record(err):
-            raise RepeatedFailureError(
-                f"{failures.repeats} trials in a row failed with the same error, stopping this worker "
-                f"(fix the setup, then run again): {reason}"
-            ) from err
+    except Exception as err:  # optuna.TrialPruned included: tell_outcome tells it PRUNED
+        tell_outcome(study, trial, signals, failures, t0, error=err, tb=traceback.format_exc())
     else:
+        tell_outcome(study, trial, signals, failures, t0, value=value)
+    finally:
+        claimed.heartbeat.stop()
+
+
+def tell_outcome(
+    study: optuna.Study, trial: optuna.Trial, signals: Signals, failures: FailureCounter, t0: float,
+    *, value: float | None = None, error: BaseException | None = None, tb: str = "",
+) -> None:
+    """Tell how a run ended (once: not if a reaper already did), for an unpacked trial and a packed
+    slot alike: COMPLETE with ``value``; PRUNED for ``optuna.TrialPruned``; FAIL for any other
+    ``error`` (its traceback ``tb``), which counts toward the repeated-failure stop and raises
+    RepeatedFailureError at the limit."""
+    if isinstance(error, optuna.TrialPruned):
+        with signals.deferred():
+            _finish(study, trial, TrialState.PRUNED, wall_seconds=_seconds_since(t0))
+        failures.reset()
+        return
+    if error is None:
         with signals.deferred():
             _finish(study, trial, TrialState.COMPLETE, value, wall_seconds=_seconds_since(t0))
         failures.reset()
-    finally:
-        claimed.heartbeat.stop()
+        return
+    reason = f"{type(error).__name__}: {error}".strip()
+    with signals.deferred():
+        told = _finish(study, trial, TrialState.FAIL, fail_reason=reason[:2000], traceback=tb[-4000:], wall_seconds=_seconds_since(t0))
+    log.warning("trial %d failed: %s", trial.number, reason)
+    # A trial reaped under us says nothing about the setup: it is not counted.
+    if told and failures.record(error):
+        raise repeated_failure(failures, reason) from error
+
+
+def repeated_failure(failures: FailureCounter, reason: str) -> RepeatedFailureError:
+    return RepeatedFailureError(
+        f"{failures.repeats} trials in a row failed with the same error, stopping this worker (fix the setup, then run again): {reason}"
+    )
 
 
 def _seconds_since(t0: float) -> float:
