@@ -18,7 +18,7 @@ import sys
 
 import optuna
 
-from llrd_search.sequential import decide, looks, stop_text
+from llrd_search.sequential import FUTILITY, decide, looks, stop_text
 from llrd_search.stats import paired_difference
 from llrd_search.study.controls import pick_control
 from llrd_search.vocab import CONFIRM_OF_ATTR, CONFIRM_REP_ATTR
@@ -41,8 +41,8 @@ def row(runs: dict, src: str, n: int) -> dict:
     return {"by_seed": by_seed, "n": len(vals), "mean": sum(vals) / len(vals) if vals else float("nan")}
 
 
-def replay(meta: dict, runs: dict, max_seeds: int | None) -> dict:
-    """max_seeds None: the fixed --seeds 5 confirmation; else --seeds auto --max-seeds N."""
+def replay(meta: dict, runs: dict, max_seeds: int | None, futility: float = FUTILITY) -> dict:
+    """max_seeds None: the fixed --seeds 5 confirmation; else --seeds auto --max-seeds N (--futility)."""
     params = meta["params"]
     llrd = [str(s) for s in meta["sources"] if isinstance(s, int)]
     control = next(str(s) for s in meta["sources"] if str(s).startswith("control:"))
@@ -68,39 +68,47 @@ def replay(meta: dict, runs: dict, max_seeds: int | None) -> dict:
         common = sorted(set(win["by_seed"]) & set(ctrl["by_seed"]))
         diffs = [win["by_seed"][i] - ctrl["by_seed"][i] for i in common]
         if max_seeds:
-            d = decide(diffs, k, plan, 0.005)
-            outcome = {"reason": d["reason"], "ci": d["ci"], "mean": d["mean"], "control": which,
-                       "text": stop_text(d["reason"], d["n"], plan[-1], 0.005)}
+            d = decide(diffs, k, plan, 0.005, futility=futility)
+            outcome = {"reason": d["reason"], "ci": d["ci"], "mean": d["mean"], "control": which, "power": d["power"],
+                       "text": stop_text(d["reason"], d["n"], plan[-1], 0.005, futility)}
             if d["reason"]:
                 break
         else:
             d = paired_difference([win["by_seed"][i] for i in common], [ctrl["by_seed"][i] for i in common])
             outcome = {"reason": "fixed_seeds", "ci": d["ci"], "mean": d["mean"], "control": which, "text": "fixed --seeds 5"}
-    # The decay sweep: every other ξ at the winner's LRs, as many seeds as the winner ran.
+    # The decay sweep: every other ξ at the winner's LRs, on the plan's S seeds (fixed: 5; auto: the
+    # first look's 3, confirm --sweep-seeds' default), the first of the winner's.
     own = float(w["decay"])
     for s in (str(x) for x in meta["sources"] if str(x).startswith("sweep:")):
         if float(params[s]["decay"]) not in (own, 1.0):  # ξ = 1 at the winner's LRs is plain_key's runs
-            seeds[s] = seeds[winner]
+            seeds[s] = first
     used = [(s, i) for s, m in seeds.items() for i in range(m) if i in runs.get(s, {})]
     return {"winner": winner, "seeds": n, "runs": len(used), "trial_seconds": sum(runs[s][i][1] for s, i in used), **outcome}
 
 
-def simulate(effect: float, max_seeds: int = 10, studies: int = 2000, seed: int = 17) -> float:
-    """Mean paired seeds the verdict uses with normal paired differences of mean ``effect`` (in sd units)."""
+def simulate(effect: float, max_seeds: int = 10, studies: int = 2000, seed: int = 17, futility: float = FUTILITY) -> tuple[float, float]:
+    """(mean paired seeds the verdict uses, share that says "helps") with normal paired differences of
+    mean ``effect`` (in sd units)."""
     import numpy as np
 
-    plan, used = looks(max_seeds), []
+    plan, used, helps = looks(max_seeds), [], 0
     for diffs in np.random.default_rng(seed).normal(effect, 1.0, (studies, max_seeds)):
-        used.append(next(n for k, n in enumerate(plan) if decide(diffs[:n], k, plan, 0.0)["reason"]))
-    return float(np.mean(used))
+        k, n = next((k, n) for k, n in enumerate(plan) if decide(diffs[:n], k, plan, 0.0, futility=futility)["reason"])
+        used.append(n)
+        helps += decide(diffs[:n], k, plan, 0.0, futility=futility)["reason"] == "helps"
+    return float(np.mean(used)), helps / studies
 
 
 def main(db: str, study: str, *max_seeds: str) -> None:
     if db == "--simulate":  # the expected cost of the docs' pipeline shape by effect size
-        for effect in (0.0, 0.5, 1.0, 2.0, 3.0, 5.0):
-            n = simulate(effect)
-            # confirm --top 3 + 2 controls + 4 other sweep ξ: the runners-up stay at 3 seeds, 7 sources go to n.
-            print(f"effect {effect:.1f} sd: mean {n:.2f} paired seeds of at most 10; runs vs fixed 5 seeds: {(2 * 3 + 7 * n) / 45:.0%}")
+        for effect in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0):
+            n, power = simulate(effect)
+            n0, power0 = simulate(effect, futility=0.0)
+            # confirm --top 3 + 2 controls + 4 other sweep ξ: the runners-up and the sweep stay at 3 seeds,
+            # the winner and the two controls go to n; fixed: 9 sources x 5.
+            print(f"effect {effect:.1f} sd: mean {n:.2f} paired seeds of at most 10, says helps {power:.1%}; "
+                  f"runs vs fixed 5 seeds: {(2 * 3 + 3 * n + 4 * 3) / 45:.0%}  "
+                  f"(without the futility stop: {n0:.2f} seeds, helps {power0:.1%}, {(2 * 3 + 3 * n0 + 4 * 3) / 45:.0%})")
         return
     meta, runs = load(db, study)
     fixed = replay(meta, runs, None)

@@ -82,6 +82,8 @@ def confirm(
     workers_per_gpu: int | str | None = None,
     max_seeds: int = 10,
     min_effect: float = 0.005,
+    futility: float = 0.10,
+    sweep_seeds: int | None = None,
 ) -> Confirmation:
     """Re-run the ``top`` best configurations of ``study`` with ``seeds`` fresh seeds each (linked
     study ``STUDY.confirm``; resumes where it stopped) and judge the winner against the better of
@@ -89,8 +91,10 @@ def confirm(
 
     ``seeds="auto"``: paired seeds in rounds until the verdict is decided (a group-sequential test,
     :mod:`sequential`; at most ``max_seeds``, and a difference within ±``min_effect``, in accuracy
-    units, counts as none). ``decay_sweep``: also re-run the winner's LRs at each ξ ("1.0,0.9" or a
-    list), same seeds. ``workers``: local worker processes (None: 1 on a CPU; on a CUDA machine
+    units, counts as none; it also stops to say "cannot tell" once the conditional power to decide by
+    ``max_seeds`` falls below ``futility``, 0 never). ``decay_sweep``: also re-run the winner's LRs at
+    each ξ ("1.0,0.9" or a list) on the first ``sweep_seeds`` of the winner's seeds (None: all of
+    ``seeds``; with "auto", the first look's 3). ``workers``: local worker processes (None: 1 on a CPU; on a CUDA machine
     ``workers_per_gpu`` on every visible GPU, None/"auto" what memory holds, as ``run``);
     ``objective``: ``module:function`` to train with instead of the study's. ``watch`` sees each
     round of runs: started, step and trial, then close.
@@ -110,6 +114,14 @@ def confirm(
         raise LLRDSearchError(f"--max-seeds: must be >= {FIRST_LOOK} (got {max_seeds})")
     if not 0 <= min_effect < 1:
         raise LLRDSearchError(f"--min-effect: must be >= 0 points and below 100 (got {100 * min_effect:g})")
+    if not 0 <= futility < 1:
+        raise LLRDSearchError(f"--futility: must be >= 0 % and below 100 % (got {100 * futility:g})")
+    if sweep_seeds is not None:
+        if sweep_seeds < 1 or (seeds != "auto" and sweep_seeds > seeds):
+            top_n = "--max-seeds" if seeds == "auto" else f"--seeds ({seeds})"
+            raise LLRDSearchError(f"--sweep-seeds: must be from 1 to {top_n}, the winner's seeds each ξ pairs with (got {sweep_seeds})")
+        if decay_sweep is None:
+            raise LLRDSearchError("--sweep-seeds: only with --decay-sweep (it sets the sweep's seeds per ξ)")
     decays = None
     if decay_sweep is not None:  # before anything is written
         decays = parse_decays(decay_sweep if isinstance(decay_sweep, str) else ",".join(repr(float(x)) for x in decay_sweep))
@@ -125,7 +137,8 @@ def confirm(
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
     run_round = _round_runner(storage, workers, threads, objective, watch, plan)
-    plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays, max_seeds=max_seeds, min_effect=min_effect)
+    plan, rows = run_confirmation(storage, study, top, seeds, run_round, decays=decays, max_seeds=max_seeds, min_effect=min_effect,
+                                   futility=futility, sweep_seeds=sweep_seeds)
     sweep = sweep_summary(storage, study)
     control, plain = control_summary(storage, study), plain_summary(storage, study)
     v, paired = judge(rows), judged(storage, study)

@@ -18,6 +18,12 @@ decides, and it holds its level jointly over all looks, so the reason to stop is
 - ``helps``: the interval lies above 0; ``hurts``: below 0;
 - ``no_difference``: it lies within ±``min_effect`` (a difference that would not matter; a
   non-binding futility stop, which can only lower the error rates above);
+- ``futile``: before the last look, the **conditional power** is below ``futility`` (default 10 %):
+  even if the trend seen so far were the true effect, the last look would decide with less than that
+  chance (stochastic curtailment, Lan, Simon & Halperin 1982, *Communications in Statistics C* 1(3):
+  207–219; the B-value form of Lan & Wittes 1988, *Biometrics* 44(2):579–585). Also non-binding: it
+  stops only to say "cannot tell", so it can only lower the error rates, and it is what keeps a
+  no-effect study from spending every seed to say so;
 - ``max_seeds``: the last planned look came and none of the above held (cannot tell).
 
 Pure functions on plain numbers (scipy.stats); :mod:`confirm` runs the rounds.
@@ -35,7 +41,8 @@ from scipy import stats as _st
 
 METHOD = "group-sequential paired t-test, Lan-DeMets Pocock-type alpha spending (two-sided 0.05)"
 FIRST_LOOK = 3  # the fewest pairs with a spread worth judging (2 degrees of freedom)
-REASONS = ("helps", "hurts", "no_difference", "max_seeds")
+FUTILITY = 0.10  # conditional power below which another round is not worth its seeds
+REASONS = ("helps", "hurts", "no_difference", "futile", "max_seeds")
 
 
 def looks(max_seeds: int) -> list[int]:
@@ -101,18 +108,36 @@ def _t_boundaries(planned: tuple[int, ...], alpha: float) -> tuple[float, ...]:
     return tuple(float(_st.t.isf(_st.norm.sf(c), n - 1)) for c, n in zip(z, planned, strict=True))
 
 
-def decide(diffs: Sequence[float], look: int, planned: Sequence[int], min_effect: float, alpha: float = 0.05) -> dict:
+def conditional_power(t_stat: float, n: int, planned: Sequence[int], alpha: float = 0.05) -> float:
+    """The chance that the last look's boundary is crossed, on the side of the current trend, if the
+    trend so far is the true effect (B-value form, Lan & Wittes 1988): with information fraction
+    f = n / N, the t statistic read as the normal z with the same tail probability, B = z·√f and drift
+    θ = z / √f, CP = 1 − Φ((c_K − B − θ(1 − f)) / √(1 − f)). The looks between are ignored (crossing
+    there only adds), so this errs low by a little, which makes the stop a little readier."""
+    total = int(planned[-1])
+    if n >= total:
+        return 0.0
+    f = n / total
+    z = float(_st.norm.isf(_st.t.sf(abs(t_stat), n - 1)))
+    c_last = z_boundaries(tuple(int(x) for x in planned), alpha)[-1]
+    return float(_st.norm.sf((c_last - z * math.sqrt(f) - z / math.sqrt(f) * (1 - f)) / math.sqrt(1 - f)))
+
+
+def decide(diffs: Sequence[float], look: int, planned: Sequence[int], min_effect: float, alpha: float = 0.05,
+           futility: float = FUTILITY) -> dict:
     """The decision at look index ``look`` (0-based into ``planned``) from the paired differences so far.
 
     Returns ``{"reason"`` (one of :data:`REASONS`, or None: continue), ``"n", "mean", "ci"`` (the repeated
-    confidence interval, None with fewer than 2 pairs), ``"boundary"`` (c_k on the t scale)``}``.
-    ``min_effect`` is the smallest difference that matters (accuracy units; 0 turns that stop off).
+    confidence interval, None with fewer than 2 pairs), ``"boundary"`` (c_k on the t scale),
+    ``"power"`` (:func:`conditional_power` before the last look, else None)``}``.
+    ``min_effect`` is the smallest difference that matters (accuracy units; 0 turns that stop off);
+    ``futility`` the conditional power below which it stops to say "cannot tell" (0 turns that stop off).
     """
     n = len(diffs)
     c = _t_boundaries(tuple(int(x) for x in planned), alpha)[look]
     mean = float(np.mean(diffs)) if n else math.nan
     last = look == len(planned) - 1
-    out = {"reason": "max_seeds" if last else None, "n": n, "mean": mean, "ci": None, "boundary": c}
+    out = {"reason": "max_seeds" if last else None, "n": n, "mean": mean, "ci": None, "boundary": c, "power": None}
     if n < 2:
         return out
     sd = float(np.std(diffs, ddof=1))
@@ -125,10 +150,15 @@ def decide(diffs: Sequence[float], look: int, planned: Sequence[int], min_effect
         out["reason"] = "hurts"
     elif min_effect > 0 and -min_effect < lo and hi < min_effect:
         out["reason"] = "no_difference"
+    elif not last:
+        # Identical differences (sd 0) are a perfectly steady trend: full power, never futile.
+        out["power"] = conditional_power(mean / sd * math.sqrt(n), n, planned, alpha) if sd > 0 else 1.0
+        if out["power"] < futility:
+            out["reason"] = "futile"
     return out
 
 
-def stop_text(reason: str | None, n: int, max_seeds: int, min_effect: float) -> str:
+def stop_text(reason: str | None, n: int, max_seeds: int, min_effect: float, futility: float = FUTILITY) -> str:
     """Why sequential confirmation stopped, in words (the report and ``confirm`` print it)."""
     if reason == "helps":
         return f"stopped after {n} of at most {max_seeds} paired seeds: the repeated 95 % interval lies above 0"
@@ -137,6 +167,9 @@ def stop_text(reason: str | None, n: int, max_seeds: int, min_effect: float) -> 
     if reason == "no_difference":
         return (f"stopped after {n} of at most {max_seeds} paired seeds: the repeated 95 % interval lies within "
                 f"±{100 * min_effect:.2f} points, a difference too small to matter")
+    if reason == "futile":
+        return (f"stopped after {n} of at most {max_seeds} paired seeds: even if the trend so far held, "
+                f"{max_seeds} seeds would decide with under {100 * futility:.0f} % chance (conditional power): cannot tell")
     if reason == "max_seeds":
         return f"ran all {max_seeds} paired seeds (the maximum) without a decision: cannot tell"
     return f"{n} of at most {max_seeds} paired seeds so far; not decided yet"

@@ -146,3 +146,34 @@ def test_a_sweep_point_equal_to_the_confirmed_control_is_reused_not_trained(writ
     assert main(["report", "--storage", url, "--study", "reuse", "--out", str(report)]) == 0
     assert "| 1.000 (the control's runs, reused) |" in (report / "summary.md").read_text()
     assert json.loads((report / "summary.json").read_text())["decay_sweep"][0]["reused_from"] == "control:0"
+
+
+def test_sweep_seeds_runs_the_sweep_on_the_first_n_of_the_winners_seeds(write_study, tmp_path, capsys):
+    """``--sweep-seeds 2`` with ``--seeds 3``: each other ξ trains 2 runs, and every sweep row (the
+    winner's own and ξ = 1's included) is read at runs 0 and 1, so its means are over the same seeds."""
+    url = f"sqlite:///{tmp_path / 'few.db'}"
+    path = write_study(name="few", n_trials=3, study={"control_fraction": 0.34})
+    assert main(["run", str(path), "--storage", url, "--threads", "1"]) == 0
+    base = ["confirm", "--storage", url, "--study", "few", "--top", "1", "--seeds", "3", "--threads", "1"]
+    for extra, words in ((["--decay-sweep", "1.0,0.7", "--sweep-seeds", "4"], "--sweep-seeds: must be from 1 to --seeds (3)"),
+                         (["--sweep-seeds", "2"], "--sweep-seeds: only with --decay-sweep")):
+        capsys.readouterr()
+        assert main([*base, *extra]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"Error: {words}") and "\n" not in err
+    storage = open_storage(url)
+    try:
+        assert "few.confirm" not in {s.study_name for s in storage.get_all_studies()}  # nothing written
+    finally:
+        storage.engine.dispose()
+    assert main([*base, "--decay-sweep", "1.0,0.7", "--sweep-seeds", "2", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    conf = trials(url, "few.confirm")
+    swept = [t for t in conf if SWEEP_ATTR in t.user_attrs]
+    assert {t.user_attrs[SWEEP_ATTR] for t in swept} == {0.7} and sorted(t.user_attrs["llrd:confirm_rep"] for t in swept) == [0, 1]
+    assert out["configurations"][0]["n"] == 3  # the winner keeps its 3 seeds for the verdict
+    rows = out["decay_sweep"]
+    assert 0.7 in [r["decay"] for r in rows] and all(r["n"] == 2 and set(r["by_seed"]) == {"0", "1"} for r in rows)
+    own = next(r for r in rows if r["own"])
+    winner = out["configurations"][0]["by_seed"]
+    assert own["mean"] == pytest.approx((winner["0"] + winner["1"]) / 2)

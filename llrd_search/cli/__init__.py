@@ -46,6 +46,7 @@ with your own training code (a function(trial) -> float in my_training.py, in th
     "confirm": """example:
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds auto --max-seeds 10
+  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --seeds auto --decay-sweep 1.0,0.9,0.8 --sweep-seeds 5
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --workers-per-gpu 2
   (runs go to the linked study sst2-minilm.confirm; more machines can help with:
    llrd-search worker --storage URL --study sst2-minilm.confirm)""",
@@ -194,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10, at least 3)")
     p.add_argument("--min-effect", type=float, default=0.5, metavar="POINTS", help="with --seeds auto: stop when the interval "
                    "lies within ± this many points, a difference too small to matter (default 0.5; 0: never)")
+    p.add_argument("--futility", type=float, default=10.0, metavar="PERCENT", help="with --seeds auto: stop to say 'cannot tell' "
+                   "once the chance of deciding by --max-seeds, if the trend so far held, is below this (default 10; 0: never)")
     p.add_argument("--decay-sweep", metavar="XI,XI,...", help="also re-run the winner's base and head LR at each ξ (0 < ξ <= 1), "
                    "e.g. 1.0,0.95,0.9,0.8,0.7, with the same seeds; the winner's own ξ is added")
+    p.add_argument("--sweep-seeds", type=int, metavar="N", help="with --decay-sweep: seeds per ξ, the first N of the winner's "
+                   "(default: --seeds; with --seeds auto, 3)")
     p.add_argument("--workers", type=int, metavar="W", help="local worker processes in all (default: 1 on a CPU, --workers-per-gpu on every GPU)")
     p.add_argument("--workers-per-gpu", type=_per_gpu, metavar="N|auto", help=WORKERS_PER_GPU_HELP)
     p.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default: cores / K)")

@@ -62,7 +62,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
                 threads=args.threads, objective=args.objective, watch=ProgressConsole(), workers_per_gpu=args.workers_per_gpu,
-                max_seeds=args.max_seeds, min_effect=args.min_effect / 100)
+                max_seeds=args.max_seeds, min_effect=args.min_effect / 100, futility=args.futility / 100,
+                sweep_seeds=args.sweep_seeds)
     v, paired, sweep = c.verdict, c.paired, c.sweep
     if args.format == "json":
         print(json.dumps(c.as_dict(), indent=2))
@@ -81,7 +82,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     print(f"{label}: trial {v.winner} ({_lrs(c.winner.params)}): {v.mean:.4f} ± {v.std:.4f} over {v.n} seed(s)")
     print(lead_text(v, len(c.configurations), c.control is not None))
     if sweep:
-        print(f"decay sweep at base_lr={sweep[0].base_lr:.3g} head_lr={sweep[0].head_lr:.3g} (confirm trial {sweep[0].winner}), same seeds at every ξ:")
+        print(f"decay sweep at base_lr={sweep[0].base_lr:.3g} head_lr={sweep[0].head_lr:.3g} (confirm trial {sweep[0].winner}), "
+              f"the same {max(r.n_planned for r in sweep)} seed(s) at every ξ:")
         for r in sweep:
             print(f"  ξ = {r.decay:.3f}  {_confirmed(r)}{'  (the winner: its confirmation runs)' if r.own else ''}{_reused(r)}")
     if paired is not None:

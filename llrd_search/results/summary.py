@@ -167,6 +167,7 @@ def summary_data(best: TrialInfo | None, control: TrialInfo | None, confirmation
         # How many paired seeds ran and why it stopped: fixed seeds stop at S by plan.
         out["verdict"]["stopped"] = ({"reason": seq["reason"], "text": seq["stopped"], "seeds_run": paired["n_seeds"],
                                       "max_seeds": seq["max_seeds"], "looks": seq["looks"], "min_effect": seq["min_effect"],
+                                      "futility": seq.get("futility"), "conditional_power": seq.get("power"),
                                       "method": seq["method"]} if seq else
                                      {"reason": "fixed_seeds", "text": f"fixed --seeds {paired['n_planned']}", "seeds_run": paired["n_seeds"]})
         t = paired.get("test")

@@ -212,6 +212,8 @@ def run_confirmation(
     decays: list[float] | None = None,
     max_seeds: int = 10,
     min_effect: float = 0.005,
+    futility: float | None = None,
+    sweep_seeds: int | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Prepare the linked study, then let ``run_workers(linked_name)`` run it until every
     configuration has its S runs (a round re-queues failed runs; at most ``max_rounds``); then the
@@ -219,9 +221,10 @@ def run_confirmation(
 
     ``seeds="auto"``: S is the first look's (3), and the verdict's sources then get more paired seeds
     in rounds until it is decided (:func:`rounds.run_sequential`, at most ``max_seeds``; ``min_effect``
-    in accuracy units). With ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of
-    the confirmed winner (with as many seeds as the winner has)."""
-    from llrd_search.sequential import looks
+    in accuracy units; ``futility`` the conditional power below which it stops, None: the default). With
+    ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of the confirmed winner, on
+    ``sweep_seeds`` of the winner's seeds (:func:`sweep.prepare_sweep`)."""
+    from llrd_search.sequential import FUTILITY, looks
     from llrd_search.study.controls import add_plain
     from llrd_search.study.rounds import run_sequential
 
@@ -232,9 +235,9 @@ def run_confirmation(
     if add_plain(url, study_name) is not None:
         run()
     if auto:
-        run_sequential(url, study_name, run, max_seeds, min_effect)
+        run_sequential(url, study_name, run, max_seeds, min_effect, FUTILITY if futility is None else futility)
     if decays:
-        prepare_sweep(url, study_name, decays)
+        prepare_sweep(url, study_name, decays, sweep_seeds)
         with opened_storage(url) as storage:
             top_up(storage, load_study(storage, plan.study_name))  # queue the sweep's runs
         run()

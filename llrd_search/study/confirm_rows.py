@@ -67,12 +67,14 @@ def interrupted(t: FrozenTrial) -> bool:
     return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
 
 
-def run_stats(trials: list[FrozenTrial], src: Any, planned: int) -> dict[str, Any]:
+def run_stats(trials: list[FrozenTrial], src: Any, planned: int, first: int | None = None) -> dict[str, Any]:
     """One source's finished runs: accuracies, run index → accuracy (the pairing), mean, std, n, and
     why n may fall short of the ``planned`` S: runs that diverged (PRUNED with a ``diverged`` attr, never
     re-run: the configuration blew up at that seed) and runs that failed (re-queued up to S times); and
-    ``test_by_seed`` / ``test_mean``, the runs' held-out test scores (empty / None without a test split)."""
-    mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src), key=lambda t: t.number)
+    ``test_by_seed`` / ``test_mean``, the runs' held-out test scores (empty / None without a test split).
+    ``first``: read only runs 0 … first − 1 (a decay sweep on fewer seeds than the verdict's sources)."""
+    mine = sorted((t for t in trials if t.user_attrs.get(SOURCE_ATTR) == src
+                   and (first is None or int(t.user_attrs.get(REP_ATTR, -1)) < first)), key=lambda t: t.number)
     done = [t for t in mine if t.state == TrialState.COMPLETE and t.value is not None]
     accs = [float(t.value) for t in done]
     mean, std = mean_std(accs)
@@ -108,12 +110,13 @@ def run_owners(meta: dict[str, Any], trials: list[FrozenTrial]) -> dict[str, str
     return out
 
 
-def source_stats(meta: dict[str, Any], trials: list[FrozenTrial], src: Any) -> dict[str, Any]:
-    """:func:`run_stats` of ``src``, read from the source it reuses (:func:`run_owners`) when it has one;
-    ``reused_from`` names that source (None: its own runs)."""
+def source_stats(meta: dict[str, Any], trials: list[FrozenTrial], src: Any, first: int | None = None) -> dict[str, Any]:
+    """:func:`run_stats` of ``src`` (its runs 0 … ``first`` − 1 when given), read from the source it
+    reuses (:func:`run_owners`) when it has one; ``reused_from`` names that source (None: its own runs)."""
     owner = run_owners(meta, trials).get(str(src))
     key = src if owner is None else next(s for s in meta["sources"] if str(s) == owner)
-    return {**run_stats(trials, key, planned_seeds(meta, src)), "reused_from": owner}
+    planned = planned_seeds(meta, src) if first is None else min(first, planned_seeds(meta, src))
+    return {**run_stats(trials, key, planned, first), "reused_from": owner}
 
 
 def runs_saved(storage: str | optuna.storages.BaseStorage, study_name: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from llrd_search.sequential import METHOD, decide, looks, stop_text
+from llrd_search.sequential import FUTILITY, METHOD, decide, looks, stop_text
 from llrd_search.stats import paired_difference, paired_verdict
 from llrd_search.study.confirm_rows import confirm_name, confirmation_summary, control_summary, linked_runs, plain_summary
 from llrd_search.study.controls import CONTROL_WORDS, pick_control
@@ -49,6 +49,9 @@ def _seq_text(d: dict, seq: dict) -> str:
         return f"LLRD hurts here: {pts} ({ci}; the interval lies below 0)"
     if reason == "no_difference":
         return f"no difference that matters: {pts} ({ci}; within ±{100 * seq['min_effect']:.2f} points)"
+    if reason == "futile":
+        return (f"no evidence that LLRD helps here: {pts} ({ci}; stopped early: more seeds, up to {seq['max_seeds']}, "
+                f"would decide with under {100 * seq['futility']:.0f} % chance even if this trend held)")
     if reason == "max_seeds":
         return f"no evidence that LLRD helps here: {pts} ({ci}; includes 0 at the maximum {seq['max_seeds']} seeds)"
     return f"not decided yet: {pts} ({ci}); run the same command again to continue"
@@ -90,9 +93,12 @@ def judged(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict 
     crit = None
     if seq is not None:
         a, b = _pairs(winner, control)
-        d = decide([x - y for x, y in zip(a, b, strict=True)], seq["look"], seq["looks"], seq["min_effect"])
+        # A record from before the futility stop existed was run without it: judge it as it was run.
+        fut = seq.get("futility", 0.0)
+        d = decide([x - y for x, y in zip(a, b, strict=True)], seq["look"], seq["looks"], seq["min_effect"], futility=fut)
         crit = d["boundary"]
-        seq = {**seq, "n": d["n"], "reason": d["reason"], "stopped": stop_text(d["reason"], d["n"], seq["max_seeds"], seq["min_effect"])}
+        seq = {**seq, "futility": fut, "n": d["n"], "reason": d["reason"], "power": d["power"],
+               "stopped": stop_text(d["reason"], d["n"], seq["max_seeds"], seq["min_effect"], fut)}
         # A fixed-n p-value means nothing after optional stopping: the repeated interval is the answer.
         out.update(ci95=d["ci"], p=None, confirmed=d["ci"] is not None, text=_seq_text(d, seq), n_planned=seq["looks"][seq["look"]])
     out.update(control_source=which, sequential=seq, test=test_verdict(winner, control, crit if seq else None))
@@ -101,12 +107,13 @@ def judged(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict 
     return out
 
 
-def _look(url: str, study_name: str, k: int, plan: list[int], min_effect: float) -> dict | None:
+def _look(url: str, study_name: str, k: int, plan: list[int], min_effect: float, futility: float) -> dict | None:
     """Record look ``k`` in the plan and return its decision (None when a side has no run)."""
     with opened_storage(url) as storage:
         linked = load_study(storage, confirm_name(study_name))
         meta = json.loads(linked.user_attrs[META_ATTR])
-        meta["sequential"] = {"method": METHOD, "looks": plan, "max_seeds": plan[-1], "min_effect": min_effect, "look": k}
+        meta["sequential"] = {"method": METHOD, "looks": plan, "max_seeds": plan[-1], "min_effect": min_effect,
+                              "futility": futility, "look": k}
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         v = judged(storage, study_name)
     return None if v is None else v["sequential"]
@@ -125,7 +132,8 @@ def _extend(url: str, study_name: str, n: int) -> None:
         top_up(storage, linked)
 
 
-def run_sequential(url: str, study_name: str, run: Callable[[], None], max_seeds: int, min_effect: float) -> dict[str, Any] | None:
+def run_sequential(url: str, study_name: str, run: Callable[[], None], max_seeds: int, min_effect: float,
+                   futility: float = FUTILITY) -> dict[str, Any] | None:
     """Run the verdict's paired seeds in rounds (looks at :func:`sequential.looks`) until decided.
 
     Call after the first round (every configuration at the first look's seeds, the second control
@@ -137,7 +145,7 @@ def run_sequential(url: str, study_name: str, run: Callable[[], None], max_seeds
         if k:
             _extend(url, study_name, n)
             run()
-        seq = _look(url, study_name, k, plan, min_effect)
+        seq = _look(url, study_name, k, plan, min_effect, futility)
         if seq is None or seq["reason"] is not None:
             break
     return seq

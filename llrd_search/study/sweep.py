@@ -1,8 +1,9 @@
 """The decay sweep (``confirm --decay-sweep``): the paper's ξ table for the user's model.
 
-The confirmed winner's ``base_lr`` and ``head_lr`` re-run at each listed ξ with the same S seeds as
-its confirmation (source key ``sweep:ξ`` in the linked study ``NAME.confirm``, user attr
-``llrd:sweep`` = ξ), so the rows are paired, as Sun et al. did at a fixed LR. The winner's own ξ is
+The confirmed winner's ``base_lr`` and ``head_lr`` re-run at each listed ξ with the first S seeds of
+its confirmation (``--sweep-seeds``; with ``--seeds auto`` the first look's 3), source key ``sweep:ξ``
+in the linked study ``NAME.confirm``, user attr ``llrd:sweep`` = ξ; so the rows are paired, as Sun
+et al. did at a fixed LR. The winner's own ξ is
 its confirmation row (same params, same seeds): it is not run twice; nor is any ξ whose runs another
 source already holds (:func:`confirm_rows.run_owners`: ξ = 1 when the control's best sits at the
 winner's LRs). The winner is chosen on the
@@ -22,7 +23,7 @@ import optuna
 
 from llrd_search.exceptions import LLRDSearchError
 from llrd_search.study.arms import LLRD
-from llrd_search.study.confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, source_stats
+from llrd_search.study.confirm_rows import SWEEP, all_rows, confirm_name, is_sweep, linked_runs, planned_seeds, source_stats
 from llrd_search.study.storage import load_study, opened_storage
 from llrd_search.vocab import CONFIRM_ATTR as META_ATTR
 
@@ -57,11 +58,15 @@ def keep_sweep(old: dict | None, meta: dict) -> None:
             meta["search_accuracy"][key] = None
 
 
-def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
+def prepare_sweep(url: str, study_name: str, decays: list[float], seeds: int | None = None) -> dict:
     """Queue the decay sweep in the linked study (after :func:`confirm.prepare`): the confirmed
-    winner's LRs at each ξ of ``decays`` plus its own, S seeds each, written into the linked study's
-    plan. Runs and queues nothing (the caller queues the runs with :func:`queue.top_up`); returns
-    ``meta["sweep"]``.
+    winner's LRs at each ξ of ``decays`` plus its own, written into the linked study's plan. Runs and
+    queues nothing (the caller queues the runs with :func:`queue.top_up`); returns ``meta["sweep"]``.
+
+    ``seeds`` per ξ: None is the plan's S (with ``--seeds auto`` the first look's 3: the sweep is a
+    description, not the verdict, and need not follow the verdict's rounds); never more than the
+    winner's own, which every ξ pairs with. Every row, the winner's and ξ = 1's included, is read at
+    runs 0 … seeds − 1, so the means are over the same seeds. A later sweep keeps the larger count.
 
     The winner is the confirmed best mean (the search's best when no confirmation run finished),
     chosen on the first sweep and kept: later sweeps add ξ values to the same paired runs.
@@ -83,10 +88,13 @@ def prepare_sweep(url: str, study_name: str, decays: list[float]) -> dict:
                 meta["sources"].append(key)
                 meta["params"][key] = {"base_lr": params["base_lr"], "head_lr": params["head_lr"], "decay": xi}
                 meta["search_accuracy"][key] = None
+        own = planned_seeds(meta, sweep["winner"])
+        n = min(own, max(int(seeds or meta["seeds"]), int(sweep.get("seeds", 0))))
+        sweep["seeds"] = n
         meta["sweep"] = sweep
-        if str(sweep["winner"]) in meta.get("seeds_of", {}):  # sequential: the sweep pairs all the winner's seeds
+        if n != meta["seeds"]:
             for key in (k for k in meta["sources"] if is_sweep(k)):
-                meta["seeds_of"][key] = meta["seeds_of"][str(sweep["winner"])]
+                meta.setdefault("seeds_of", {})[key] = n
         linked.set_user_attr(META_ATTR, json.dumps(meta))
         return sweep
 
@@ -111,5 +119,5 @@ def sweep_summary(storage: str | optuna.storages.BaseStorage, study_name: str) -
         is_own = xi == float(params["decay"])
         src = winner if is_own else f"{SWEEP}:{xi!r}"
         rows.append({"decay": xi, "base_lr": params["base_lr"], "head_lr": params["head_lr"], "winner": winner, "own": is_own,
-                     **source_stats(meta, trials, src)})
+                     **source_stats(meta, trials, src, meta["sweep"].get("seeds"))})
     return rows
