@@ -99,14 +99,18 @@ def simulate(effect: float, max_seeds: int = 10, studies: int = 2000, seed: int 
     return float(np.mean(used)), helps / studies
 
 
-def main(db: str, study: str, *max_seeds: str) -> None:
+def main(db: str, study: str = "", *max_seeds: str) -> None:
     if db == "--simulate":  # the expected cost of the docs' pipeline shape by effect size
+        from scipy import stats
+
         for effect in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0):
             n, power = simulate(effect)
             n0, power0 = simulate(effect, futility=0.0)
             # confirm --top 3 + 2 controls + 4 other sweep ξ: the runners-up and the sweep stay at 3 seeds,
             # the winner and the two controls go to n; fixed: 9 sources x 5.
-            print(f"effect {effect:.1f} sd: mean {n:.2f} paired seeds of at most 10, says helps {power:.1%}; "
+            fixed = stats.nct.sf(stats.t.isf(0.025, 4), 4, effect * 5 ** 0.5)  # the fixed 5-seed paired t says "helps"
+            print(f"effect {effect:.1f} sd: fixed --seeds 5 says helps {fixed:.1%}; "
+                  f"auto: mean {n:.2f} paired seeds of at most 10, says helps {power:.1%}; "
                   f"runs vs fixed 5 seeds: {(2 * 3 + 3 * n + 4 * 3) / 45:.0%}  "
                   f"(without the futility stop: {n0:.2f} seeds, helps {power0:.1%}, {(2 * 3 + 3 * n0 + 4 * 3) / 45:.0%})")
         return

@@ -119,11 +119,26 @@ def paired_verdict(summary: list[dict], control: dict | None) -> dict | None:
             "n_seeds": d["n"], "n_planned": planned, "n_diverged": diverged, "p": d["p"], "confirmed": d["ci"] is not None, "text": text}
 
 
+def _on_shared_seeds(a: dict, b: dict) -> tuple[dict, dict]:
+    """Two rows restricted to the run indices both hold (``by_seed``); unchanged without ``by_seed``
+    or when nothing is shared."""
+    shared = sorted(set(a.get("by_seed") or {}) & set(b.get("by_seed") or {}))
+    if not shared or len(shared) == min(a["n"], b["n"]) == max(a["n"], b["n"]):
+        return a, b
+
+    def cut(r: dict) -> dict:
+        mean, std = mean_std([r["by_seed"][i] for i in shared])
+        return {**r, "mean": mean, "std": std, "n": len(shared)}
+
+    return cut(a), cut(b)
+
+
 def verdict(summary: list[dict]) -> dict[str, Any] | None:
     """The winner after confirmation and whether noise could explain its lead over the runner-up.
 
     The lead is within noise when Welch's t-test on the seed means does not reject at 95 % (the
-    same test the report uses for its best-xi interval). None when nothing finished.
+    same test the report uses for its best-xi interval); both over the seeds the two ran (with
+    ``--seeds auto`` the runner-up keeps the first look's). None when nothing finished.
     """
     done = [r for r in summary if r["n"] > 0]
     if not done:
@@ -134,8 +149,10 @@ def verdict(summary: list[dict]) -> dict[str, Any] | None:
         out.update(runner_up=None, lead=None, noise=None, within_noise=None)
         return out
     second = done[1]
-    lead = winner["mean"] - second["mean"]
-    noise = welch_threshold(winner, second)  # None: one run has no spread, noise cannot be judged
+    # Over the seeds both ran: with --seeds auto the winner has more seeds than the runner-up.
+    a, b = _on_shared_seeds(winner, second)
+    lead = a["mean"] - b["mean"]
+    noise = welch_threshold(a, b)  # None: one run has no spread, noise cannot be judged
     out.update(runner_up=second["source_trial"], lead=lead, noise=noise, within_noise=None if noise is None else lead < noise)
     return out
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import optuna
+import numpy as np
 import pytest
 from optuna.trial import TrialState
 
@@ -85,6 +86,20 @@ def test_verdict_flags_a_lead_within_noise():
     rows[1]["n"] = 1  # one run has no spread: cannot judge
     assert confirm.verdict(rows)["within_noise"] is None
     assert confirm.verdict([{"source_trial": 3, "mean": math.nan, "std": math.nan, "n": 0}]) is None
+
+
+def test_the_lead_is_judged_on_the_seeds_both_ran():
+    """With --seeds auto the winner goes on to more seeds than the runner-up: its lead is the
+    difference of means over the runner-up's seeds, not of a 5-seed mean and a 3-seed one."""
+    winner = {"source_trial": 1, "by_seed": {0: 0.80, 1: 0.82, 2: 0.84, 3: 0.70, 4: 0.70}}
+    second = {"source_trial": 2, "by_seed": {0: 0.79, 1: 0.81, 2: 0.83}}
+    for r in (winner, second):
+        vals = list(r["by_seed"].values())
+        r.update(n=len(vals), mean=sum(vals) / len(vals), std=float(np.std(vals, ddof=1)))
+    assert winner["mean"] < second["mean"]  # over unequal seeds the winner would seem to trail
+    v = confirm.verdict([winner, second])
+    assert v["lead"] == pytest.approx(0.01) and v["n"] == 5  # the winner's own row keeps all its seeds
+    assert v["noise"] == pytest.approx(2.7764451 * math.sqrt(2 * 0.02**2 / 3))  # Welch on the shared 3 seeds
 
 
 def test_confirm_runs_top_k_times_s_in_linked_study_and_resumes(searched, capsys):

@@ -70,7 +70,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         return 0 if v else 1
     if c.plan.note:
         print(f"note: {c.plan.note}", file=sys.stderr)
-    print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s), runs in study '{c.plan.study_name}'")
+    more = " at the first look (the winner and the controls get more until the verdict is decided)" if args.seeds == "auto" else ""
+    print(f"confirmation of '{args.study}': {len(c.plan.sources)} configuration(s) x {c.plan.seeds} seed(s){more}, "
+          f"runs in study '{c.plan.study_name}'")
     for r in [*c.configurations, *([c.control] if c.control else []), *([c.plain] if c.plain else [])]:
         label = {"control": f"control {r.source_trial:>2}", "plain": "ξ = 1 at winner"}.get(r.arm, f"trial {r.source_trial:>4}")
         search = f"search {r.search_accuracy:.4f}" if r.search_accuracy is not None else "search    -  "

@@ -43,7 +43,8 @@ def winner_text(winner: dict | None) -> str:
     if winner is None:
         return ""
     p = winner["params"]
-    how = (f"best confirmed mean, {winner['confirmed']['mean']:.4f}" if winner["selected_by"] == "confirmation"
+    how = (f"best confirmed mean over the seeds every configuration ran; {winner['confirmed']['mean']:.4f} over "
+           f"{winner['confirmed']['n']} seed(s)" if winner["selected_by"] == "confirmation"
            else f"best search result, {winner['value']:.4f}; unconfirmed")
     if winner["arm"] == "control":
         return (f"Best configuration overall: **the control arm's trial {winner['trial']} (ξ = 1, plain fine-tuning)**, base LR "
