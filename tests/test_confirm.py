@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 import math
 
-import optuna
 import numpy as np
+import optuna
 import pytest
 from optuna.trial import TrialState
 

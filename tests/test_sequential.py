@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from scipy import stats as st
 
 from llrd_search.sequential import conditional_power, decide, looks, stop_text, t_boundaries, z_boundaries
