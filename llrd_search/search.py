@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llrd_search.confirm_api import Confirmation, confirm  # noqa: F401
 from llrd_search.engine.steps import StepHook
 from llrd_search.records import Best, Created, Launch, Quiet, RunResult, Summary, Watcher  # noqa: F401  (part of this API)
-from llrd_search.results_api import Confirmation, Exported, Report, Trained, confirm, export, report, train  # noqa: F401
+from llrd_search.results_api import Exported, Report, Trained, export, report, train  # noqa: F401
 
 log = logging.getLogger(__name__)
 
