@@ -353,10 +353,9 @@ def searches(args: argparse.Namespace, data: Path, work: Path, env: dict, raw: d
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_ours_fixed":
         return ours_fixed(sys.argv[2:])
-    if "--gpu" in sys.argv[1:]:  # trials per GPU-hour, on one GPU: bench/compare_gpu.py
-        from compare_gpu import main as gpu_main  # bench/ is on sys.path when this script runs
-
-        sys.exit(gpu_main([a for a in sys.argv[1:] if a != "--gpu"]))
+    if "--gpu" in sys.argv[1:]:  # trials per GPU-hour, on one GPU: bench/compare_gpu.py, which imports this file
+        gpu = Path(__file__).with_name("compare_gpu.py")
+        sys.exit(subprocess.call([sys.executable, str(gpu), *(a for a in sys.argv[1:] if a != "--gpu")]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--trials", type=int, default=12, help="trials per search (default 12)")
     p.add_argument("--train-limit", type=int, default=2000, help="SST-2 train sentences (default 2000)")

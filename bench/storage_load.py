@@ -49,14 +49,14 @@ def _spec(name: str, n_trials: int) -> dict:
 
 
 def _child(url: str, study: str, index: int, barrier, results, pool_size: int) -> None:
-    from llrd_search.study import resilience, storage, worker
+    from llrd_search.study import claims, resilience, storage, worker
 
     if pool_size != 1:
         base = storage.engine_kwargs
         storage.engine_kwargs = lambda u: {**base(u), "pool_size": pool_size}
     times: dict[str, list[float]] = {"ask": [], "report": [], "tell": []}
 
-    real_lock, real_finish = worker.budget_lock, worker._finish
+    real_lock, real_finish = claims.budget_lock, claims.finish
 
     @contextmanager
     def timed_lock(*args, **kwargs):
@@ -72,7 +72,7 @@ def _child(url: str, study: str, index: int, barrier, results, pool_size: int) -
         finally:
             times["tell"].append(time.perf_counter() - t0)
 
-    worker.budget_lock, worker._finish = timed_lock, timed_finish
+    claims.budget_lock, claims.finish = timed_lock, timed_finish
 
     def factory(spec):
         rng = random.Random(index)

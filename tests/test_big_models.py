@@ -23,7 +23,7 @@ from llrd_search.engine.train import (
 )
 from llrd_search.exceptions import OutOfMemoryError
 from llrd_search.spec import TrainSection, parse_spec
-from llrd_search.study.worker import FailureCounter, error_signature
+from llrd_search.study.claims import FailureCounter, error_signature
 
 CPU = torch.device("cpu")
 LR = {"base_lr": 1e-3, "decay": 0.8, "head_lr": 1e-2}

@@ -37,9 +37,10 @@ from llrd_search.engine.steps import step_callback, step_hook
 from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.spec import load_spec
 from llrd_search.study import compat
+from llrd_search.study.claims import INTERRUPTED, FailureCounter, error_signature
 from llrd_search.study.resilience import is_transient, retrying
 from llrd_search.study.storage import create_study, open_storage
-from llrd_search.study.worker import INTERRUPTED, FailureCounter, error_signature, run_worker
+from llrd_search.study.worker import run_worker
 
 # Trials on 64 examples: SLOW_EPOCHS makes one last a few seconds, long enough to be hit mid-trial.
 SLOW_EPOCHS = 25

@@ -2,9 +2,9 @@
 
 With ``[train] pack`` resolving to K > 1 and the built-in objective, :func:`run_worker` hands each
 claimed trial to :func:`run_pack` instead of running it alone. The guarantees of a single trial
-hold per trial: every trial is claimed through the same :meth:`_Claimer.claim` (budget lock, arm,
+hold per trial: every trial is claimed through the same :meth:`claims.Claimer.claim` (budget lock, arm,
 its own heartbeat), so N workers still finish exactly ``n_trials``; each is told COMPLETE / PRUNED /
-FAIL through ``_finish`` the moment its slot ends, and its slot is refilled by a new claim while
+FAIL through :func:`claims.finish` the moment its slot ends, and its slot is refilled by a new claim while
 the budget has room. A signal marks every trial still running in the pack FAIL (INTERRUPTED) and
 propagates; an exception of the pack fails them all with its reason and counts once toward the
 repeated-failure stop. No trial is left RUNNING and none already told is told again.
@@ -26,18 +26,18 @@ from llrd_search.engine.packed import PackJob, SlotEnd
 from llrd_search.engine.packed_trials import PackedTrials, check_packable, resolve_pack
 from llrd_search.engine.steps import step_hook
 from llrd_search.exceptions import RepeatedFailureError
-from llrd_search.study.compat import trial_id
-from llrd_search.study.guards import Signals
-from llrd_search.study.worker import (
+from llrd_search.study.claims import (
     INTERRUPTED,
+    Claimed,
+    Claimer,
     FailureCounter,
-    _Claimed,
-    _Claimer,
-    _finish,
-    _seconds_since,
+    finish,
     repeated_failure,
+    seconds_since,
     tell_outcome,
 )
+from llrd_search.study.compat import trial_id
+from llrd_search.study.guards import Signals
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def pack_runner(objective: Any) -> PackedTrials | None:
 
 
 def run_pack(
-    first: _Claimed,
-    claimer: _Claimer,
+    first: Claimed,
+    claimer: Claimer,
     packer: PackedTrials,
     signals: Signals,
     failures: FailureCounter,
@@ -67,10 +67,10 @@ def run_pack(
 ) -> int:
     """Run ``first`` and up to K - 1 more claimed trials as one pack, refilling freed slots with
     new claims until none is left; returns how many trials it ran."""
-    live: dict[int, tuple[_Claimed, float]] = {}  # trial id -> its claim, when it started
+    live: dict[int, tuple[Claimed, float]] = {}  # trial id -> its claim, when it started
     ran = 0
 
-    def start(claimed: _Claimed) -> PackJob:
+    def start(claimed: Claimed) -> PackJob:
         nonlocal ran
         ran += 1
         live[trial_id(claimed.trial)] = (claimed, time.perf_counter())
@@ -119,7 +119,7 @@ def run_pack(
     return ran
 
 
-def _tell(claimed: _Claimed, packer: PackedTrials, end: SlotEnd, signals: Signals, failures: FailureCounter, t0: float) -> None:
+def _tell(claimed: Claimed, packer: PackedTrials, end: SlotEnd, signals: Signals, failures: FailureCounter, t0: float) -> None:
     """Tell one slot's trial its outcome, as the unpacked worker tells a trial."""
     try:
         value = packer.outcome(end)
@@ -129,10 +129,10 @@ def _tell(claimed: _Claimed, packer: PackedTrials, end: SlotEnd, signals: Signal
         tell_outcome(claimed.study, claimed.trial, signals, failures, t0, value=value)
 
 
-def _fail_all(live: dict[int, tuple[_Claimed, float]], signals: Signals, **attrs: Any) -> bool:
+def _fail_all(live: dict[int, tuple[Claimed, float]], signals: Signals, **attrs: Any) -> bool:
     """Mark every trial still running in the pack FAIL; whether any was told (not reaped already)."""
     told = False
     with signals.deferred():
         for claimed, t0 in live.values():
-            told = _finish(claimed.study, claimed.trial, TrialState.FAIL, wall_seconds=_seconds_since(t0), **attrs) or told
+            told = finish(claimed.study, claimed.trial, TrialState.FAIL, wall_seconds=seconds_since(t0), **attrs) or told
     return told
