@@ -3,11 +3,10 @@
 The confirmed winner's ``base_lr`` and ``head_lr`` re-run at each listed ξ with the first S seeds of
 its confirmation (``--sweep-seeds``; with ``--seeds auto`` the first look's 3), source key ``sweep:ξ``
 in the linked study ``NAME.confirm``, user attr ``llrd:sweep`` = ξ; so the rows are paired, as Sun
-et al. did at a fixed LR. The winner's own ξ is
-its confirmation row (same params, same seeds): it is not run twice; nor is any ξ whose runs another
-source already holds (:func:`confirm_rows.run_owners`: ξ = 1 when the control's best sits at the
-winner's LRs). The winner is chosen on the
-first sweep and kept (its runs are paired); later sweeps add ξ values to the same runs.
+et al. did at a fixed LR. The winner's own ξ is its confirmation row (same params, same seeds): it
+is not run twice; nor is any ξ whose runs another source already holds
+(:func:`confirm_rows.run_owners`: ξ = 1 when the control's best sits at the winner's LRs). The
+winner is chosen on the first sweep and kept (its runs are paired); later sweeps add ξ values to the same runs.
 
 The runs live in the linked study and are queued by :func:`queue.top_up` like every confirmation
 run; this module only plans the sweep's sources and reads its rows back (:mod:`confirm_rows`). Its interval is
