@@ -68,7 +68,10 @@ def test_confirm_seeds_auto_two_controls_and_the_test_split(write_study, tmp_pat
     report = tmp_path / "report"
     assert main(["report", "--storage", url, "--study", "v", "--out", str(report)]) == 0
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["verdict"]["stopped"]["seeds_run"] == v["n_seeds"] and summary["verdict"]["stopped"]["reason"] == seq["reason"]
+    stopped = summary["verdict"]["stopped"]
+    assert stopped["seeds_run"] == v["n_seeds"] and stopped["reason"] == seq["reason"] and stopped["futility"] == 0.10
+    # The conditional power is recorded when the last look has not come (it is the futility stop's reading).
+    assert (stopped["conditional_power"] is None) == (v["n_seeds"] == 4 or seq["reason"] in ("helps", "hurts", "no_difference"))
     assert summary["test"]["verdict"]["gain"] == v["test"]["gain"] and summary["verdict"]["control_source"] == v["control_source"]
     assert "| held-out test |" in (report / "summary.md").read_text()
 
