@@ -93,9 +93,9 @@ def simulate(effect: float, max_seeds: int = 10, studies: int = 2000, seed: int 
 
     plan, used, helps = looks(max_seeds), [], 0
     for diffs in np.random.default_rng(seed).normal(effect, 1.0, (studies, max_seeds)):
-        k, n = next((k, n) for k, n in enumerate(plan) if decide(diffs[:n], k, plan, 0.0, futility=futility)["reason"])
-        used.append(n)
-        helps += decide(diffs[:n], k, plan, 0.0, futility=futility)["reason"] == "helps"
+        d = next(d for k, n in enumerate(plan) if (d := decide(diffs[:n], k, plan, 0.0, futility=futility))["reason"])
+        used.append(d["n"])
+        helps += d["reason"] == "helps"
     return float(np.mean(used)), helps / studies
 
 

@@ -123,7 +123,7 @@ def _on_shared_seeds(a: dict, b: dict) -> tuple[dict, dict]:
     """Two rows restricted to the run indices both hold (``by_seed``); unchanged without ``by_seed``
     or when nothing is shared."""
     shared = sorted(set(a.get("by_seed") or {}) & set(b.get("by_seed") or {}))
-    if not shared or len(shared) == min(a["n"], b["n"]) == max(a["n"], b["n"]):
+    if not shared or len(shared) == a["n"] == b["n"]:
         return a, b
 
     def cut(r: dict) -> dict:

@@ -38,6 +38,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llrd_search.exceptions import LLRDSearchError, NoCompleteTrialError, StorageError
+from llrd_search.sequential import FUTILITY, looks
 from llrd_search.spec import Range, SpaceSection, StudySpec
 from llrd_search.stats import paired_verdict, t_quantile, verdict, welch_threshold
 from llrd_search.study.arms import CONTROL, load_control
@@ -212,7 +213,7 @@ def run_confirmation(
     decays: list[float] | None = None,
     max_seeds: int = 10,
     min_effect: float = 0.005,
-    futility: float | None = None,
+    futility: float = FUTILITY,
     sweep_seeds: int | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Prepare the linked study, then let ``run_workers(linked_name)`` run it until every
@@ -221,10 +222,9 @@ def run_confirmation(
 
     ``seeds="auto"``: S is the first look's (3), and the verdict's sources then get more paired seeds
     in rounds until it is decided (:func:`rounds.run_sequential`, at most ``max_seeds``; ``min_effect``
-    in accuracy units; ``futility`` the conditional power below which it stops, None: the default). With
+    in accuracy units; ``futility`` the conditional power below which it stops). With
     ``decays`` (:func:`parse_decays`), then queue and run the decay sweep of the confirmed winner, on
     ``sweep_seeds`` of the winner's seeds (:func:`sweep.prepare_sweep`)."""
-    from llrd_search.sequential import FUTILITY, looks
     from llrd_search.study.controls import add_plain
     from llrd_search.study.rounds import run_sequential
 
@@ -235,7 +235,7 @@ def run_confirmation(
     if add_plain(url, study_name) is not None:
         run()
     if auto:
-        run_sequential(url, study_name, run, max_seeds, min_effect, FUTILITY if futility is None else futility)
+        run_sequential(url, study_name, run, max_seeds, min_effect, futility)
     if decays:
         prepare_sweep(url, study_name, decays, sweep_seeds)
         with opened_storage(url) as storage:
