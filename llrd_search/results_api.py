@@ -209,6 +209,8 @@ def train(
     if Path(config).suffix == ".toml":
         url, name = resolve_study(config, storage, study)
         chosen = config_from_doc(export_config(url, name), source=f"{config} (the best configuration of study '{name}')")
+    elif storage is not None or study is not None:
+        raise LLRDSearchError(f"--storage/--study: only with a study file (.toml); {config} is an exported config, which names its own settings")
     set_threads(threads)
     metrics = train_from_config(chosen, out, epochs=epochs, train_limit=train_limit, force=force, on_step=on_step)
     return Trained(Path(out), metrics)

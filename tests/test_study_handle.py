@@ -95,3 +95,27 @@ def test_every_handle_commands_help_shows_the_study_file_form_first():
         first = next(line for line in EPILOGS[name].splitlines() if line.strip().startswith("llrd-search"))
         assert ".toml" in first.split()[2], f"'{name} --help': the first example does not pass a study file: {first}"
         assert "STUDY.toml" in sub.choices[name].format_usage()
+
+
+def test_train_config_takes_no_storage_and_needs_out(tmp_path, capsys):
+    best = tmp_path / "best.json"
+    best.write_text("{}")
+    assert main(["train", str(best)]) == 1
+    assert "--out: required unless a study file is given" in capsys.readouterr().err
+    assert main(["train", str(best), "--out", str(tmp_path / "m"), "--storage", "sqlite:///x.db"]) == 1
+    assert "--storage/--study: only with a study file (.toml)" in capsys.readouterr().err
+
+
+def test_next_lines_repeat_what_the_user_typed_without_a_password():
+    from argparse import Namespace
+
+    from llrd_search.cli.handle import next_lines
+
+    typed = Namespace(study_file="my studies/a.toml", storage="postgresql+psycopg://u:secret@db/llrd", study=None,
+                      typed={"storage": "postgresql+psycopg://u:secret@db/llrd", "study": None})
+    assert next_lines(typed, "report", "export --out best.json") == [
+        "next: llrd-search report 'my studies/a.toml' --storage postgresql+psycopg://u@db/llrd",
+        "      llrd-search export 'my studies/a.toml' --storage postgresql+psycopg://u@db/llrd --out best.json",
+    ]
+    flags = Namespace(study_file=None, storage="sqlite:///s.db", study="s", typed={"storage": "sqlite:///s.db", "study": "s"})
+    assert next_lines(flags, "report") == ["next: llrd-search report --storage sqlite:///s.db --study s"]
