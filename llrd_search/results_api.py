@@ -28,6 +28,24 @@ def at_least_one(**values: int | None) -> None:
             raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
 
 
+# --------------------------------------------------------------------------- the study file as handle
+
+
+def resolve_study(study_file: str | Path | None, storage: str | None = None, study: str | None = None) -> tuple[str, str]:
+    """(storage URL, study name) of a study: ``storage`` and ``study`` when given, the rest read from
+    ``study_file`` as ``run`` reads it (``study.storage``, else the SQLite file beside it; ``study.name``)."""
+    if study_file is not None and (storage is None or study is None):
+        from llrd_search.search import storage_url
+        from llrd_search.spec import load_spec
+
+        spec = load_spec(study_file)
+        return storage_url(study_file, spec, storage), study or spec.study.name
+    if storage is None or study is None:
+        missing = " and ".join(f"--{k}" for k, v in (("storage", storage), ("study", study)) if v is None)
+        raise LLRDSearchError(f"pass the study file, or {missing}")
+    return storage, study
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -49,14 +67,15 @@ class Report:
         return self.files["html"]
 
 
-def report(storage: str, study: str, out: str | Path) -> Report:
-    """Write ``study``'s plots, ``summary.md``, ``summary.json`` and a self-contained ``report.html`` into ``out``."""
+def report(storage: str, study: str, out: str | Path, *, study_file: str | Path | None = None) -> Report:
+    """Write ``study``'s plots, ``summary.md``, ``summary.json`` and a self-contained ``report.html`` into ``out``
+    (``study_file``: the report shows paths relative to its folder)."""
     import json
 
     from llrd_search.results import report as reporting
     from llrd_search.study.storage import mask_url
 
-    files = reporting.write_report(storage, study, out)
+    files = reporting.write_report(storage, study, out, study_file=study_file)
     data = json.loads(files["summary_json"].read_text(encoding="utf-8"))
     v, interval = data["verdict"], data["decay_interval"]
     return Report(
@@ -169,6 +188,8 @@ def train(
     config: str | Path,
     out: str | Path,
     *,
+    storage: str | None = None,
+    study: str | None = None,
     epochs: int | None = None,
     train_limit: int | None = None,
     threads: int | None = None,
@@ -176,11 +197,20 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
 ) -> Trained:
     """Fine-tune with an exported ``config`` on all the training data (or ``train_limit`` examples)
-    and save the model, tokenizer and ``metrics.json`` into ``out`` (``force``: even if not empty)."""
+    and save the model, tokenizer and ``metrics.json`` into ``out`` (``force``: even if not empty).
+    ``config`` may also be a study file (.toml): then the study's best configuration, as ``export``
+    would write it (``storage``/``study`` override what the file names)."""
     from llrd_search.engine.train import set_threads
+    from llrd_search.results.export import LLRDConfig, config_from_doc, export_config
     from llrd_search.results.finetune import train_from_config
 
     at_least_one(epochs=epochs, train_limit=train_limit)
+    chosen: str | Path | LLRDConfig = config
+    if Path(config).suffix == ".toml":
+        url, name = resolve_study(config, storage, study)
+        chosen = config_from_doc(export_config(url, name), source=f"{config} (the best configuration of study '{name}')")
+    elif storage is not None or study is not None:
+        raise LLRDSearchError(f"--storage/--study: only with a study file (.toml); {config} is an exported config, which names its own settings")
     set_threads(threads)
-    metrics = train_from_config(config, out, epochs=epochs, train_limit=train_limit, force=force, on_step=on_step)
+    metrics = train_from_config(chosen, out, epochs=epochs, train_limit=train_limit, force=force, on_step=on_step)
     return Trained(Path(out), metrics)

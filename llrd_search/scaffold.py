@@ -244,6 +244,11 @@ def render_study(data: DataInfo, model: ModelInfo, max_length: int, longest: int
         lines.append(_line("validation_fraction = 0.1", "no validation split found: a stratified, seeded 10 % of train"))
     elif data.validation_split != "validation":
         lines.append(f'validation_split = "{data.validation_split}"')
+    if "test" not in data.rows:
+        # Every choice (pruning, the best trial, the confirmed winner) is made on validation, so its
+        # score flatters the winner; a split nothing chooses by is what the verdict is scored on.
+        lines.append(_line("test_fraction = 0.1", "no test split found: a held-out 10 % of train that no choice sees, "
+                           "so confirm scores the verdict on data it did not pick by"))
     lines += [
         _line("train_limit = 0", "0 = all; e.g. 2000 for a quick first search on a CPU"),
         "",

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from llrd_search.cli.handle import add_handle, resolve_handle
 from llrd_search.cli.result_cmds import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
 from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_proxy, cmd_run, cmd_status, cmd_validate, cmd_worker
 from llrd_search.exceptions import LLRDSearchError
@@ -29,7 +30,9 @@ on a GPU machine run uses every visible GPU; here 2 workers on each of GPUs 2 an
   CUDA_VISIBLE_DEVICES=2,3 llrd-search run studies/sst2-minilm.toml --workers-per-gpu 2""",
     "create": """example:
   llrd-search create studies/sst2-minilm.toml --storage postgresql+psycopg://user:pass@db:5432/llrd""",
-    "worker": """example (one per GPU or machine, all with the same URL):
+    "worker": """example (the study file names the storage and the study, as for run):
+  llrd-search worker studies/sst2-minilm.toml
+one per GPU or machine, all with the same URL:
   llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm
   llrd-search worker --storage postgresql+psycopg://user:pass@db:5432/llrd --study sst2-minilm --gpu 3
 with your own training code (a function(trial) -> float in my_training.py, in the current directory):
@@ -39,30 +42,37 @@ with your own training code (a function(trial) -> float in my_training.py, in th
   llrd-search worker --storage grpc://proxy-host:13000 --study sst2-minilm
 (every command that takes --storage accepts grpc://HOST:PORT; needs pip install 'llrd-search[grpc]')""",
     "status": """example:
+  llrd-search status studies/sst2-minilm.toml
+  llrd-search status studies/sst2-minilm.toml --format json
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm
-  llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format json""",
+  (--storage/--study instead of the study file, or to override what it names)""",
     "validate": """example:
   llrd-search validate studies/*.toml""",
     "confirm": """example:
+  llrd-search confirm studies/sst2-minilm.toml
+  llrd-search confirm studies/sst2-minilm.toml --top 3 --seeds auto --max-seeds 10
+  llrd-search confirm studies/sst2-minilm.toml --seeds auto --decay-sweep 1.0,0.9,0.8 --sweep-seeds 5
+  llrd-search confirm studies/sst2-minilm.toml --workers-per-gpu 2
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
-  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds auto --max-seeds 10
-  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --seeds auto --decay-sweep 1.0,0.9,0.8 --sweep-seeds 5
-  llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --workers-per-gpu 2
   (runs go to the linked study sst2-minilm.confirm; more machines can help with:
-   llrd-search worker --storage URL --study sst2-minilm.confirm)""",
+   llrd-search worker studies/sst2-minilm.toml --study sst2-minilm.confirm)""",
     "export": """example:
+  llrd-search export studies/sst2-minilm.toml --out best.json
+  llrd-search export studies/sst2-minilm.toml --format yaml
   llrd-search export --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --out best.json
-  llrd-search export --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format yaml
 then in Python:
   optimizer = torch.optim.AdamW(llrd_search.load_config("best.json").param_groups(model))""",
     "train": """example:
+  llrd-search train studies/sst2-minilm.toml   (the study's best configuration, into studies/sst2-minilm-model/)
   llrd-search train best.json --out models/sst2-minilm
   llrd-search train best.json --out /tmp/smoke --epochs 1 --train-limit 200   (a quick check)""",
     "dashboard": """example:
+  llrd-search dashboard studies/sst2-minilm.toml
+  llrd-search dashboard studies/sst2-minilm.toml --port 8081
   llrd-search dashboard --storage sqlite:///studies/sst2-minilm.db
-  llrd-search dashboard --storage sqlite:///studies/sst2-minilm.db --port 8081
 from another machine, tunnel instead of --host 0.0.0.0:  ssh -L 8080:127.0.0.1:8080 HOST""",
     "report": """example:
+  llrd-search report studies/sst2-minilm.toml   (writes studies/sst2-minilm-report/)
   llrd-search report --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --out reports/sst2-minilm""",
 }
 
@@ -158,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, metavar="N", help="study-wide budget, overriding study.n_trials")
 
     p = add("worker", cmd_worker, "Join a study and run trials until its budget is spent.")
-    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    add_handle(p)
     p.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's choice)")
     p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)
     p.add_argument("--gpu", metavar="ID", help="run on this GPU only: sets CUDA_VISIBLE_DEVICES=ID for this worker (an index as "
@@ -173,21 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=13000, help="port (default 13000)")
 
     p = add("status", cmd_status, "Show a study's progress, trial states and best trial.")
-    p.add_argument("--storage", required=True, metavar="URL")
-    p.add_argument("--study", required=True, metavar="NAME")
+    add_handle(p)
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("validate", cmd_validate, "Check study files without touching data, model weights or storage; estimate a trial's memory.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
 
     p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")
-    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.html, summary.md and the PNGs (created if missing)")
+    add_handle(p)
+    p.add_argument("--out", metavar="DIR", help="folder for report.html, summary.md and the PNGs, created if missing "
+                   "(default: STUDY-report beside the study file)")
 
     p = add("confirm", cmd_confirm, "Re-run the top-K configurations with S fresh seeds each and report mean ± std.")
-    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name (the search)")
+    add_handle(p)
     p.add_argument("--top", type=int, default=3, metavar="K", help="configurations to confirm (default 3)")
     p.add_argument("--seeds", type=_seeds, default=5, metavar="S|auto", help="fresh seeds per configuration (default 5); auto: "
                    "3, then more paired seeds for the winner and the controls in rounds until the verdict is decided "
@@ -208,21 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", metavar="MODULE:FUNCTION", help=OBJECTIVE_HELP)
 
     p = add("export", cmd_export, "Write the best configuration (after confirmation when it exists) as JSON or YAML.")
-    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")
-    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    add_handle(p)
     p.add_argument("--format", choices=["json", "yaml"], help="default: from --out's suffix, else json")
     p.add_argument("--out", metavar="FILE", help="file to write (default: stdout)")
 
-    p = add("train", cmd_train, "Fine-tune with an exported config on the full training data and save the model.")
-    p.add_argument("config", metavar="CONFIG", help="file written by 'llrd-search export' (.json/.yaml)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the model, tokenizer and metrics.json")
+    p = add("train", cmd_train, "Fine-tune with an exported config (or a study's best) on the full training data and save the model.")
+    p.add_argument("config", metavar="STUDY.toml|CONFIG", help="a study file (.toml: trains the study's best configuration, "
+                   "as export would write it) or a file written by 'llrd-search export' (.json/.yaml)")
+    p.add_argument("--storage", metavar="URL", help="with a study file: storage URL of the study (default: the study file's)")
+    p.add_argument("--study", metavar="NAME", help="with a study file: study name (default: the study file's study.name)")
+    p.add_argument("--out", metavar="DIR", help="folder for the model, tokenizer and metrics.json "
+                   "(default with a study file: STUDY-model beside it)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the config's train.epochs")
     p.add_argument("--train-limit", type=int, metavar="N", help="train on a stratified sample of N examples (default: all)")
     p.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
 
     p = add("dashboard", cmd_dashboard, "Serve optuna-dashboard on the study storage (127.0.0.1 unless --host says otherwise).")
-    p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the studies")
+    add_handle(p, study=False, what="the studies")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; the dashboard has no login)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     return parser
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         _positive(args)
+        resolve_handle(args)
         return args.func(args)
     except LLRDSearchError as err:
         if args.debug:

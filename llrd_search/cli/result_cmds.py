@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from llrd_search.cli.handle import default_out
     from llrd_search.search import report
 
-    written = report(args.storage, args.study, args.out)
+    written = report(args.storage, args.study, args.out or default_out(args, "-report"), study_file=args.study_file)
     print(f"report of study '{args.study}' in {written.storage}:", file=sys.stderr)
     for path in written.files.values():
         print(path)
@@ -101,6 +102,9 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         print("no control arm to compare with (the search has control_fraction = 0 or predates the control arm, or its control arm has no complete trial)")
     if c.runs_saved:
         print(f"reused {c.runs_saved} finished or queued run(s) instead of training them again (same LRs, ξ, seeds, data and training)")
+    from llrd_search.cli.handle import next_lines
+
+    print("\n".join(next_lines(args, "report", "export --out best.json")))
     return 0
 
 
@@ -121,15 +125,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from llrd_search.cli.handle import default_out
     from llrd_search.console import step_progress
     from llrd_search.search import train
 
+    out = args.out or default_out(args, "-model")
     with step_progress("training") as on_step:
-        t = train(args.config, args.out, epochs=args.epochs, train_limit=args.train_limit, threads=args.threads, force=args.force, on_step=on_step)
+        t = train(args.config, out, storage=args.storage, study=args.study, epochs=args.epochs, train_limit=args.train_limit, threads=args.threads, force=args.force, on_step=on_step)
     m = t.metrics
     test = f", test accuracy {m['test_accuracy']:.4f}" if m["test_accuracy"] is not None else ""
-    print(f"saved the model to {args.out}: validation accuracy {m['validation_accuracy']:.4f}{test} ({m['n_train']} training examples, {m['seconds']:.0f}s)")
-    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(args.out)!r})")
+    print(f"saved the model to {out}: validation accuracy {m['validation_accuracy']:.4f}{test} ({m['n_train']} training examples, {m['seconds']:.0f}s)")
+    print(f"load it with: AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -71,7 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"best: trial {b.trial} {s.metric} {b.value:.4f} base_lr={b.params['base_lr']:.3g} head_lr={b.params['head_lr']:.3g} decay={b.params['decay']:.3f}")
     if c is not None:
         print(f"best of the control arm (ξ = 1): trial {c.trial} {s.metric} {c.value:.4f} base_lr={c.params['base_lr']:.3g} head_lr={c.params['head_lr']:.3g} "
-              "(unconfirmed: run `llrd-search confirm` for the paired verdict)")
+              "(unconfirmed: confirm gives the paired verdict)")
+    from llrd_search.cli.handle import next_lines
+
+    print("\n".join(next_lines(args, "confirm", "report", "export --out best.json")))
     return 0
 
 

@@ -284,10 +284,14 @@ def _problems(doc: dict[str, Any]) -> list[str]:
 def load_config(path: str | Path) -> LLRDConfig:
     """Read an exported config (.json, .yaml or .yml) and check its LLRD numbers and group table."""
     path = Path(path)
-    doc = _read(path)
+    return config_from_doc(_read(path), source=str(path))
+
+
+def config_from_doc(doc: dict[str, Any], source: str = "<config>") -> LLRDConfig:
+    """An export document (what :func:`export_config` returns, or a file read back) as a checked :class:`LLRDConfig`."""
     problems = _problems(doc)
     if problems:
-        raise SpecError(str(path), problems)
+        raise SpecError(source, problems)
     groups = doc["groups"]
     return LLRDConfig(
         base_lr=float(doc["base_lr"]),
@@ -308,5 +312,5 @@ def load_config(path: str | Path) -> LLRDConfig:
         arm=str(doc.get("arm") or LLRD),
         convention=doc.get("convention", CONVENTION),
         versions=dict(doc.get("versions") or {}),
-        source=str(path),
+        source=source,
     )

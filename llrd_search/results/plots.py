@@ -108,15 +108,17 @@ def is_control(t: TrialInfo) -> bool:
 
 
 def plot_accuracy_vs_decay(
-    trials: Sequence[TrialInfo], path: Path, *, interval: tuple[float, float] | None = None, metric: str = "accuracy"
+    trials: Sequence[TrialInfo], path: Path, *, interval: tuple[float, float] | None = None, metric: str = "accuracy",
+    control: Sequence[TrialInfo] = (),
 ) -> str | None:
-    """The metric against ξ, coloured by base LR; pruned trials faint at their last evaluation."""
+    """The metric against ξ, coloured by base LR; pruned trials faint at their last evaluation; the
+    control arm's trials (all at ξ = 1) as red diamonds."""
     complete = [t for t in trials if t.state == "COMPLETE"]
     pruned = [t for t in trials if t.state == "PRUNED" and t.last_intermediate is not None]
     n_failed = sum(t.state == "FAIL" for t in trials)
-    if not complete and not pruned:
+    if not complete and not pruned and not control:
         return f"{metric} vs ξ needs a finished (complete or pruned) trial"
-    norm = _lr_norm([t.params["base_lr"] for t in complete + pruned])
+    norm = _lr_norm([t.params["base_lr"] for t in [*complete, *pruned] or control])
     fig, ax = _axes(7.5, 4.8)
     if interval is not None:
         ax.axvspan(interval[0] - 0.004, interval[1] + 0.004, color="gold", alpha=0.25, lw=0, label="best-ξ interval")
@@ -128,10 +130,17 @@ def plot_accuracy_vs_decay(
                         norm=norm, cmap="viridis", s=46, edgecolor="black", linewidth=0.4, label="complete", zorder=3)
         best = max(complete, key=lambda t: t.value)
         ax.scatter([best.params["decay"]], [best.value], **BEST_STYLE, label=f"best: trial {best.number}, {best.value:.4f}")
-        controls = [t for t in complete if is_control(t)]
-        if controls:
-            top = max(t.value for t in controls)
-            ax.axhline(top, color="grey", ls=":", lw=1, label=f"best ξ = 1 control: {top:.4f}")
+    arm = [(t.value if t.state == "COMPLETE" else t.last_intermediate, t.state == "COMPLETE") for t in control]
+    arm = [(v, done) for v, done in arm if v is not None]
+    for done in (True, False):
+        values = [v for v, d in arm if d is done]
+        if values:
+            ax.scatter([1.0] * len(values), values, marker="D", s=40 if done else 26, facecolor="none", edgecolor="tab:red",
+                       alpha=1.0 if done else 0.4, linewidths=1.2, zorder=4,
+                       label=f"control arm (ξ = 1): {len(values)} {'complete' if done else 'pruned'}")
+    controls = [t.value for t in complete if is_control(t)] + [v for v, d in arm if d]
+    if controls:
+        ax.axhline(max(controls), color="grey", ls=":", lw=1, label=f"best ξ = 1 control: {max(controls):.4f}")
     ax.axvline(1.0, color="grey", ls="--", lw=1, label="no decay (ξ = 1)")
     # A mappable of its own: the pruned points' transparency must not fade the colour bar.
     fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="base LR (top layer), log scale")
@@ -139,7 +148,8 @@ def plot_accuracy_vs_decay(
     ax.set_ylabel(f"validation {metric}")
     ax.margins(y=0.1)  # room for the best trial's star under the title
     failed = f", {n_failed} failed (not shown)" if n_failed else ""
-    ax.set_title(f"{_cap(metric)} vs decay: {len(complete)} complete, {len(pruned)} pruned{failed}")
+    arm_text = f" + {len(arm)} control" if arm else ""
+    ax.set_title(f"{_cap(metric)} vs decay: {len(complete)} complete, {len(pruned)} pruned{failed}{arm_text}")
     fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -300,36 +310,5 @@ def plot_importance(importances: dict[str, float], n_trials: int, path: Path, *,
     rough = " (few trials: a rough guide)" if n_trials < 10 else ""
     ax.set_title(f"Parameter importance over {n_trials} complete trials{rough}", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
-    return None
-
-
-def plot_decay_sweep(rows: Sequence[dict], path: Path, *, interval: tuple[float, float] | None = None,
-                     paper: dict[float, float] | None = None, metric: str = "accuracy") -> str | None:
-    """The decay sweep: mean ± std over seeds at each ξ (the winner's LRs), and the paper's row
-    (test error %, on its own inverted axis so that up is better on both)."""
-    done = [r for r in rows if r["n"] > 0]
-    if not done:
-        return "the decay sweep has no finished run yet (run `llrd-search confirm ... --decay-sweep` again to resume)"
-    fig, ax = _axes(7.5, 4.6)
-    if interval is not None:
-        ax.axvspan(interval[0] - 0.004, interval[1] + 0.004, color="gold", alpha=0.25, lw=0, label="best-ξ interval (paired t, 95 %)")
-    ax.errorbar([r["decay"] for r in done], [r["mean"] for r in done], yerr=[r["std"] for r in done], fmt="o-", color="tab:blue",
-                capsize=4, label=f"this model: mean ± std over seeds (n = {max(r['n'] for r in done)})")
-    for r in done:
-        ax.annotate(f"n={r['n']}", (r["decay"], r["mean"]), textcoords="offset points", xytext=(4, -12), fontsize=7, color="tab:blue")
-    if paper:
-        twin = ax.twinx()
-        xs = sorted(paper)
-        twin.plot(xs, [paper[x] for x in xs], "s--", color="tab:grey", alpha=0.8, label="Sun et al. 2019, Table 4 (IMDb test error %)")
-        twin.invert_yaxis()
-        twin.set_ylabel("paper: IMDb test error % (inverted)")
-        twin.legend(fontsize=8, loc="lower left")
-    ax.set_xlabel(f"{XI} (same base and head LR at every ξ)")
-    ax.set_ylabel(f"validation {metric}")
-    base, head = done[0]["base_lr"], done[0]["head_lr"]
-    ax.set_title(f"Decay sweep at base LR {base:.2e}, head LR {head:.2e}", fontsize=11)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
     _save(fig, path)
     return None

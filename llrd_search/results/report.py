@@ -30,13 +30,15 @@ from llrd_search.results.summary import (
     ARM_PRESENT,
     PAPER_TABLE4,
     arms_section,
+    header_lines,
     summary_data,
     sweep_section,
 )
+from llrd_search.results.sweep_plot import plot_decay_sweep
 from llrd_search.stats import sweep_interval, welch_threshold
 from llrd_search.study.arms import load_control, overall_best, study_predates_control_arm
 from llrd_search.study.confirm import Z95
-from llrd_search.study.storage import load_study, mask_url, opened_storage, spec_of
+from llrd_search.study.storage import load_study, opened_storage, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +152,12 @@ def _model_layers(spec: Any) -> int | None:
 
 def summary_sections(name: str, url: str, spec: Any, trials: Sequence[TrialInfo], confirmation: list[dict] | None,
                      interval: dict | None, missing: dict[str, str], arms: dict | None = None, metric: str = "accuracy",
-                     sweep: list[dict] | None = None) -> list[str]:
-    """The summary as Markdown sections (without the figure list); values are labelled ``metric``."""
-    counts = state_counts(trials)
+                     sweep: list[dict] | None = None, control_trials: Sequence[TrialInfo] = (), base: Path | None = None) -> list[str]:
+    """The summary as Markdown sections (without the figure list); values are labelled ``metric``;
+    paths shown relative to ``base`` (the study file's folder)."""
     best = best_trial(trials)
     n_val = best.n_validation if best else next((t.n_validation for t in trials if t.n_validation), None)
-    head = [f"# LLRD search report: study `{name}`", "", f"- storage: `{mask_url(url)}`", f"- metric: validation {metric} (maximized)"]
-    if spec is not None:
-        head += [f"- model: `{spec.model.name}` (max_length {spec.model.max_length})",
-                 f"- data: `{spec.data.path}` (label column `{spec.data.label}`; {n_val or '?'} validation examples)",
-                 f"- training: {spec.train.epochs} epoch(s), batch {spec.train.batch_size}, {spec.train.evals_per_epoch} evaluations per epoch",
-                 f"- search: sampler {spec.study.sampler}, pruner {spec.study.pruner}, budget {spec.study.n_trials} finished trials"]
-    words = {"FAIL": "failed"}
-    states = ", ".join(f"{n} {words.get(s, s.lower())}" for s, n in counts.items() if n or s in ("COMPLETE", "PRUNED", "FAIL"))
-    head += [f"- trials: {len(trials)} ({states})", f"- total compute time: {compute_seconds(trials) / 60:.1f} min (sum of trial wall times)"]
-    sections = ["\n".join(head)]
+    sections = ["\n".join(header_lines(name, url, spec, list(trials), list(control_trials), metric, n_val, base))]
     fails = Counter((t.fail_reason or "no reason recorded").splitlines()[0][:160] for t in trials if t.state == "FAIL")
     if fails:
         sections.append("## Failed trials\n\n" + "\n".join(f"- {n}× {reason}" for reason, n in fails.most_common(5)))
@@ -260,8 +253,9 @@ def render_html(title: str, sections: Sequence[str], figures: dict[str, Path], m
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:
-    """Write the PNGs, ``summary.md`` and ``report.html`` into ``out_dir``; return name → path."""
+def write_report(storage_url: str, study_name: str, out_dir: str | Path, *, study_file: str | Path | None = None) -> dict[str, Path]:
+    """Write the PNGs, ``summary.md`` and ``report.html`` into ``out_dir``; return name → path.
+    ``study_file``: paths are shown relative to its folder, its data path instead of the stored one."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +281,8 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
 
         confirmation = confirmation_summary(storage, study_name)
         control_study = load_control(study)
-        control = best_trial(trial_infos(control_study)) if control_study is not None else None
+        control_trials = trial_infos(control_study) if control_study is not None else []
+        control = best_trial(control_trials)
         control_arm = ARM_PRESENT if control_study is not None else ARM_PREDATES if study_predates_control_arm(study) else ARM_OFF
         sweep = sweep_summary(storage, study_name)
         control_row = control_summary(storage, study_name) if confirmation else None
@@ -302,7 +297,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     paths = {stem: out / f"{stem}.png" for stem in FIGURES}
     band = (interval["low"], interval["high"]) if interval else None
     missing: dict[str, str | None] = {
-        "accuracy_vs_decay": plots.plot_accuracy_vs_decay(trials, paths["accuracy_vs_decay"], interval=band, metric=metric),
+        "accuracy_vs_decay": plots.plot_accuracy_vs_decay(trials, paths["accuracy_vs_decay"], interval=band, metric=metric, control=control_trials),
         "decay_lr_map": plots.plot_decay_lr_map(trials, paths["decay_lr_map"], metric=metric),
         "history": plots.plot_history(trials, paths["history"], metric=metric),
         "learning_curves": plots.plot_learning_curves(trials, paths["learning_curves"], metric=metric),
@@ -310,7 +305,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
     }
     if sweep:
         sweep_band = (interval["low"], interval["high"]) if interval and interval["method"] == "sweep" else None
-        missing["decay_sweep"] = plots.plot_decay_sweep(sweep, paths["decay_sweep"], interval=sweep_band, paper=PAPER_TABLE4, metric=metric)
+        missing["decay_sweep"] = plot_decay_sweep(sweep, paths["decay_sweep"], interval=sweep_band, paper=PAPER_TABLE4, metric=metric)
     else:  # no sweep: no figure and nothing to say about it (a stale one from another study goes)
         paths.pop("decay_sweep").unlink(missing_ok=True)
     if best is None:
@@ -325,7 +320,12 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         paths[stem].unlink(missing_ok=True)  # a stale PNG from an earlier report would contradict this one
     winner = overall_best(best, control, confirmation, control_row)  # what `export` exports
     arms = {"control": control, "paired": paired, "control_arm": control_arm, "winner": winner}
-    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric, sweep)
+    base = Path(study_file).resolve().parent if study_file else None
+    if spec is not None and study_file:  # where the data lies for whoever holds the study file, not where it lay when searched
+        from llrd_search.spec import load_spec
+
+        spec.data.path = load_spec(study_file).data.path
+    sections = summary_sections(study_name, storage_url, spec, trials, confirmation, interval, missing_now, arms, metric, sweep, control_trials, base)
     data = summary_data(best, control, confirmation, paired, interval, sweep, control_arm, winner)
     (out / "summary.json").write_text(json.dumps({"study": study_name, "metric": metric, **data}, indent=2) + "\n", encoding="utf-8")
     plot_list = "## Plots\n\n" + "\n\n".join(f"![{captions[s]}]({p.name})" for s, p in figures.items())

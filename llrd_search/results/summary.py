@@ -9,6 +9,8 @@ over the seeds both ran (:func:`stats.paired_verdict`). Pure functions over plai
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from llrd_search.records import runs_text
@@ -32,6 +34,52 @@ def unconfirmed_text(best: TrialInfo | None, control: TrialInfo | None) -> str:
     return (f"unconfirmed: search bests LLRD {best.value:.4f} (trial {best.number}, ξ = {best.params['decay']:.3f}) vs control "
             f"{control.value:.4f} (trial {control.number} of the control arm), {100 * (best.value - control.value):+.2f} points; "
             "single trials at different learning rates and seeds, not a measured gain: run `llrd-search confirm` for the paired verdict")
+
+
+def shown_path(path: str, base: Path | None) -> str:
+    """A path as a report shows it: relative to ``base`` (the study file's folder); never a machine's
+    absolute path (one that lies far from ``base`` shows as its folder name)."""
+    p = Path(path)
+    if not p.is_absolute():
+        if not p.exists():  # a hub id, or a relative path that names nothing here
+            return p.as_posix()
+        p = p.resolve()
+    try:
+        rel = Path(os.path.relpath(p, base or Path.cwd())).as_posix()
+    except ValueError:  # another drive on Windows
+        return p.name
+    return p.name if rel.startswith("../..") else rel
+
+
+def shown_storage(url: str, base: Path | None) -> str:
+    """The storage URL, password masked; a SQLite file's path as :func:`shown_path` shows it."""
+    from llrd_search.study.storage import mask_url
+
+    prefix = "sqlite:///"
+    return prefix + shown_path(url[len(prefix):], base) if url.startswith(prefix) else mask_url(url)
+
+
+def header_lines(name: str, url: str, spec: Any, trials: list[TrialInfo], control_trials: list[TrialInfo], metric: str,
+                 n_validation: int | None, base: Path | None = None) -> list[str]:
+    """The report's opening lines; the trial count covers both arms, as the budget does."""
+    head = [f"# LLRD search report: study `{name}`", ""]
+    if base is not None:
+        head.append("- paths: relative to the study file's folder")
+    head += [f"- storage: `{shown_storage(url, base)}`", f"- metric: validation {metric} (maximized)"]
+    if spec is not None:
+        head += [f"- model: `{shown_path(spec.model.name, base)}` (max_length {spec.model.max_length})",
+                 f"- data: `{shown_path(spec.data.path, base)}` (label column `{spec.data.label}`; {n_validation or '?'} validation examples)",
+                 f"- training: {spec.train.epochs} epoch(s), batch {spec.train.batch_size}, {spec.train.evals_per_epoch} evaluations per epoch",
+                 f"- search: sampler {spec.study.sampler}, pruner {spec.study.pruner}"]
+    every = [*trials, *control_trials]
+    states = {s: sum(t.state == s for t in every) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    states |= {t.state: sum(u.state == t.state for u in every) for t in every}
+    words = {"FAIL": "failed"}
+    arms = f" ({len(trials)} LLRD + {len(control_trials)} control)" if control_trials else ""
+    budget = f" of budget {spec.study.n_trials} finished (complete + pruned)" if spec is not None else ""
+    head += [f"- trials: {len(every)}{arms}{budget}; {', '.join(f'{n} {words.get(s, s.lower())}' for s, n in states.items())}",
+             f"- total compute time: {sum(t.wall_seconds for t in every) / 60:.1f} min (sum of trial wall times, both arms)"]
+    return head
 
 
 # summary.json's `control_arm`: whether the study has the ξ = 1 arm, and why not.
