@@ -38,7 +38,7 @@ keep = [s for s in sections if s.startswith("<h2>Does LLRD help?")]
 assert keep, "report.html has no 'Does LLRD help?' section"
 open(sys.argv[2], "w", encoding="utf-8").write(head + "<body>" + keep[0].split("</body>")[0] + "</body></html>")
 PY
-shot "file://$TMP/verdict.html" docs/img/report-verdict.png 1040 560
+shot "file://$TMP/verdict.html" docs/img/report-verdict.png 1040 340
 
 # optuna-dashboard: started here, stopped by its process id when the script ends.
 PORT=${PORT:-18321}
