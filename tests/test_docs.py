@@ -93,7 +93,7 @@ def _command_lines() -> list[tuple[str, str]]:
             if line.lstrip().startswith(("usage:", "#")):
                 continue  # usage lines are argparse's own
             m = COMMAND.search(line)
-            if m:
+            if m and "`" not in line[: m.start() + 1]:  # `llrd-search confirm` quoted inside output is a name
                 # up to a comment, the next command of a chain, a background `&` or a note in parentheses
                 args = re.split(r"\s+#\s|\s&&\s|\s\|\s|;\s|\s&$|\s{2,}\(", m.group(1))[0].strip()
                 found.append((f"{rel}: {line.strip()}", args))
