@@ -100,11 +100,11 @@ if ((DRY)); then printf '\n**Dry run on a CPU with tiny models: checks the plumb
 part info 40 bash -c info
 { echo; echo '```'; cat "$PARTS/info.log"; echo '```'; } >>"$MD"
 
-part micro $((DRY ? 100 : 150)) "$PY" bench/gpu_micro.py --out "$OUT" "${dry[@]}"
+part micro $((DRY ? 240 : 150)) "$PY" bench/gpu_micro.py --out "$OUT" "${dry[@]}"
 if [[ -f $OUT/micro.md ]]; then { echo; cat "$OUT/micro.md"; } >>"$MD"; fi
 
 left=$((BUDGET_S - (SECONDS - T_START)))
-part search $((left + 30)) "$PY" bench/gpu_search.py --out "$OUT" --logs "$PARTS" --window "$WINDOW_S" --deadline $(($(date +%s) + left)) "${dry[@]}"
+part search $((left > 0 ? left + 30 : 30)) "$PY" bench/gpu_search.py --out "$OUT" --logs "$PARTS" --window "$WINDOW_S" --deadline $(($(date +%s) + left)) "${dry[@]}"
 if [[ -f $OUT/search.md ]]; then { echo; cat "$OUT/search.md"; } >>"$MD"; fi
 
 tar -czf "$OUT/parts.tar.gz" -C "$PARTS" . 2>/dev/null || true

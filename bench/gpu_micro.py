@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run: measures nothing)"
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else ("CPU (dry run: measures nothing)" if args.dry_run else "CPU, no CUDA")
     result = {"device": name, "date": datetime.date.today().isoformat(), "cuda": device.type == "cuda", "torch": torch.__version__,
               "command": "python bench/gpu_micro.py" + " --dry-run" * args.dry_run, "rows_per_copy": args.rows, "width": args.width,
               "steps": args.steps, "warmup": args.warmup, "parity": [], "rows": []}

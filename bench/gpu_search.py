@@ -86,11 +86,15 @@ def windowed(cmd: list[str], env: dict, log: Path, window: Window, count: Callab
     spawn = time.time()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        while proc.poll() is None:
-            spent = time.time() - spawn
-            if spent >= window.cap or (spent >= window.seconds and (window.min_finished == 0 or count() >= window.min_finished)):
-                break
-            time.sleep(1.0)
+        try:
+            while proc.poll() is None:
+                spent = time.time() - spawn
+                if spent >= window.cap or (spent >= window.seconds and (window.min_finished == 0 or count() >= window.min_finished)):
+                    break
+                time.sleep(1.0)
+        except BaseException:  # this script stopped (gpu.sh's timeout): its own session would outlive it on the GPU
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         if proc.poll() is not None:
             return spawn, proc.returncode
         os.killpg(proc.pid, signal.SIGINT)
@@ -235,6 +239,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: windowed() then stops the search it runs
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs = args.logs or args.out
     args.logs.mkdir(parents=True, exist_ok=True)
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         wanted = [m.strip() for m in args.modes.split(",")]
         plan = [m for m in plan if m[0] in wanted]
-    result = {"device": torch.cuda.get_device_name(0) if args.cuda else "CPU (dry run: measures nothing)", "date": datetime.date.today().isoformat(),
+    result = {"device": torch.cuda.get_device_name(0) if args.cuda else ("CPU (dry run: measures nothing)" if args.dry_run else "CPU, no CUDA"), "date": datetime.date.today().isoformat(),
               "command": "python bench/gpu_search.py" + (" --dry-run" if args.dry_run else f" --window {args.window:g}"), "window": args.window,
               "model": args.model, "train_limit": args.train_limit, "batch_size": args.batch_size, "max_length": args.max_length,
               "plan": plan, "modes": {}}
