@@ -190,3 +190,27 @@ def test_pack_blocker_checks_the_loaded_models_architecture(monkeypatch):
     assert G.pack_blocker(_train(), obj) == "this model: the packed model's outputs differ from the model's own"
     monkeypatch.setattr(packed_trials, "check_packable", lambda o: None)
     assert G.pack_blocker(_train(), obj) is None
+
+
+def test_a_packed_worker_counts_its_k_in_the_concurrency(write_study, monkeypatch):
+    from llrd_search.search import create
+    from llrd_search.study import worker as W
+
+    created = create(write_study(study={"sampler": "tpe", "n_trials": 4}))
+    seen = []
+
+    class NoClaims:  # the worker's claimer, seen with the sampler the worker will sample with
+        running = 0
+
+        def __init__(self, storage, study, spec, worker_index):
+            seen.append(study.sampler.concurrent)
+
+        def claim(self, signals):
+            return None
+
+    monkeypatch.setattr(W, "Claimer", NoClaims)
+    monkeypatch.setenv(sampling.FLEET_ENV, "2")
+    for packer, expected in ((SimpleNamespace(k=3), 6), (None, 2)):  # 2 workers x pack 3; unpacked: the fleet alone
+        monkeypatch.setattr(W, "_pack_runner", lambda objective, p=packer: p)
+        W.run_worker(created.url, created.study_name, objective_factory=lambda spec: (lambda trial: 0.0))
+        assert seen[-1] == expected
