@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=8, help="per_device_eval_batch_size (the Trainer's default 8; llrd-search's is 128)")
     p.add_argument("--sampler-seed", type=int, default=0)
     p.add_argument("--startup", type=int, default=10, help="TPE startup trials (llrd-search's choice for the budget)")
     p.add_argument("--storage", help="optuna storage URL (search mode)")
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         return TrainingArguments(
             output_dir=out_dir,
             per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.eval_batch_size,
             num_train_epochs=args.epochs,
             weight_decay=0.01,
             warmup_steps=0.1,  # a float below 1 is a ratio of the total steps

@@ -157,7 +157,7 @@ def ensure_control_arm(storage: optuna.storages.RDBStorage, parent: optuna.Study
         parent.set_user_attr(ARM_ATTR, LLRD)
         parent.set_user_attr(CONTROL_STUDY_ATTR, cspec.study.name)
     # The worker's own sampler (seeded per worker, like the parent's) and the guarded pruner.
-    study.sampler = make_sampler(cspec, worker_index)
+    study.sampler = make_sampler(cspec, worker_index, concurrent=getattr(parent.sampler, "concurrent", None))
     study.pruner = make_pruner(cspec)
     return study
 

@@ -10,6 +10,7 @@ Everything here but :func:`cuda_gpus` is arithmetic on plain values, tested with
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,11 +151,13 @@ def choose_plan(
     in_process: bool = True,
     measured: bool = False,
     pack: int | str = 1,
+    pack_blocked: str | None = None,
 ) -> GpuPlan:
     """The plan ``run``/``confirm`` use: ``workers`` (``--workers`` or ``$LLRD_SEARCH_WORKERS``, in
     all, round-robin), else ``--workers-per-gpu N``, else auto (:func:`workers_per_gpu` on the
     smallest free memory, fewer when fewer trials are left; 1 per GPU without an estimate, and with
-    ``[train] pack = "auto"``, which fills each GPU with packed trials inside one worker)."""
+    ``[train] pack = "auto"``, which fills each GPU with packed trials inside one worker, unless
+    ``pack_blocked`` says why this model cannot pack: then as many unpacked workers as fit)."""
     ids = [g.id for g in gpus]
     if workers is not None and per_gpu not in (None, "auto"):
         raise LLRDSearchError("give --workers (in all) or --workers-per-gpu (on each GPU), not both")
@@ -164,8 +167,11 @@ def choose_plan(
         return gpu_plan(ids, per_gpu=per_gpu, threads=threads, cores=cores, in_process=in_process)
     if per_trial_bytes is None:
         k, why = 1, "auto: 1 per GPU, your own objective's memory is unknown"
-    elif pack == "auto":
+    elif pack == "auto" and pack_blocked is None:
         k, why = 1, 'auto: 1 per GPU, [train] pack = "auto" fills it with packed trials'
+    elif pack == "auto":
+        k, why = workers_per_gpu(per_trial_bytes, min(g.free for g in gpus), measured=measured)
+        why = f'{why}; [train] pack = "auto" cannot pack ({pack_blocked}): unpacked workers instead'
     else:
         k, why = workers_per_gpu(per_trial_bytes, min(g.free for g in gpus), measured=measured, pack=int(pack))
     if k * len(ids) > max(1, remaining):  # a worker with nothing to do only costs its start-up
@@ -186,20 +192,27 @@ def parse_workers_per_gpu(value: str) -> int | str:
 
 
 def cuda_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
-    """The GPUs this process sees, with their free memory; [] without CUDA. Asking a GPU for its
-    free memory starts a CUDA context on it in this process (~0.3-0.5 GiB held for the run): the
-    headroom of auto covers it."""
+    """The GPUs this process sees, with their free memory; [] without CUDA. The memory comes from
+    NVML (study/nvml.py), which opens no CUDA context; only where NVML cannot answer is each GPU
+    asked through CUDA, which starts a context on it in this process (~0.3-0.5 GiB held for the
+    run: the headroom of auto covers it)."""
     import torch
+
+    from llrd_search.study.nvml import nvml_memory, nvml_uuid
 
     if not torch.cuda.is_available():
         return []
     n = torch.cuda.device_count()
     ids = visible_gpu_ids(n, env)
-    out = []
-    for i, gpu_id in enumerate(ids):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append(Gpu(gpu_id, torch.cuda.get_device_name(i), int(free), int(total)))
-    return out
+    names = [torch.cuda.get_device_name(i) for i in range(len(ids))]
+    try:  # device properties need no context; mem_get_info does
+        uuids = [nvml_uuid(torch.cuda.get_device_properties(i).uuid, gpu_id) for i, gpu_id in enumerate(ids)]
+    except Exception:  # a torch without the uuid property, or one that cannot say
+        uuids = None
+    memory = nvml_memory(uuids) if uuids is not None else None
+    if memory is None:
+        memory = [tuple(int(b) for b in torch.cuda.mem_get_info(i)) for i in range(len(ids))]
+    return [Gpu(gpu_id, name, free, total) for gpu_id, name, (free, total) in zip(ids, names, memory, strict=True)]
 
 
 def objective_trial_bytes(objective: Any) -> int | None:
@@ -262,8 +275,9 @@ def plan_run(objective: Any, *, user_objective: bool, workers: int | None, per_g
     gpus = cuda_gpus()
     if not gpus:
         return None
+    blocked = None if user_objective else pack_blocker(objective.spec, objective)
     return choose_plan(gpus, workers=requested, per_gpu=per_gpu, threads=threads, per_trial_bytes=per_trial, remaining=remaining,
-                       cores=usable_cores(), measured=bool(measured) and not user_objective, pack=pack_of(objective.spec))
+                       cores=usable_cores(), measured=bool(measured) and not user_objective, pack=pack_of(objective.spec), pack_blocked=blocked)
 
 
 def plan_confirm(storage: str, study: str, *, workers: int | None, per_gpu: int | str | None, threads: int | None, objective: str | None, runs: int) -> GpuPlan | None:
@@ -285,9 +299,29 @@ def plan_confirm(storage: str, study: str, *, workers: int | None, per_gpu: int 
         return None
     per_trial = None if user else spec_trial_bytes(spec)
     return choose_plan(gpus, workers=workers, per_gpu=per_gpu, threads=threads, per_trial_bytes=per_trial, remaining=runs, cores=usable_cores(),
-                       pack=pack_of(spec))
+                       pack=pack_of(spec), pack_blocked=pack_blocker(spec))
 
 
 def pack_of(spec: Any) -> int | str:
     """``[train] pack`` (packed trials: K trials a worker), 1 where the study file has no such key."""
     return getattr(getattr(spec, "train", None), "pack", 1)
+
+
+def pack_blocker(spec: Any, objective: Any = None) -> str | None:
+    """Why ``[train] pack = "auto"`` cannot pack this study's trials (the packed loop has no
+    accumulation or checkpointing; the packed modules cover only some architectures, checked on
+    the loaded ``objective`` when there is one), or None: it can, or pack is not "auto"."""
+    train = getattr(spec, "train", None)
+    if getattr(train, "pack", 1) != "auto":
+        return None
+    if train.grad_accum > 1:
+        return f"grad_accum = {train.grad_accum}"
+    if train.gradient_checkpointing:
+        return "gradient_checkpointing = true"
+    builtin = sys.modules.get("llrd_search.engine.objective")  # loaded whenever the objective is the built-in one
+    if builtin is not None and isinstance(objective, builtin.Objective):
+        from llrd_search.engine.packed_trials import check_packable
+
+        why = check_packable(objective)
+        return None if why is None else f"this model: {why}"
+    return None

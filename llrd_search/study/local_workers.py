@@ -93,6 +93,20 @@ def choose_workers(requested: int | None, objective: Any, remaining: int) -> int
     return auto_workers(n_params, cuda=objective.device.type == "cuda", remaining=remaining)
 
 
+@contextlib.contextmanager
+def _env_set(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment for the block, then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def run_local_workers(
     url: str,
     name: str,
@@ -109,9 +123,11 @@ def run_local_workers(
     worker go to ``on_trial(study, trial)`` from a thread that polls the storage. ``objective``
     (``module:function``) is passed on to the children as ``--objective``. ``child_env[i]``: what
     worker i's environment adds (its ``CUDA_VISIBLE_DEVICES`` on a GPU machine: study/gpus.py)."""
+    from llrd_search.study.sampling import FLEET_ENV
     from llrd_search.study.storage import shareable_url
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # Every worker's TPE knows how many trials are sampled at once (its constant liar, sampling.py).
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), FLEET_ENV: str(workers)}
     # The password goes to the workers through libpq's PGPASSWORD, not argv (which `ps` shows to every user).
     child_url, has_password = shareable_url(url)
     if has_password:
@@ -128,7 +144,8 @@ def run_local_workers(
                 extra = child_env[i] if child_env is not None else {}
                 procs.append(subprocess.Popen([sys.executable, "-m", "llrd_search", *argv], env={**env, **extra}))
             if in_process is not None:
-                in_process()
+                with _env_set(FLEET_ENV, str(workers)):
+                    in_process()
             while any(p.poll() is None for p in procs):
                 time.sleep(0.5)
         except BaseException:

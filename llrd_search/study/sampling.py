@@ -12,10 +12,17 @@ TPE search (same study file, same seed: same points). What does not: TPE's model
 fleet depend on which results have arrived when a trial is asked, which depends on timing.
 
 No Optuna private attribute is touched: a fresh sampler per trial needs only the public API.
+
+TPE runs with ``constant_liar=True`` whenever more than one trial runs at once (workers x pack > 1):
+the trials still running count as bad results, so trials sampled together spread out instead of
+landing on the same promising point. ``run``/``confirm`` tell their workers the fleet's size
+(:data:`FLEET_ENV`); a packed worker multiplies it by its K. With one trial at a time TPE is left
+exactly as it was.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +32,16 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from llrd_search.spec import StudySpec
+
+# How many workers of one local fleet (``run``/``confirm``) sample the study at once; a worker
+# started by hand (``llrd-search worker``) with none set counts as alone unless its user sets it.
+FLEET_ENV = "LLRD_SEARCH_FLEET_WORKERS"
+
+
+def fleet_workers(env: dict[str, str] | None = None) -> int:
+    """:data:`FLEET_ENV` as a count, 1 when unset or not a whole number >= 1."""
+    raw = (os.environ if env is None else env).get(FLEET_ENV, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) >= 1 else 1
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -40,14 +57,15 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     trial at a time, which is all this needs (it is not meant for ``optimize(n_jobs > 1)``).
     """
 
-    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], seed: int, concurrent: int = 1):
         self._factory = factory
         self._seed = seed
+        self.concurrent = concurrent  # trials sampled at once; the control arm's sampler copies it
         self.inner = factory(seed)
 
     def __getattr__(self, name: str) -> Any:
         # Sampler-specific helpers (e.g. GridSampler.is_exhausted) are the inner sampler's.
-        if name in ("_factory", "_seed", "inner"):
+        if name in ("_factory", "_seed", "inner", "concurrent"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -73,18 +91,21 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         pass
 
 
-def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, worker_index: int = 0, concurrent: int | None = None) -> TrialSeededSampler:
     """The study's sampler, seeded per trial from (study.seed, trial number) (see :mod:`sampling`):
     workers started with the same command still sample different points, and trial i gets the same
-    random point whichever worker runs it. ``worker_index`` is accepted for old callers and unused."""
-    return TrialSeededSampler(lambda seed: _base_sampler(spec, seed), spec.study.seed)
+    random point whichever worker runs it. ``concurrent``: trials sampled at once, the fleet's
+    workers x pack (default :func:`fleet_workers`); above 1, TPE lies constantly about the running
+    ones. ``worker_index`` is accepted for old callers and unused."""
+    n = fleet_workers() if concurrent is None else concurrent
+    return TrialSeededSampler(lambda seed: _base_sampler(spec, seed, constant_liar=n > 1), spec.study.seed, concurrent=n)
 
 
-def _base_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+def _base_sampler(spec: StudySpec, seed: int, constant_liar: bool = False) -> optuna.samplers.BaseSampler:
     if spec.study.sampler == "grid":
         from llrd_search.study.grid import FleetGridSampler
 
         return FleetGridSampler(spec.space, grid_seed=spec.study.seed, worker_seed=seed)
     if spec.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.study.n_trials // 3)), constant_liar=constant_liar)

@@ -39,6 +39,7 @@ from llrd_search.study.arms import parent_name
 from llrd_search.study.claims import INTERRUPTED, Claimed, Claimer, FailureCounter, finish, tell_outcome
 from llrd_search.study.compat import trial_id
 from llrd_search.study.guards import Signals
+from llrd_search.study.sampling import fleet_workers, make_sampler
 from llrd_search.study.storage import load_study, opened_storage, quiet_optuna, spec_of
 from llrd_search.study.tracking import trial_tracker
 
@@ -102,6 +103,8 @@ def run_worker(
         # for the first trials as equals instead of one loading its model while others run them.
         objective = (objective_factory or _default_objective)(spec)
         packer = _pack_runner(objective)
+        if packer is not None:  # K trials sampled at once here: TPE's constant liar (study/sampling.py)
+            study.sampler = make_sampler(spec, worker_index, concurrent=fleet_workers() * packer.k)
         tracker = trial_tracker(spec, storage_url)  # each worker logs the trials it finishes
         after = None if on_trial_end is None and tracker is None else _after_trial(study, tracker, on_trial_end)
         claimer = Claimer(storage, study, spec, worker_index)
