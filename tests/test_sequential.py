@@ -155,3 +155,13 @@ def test_futility_stops_a_null_study_early_at_a_small_cost_in_power():
     on, _ = _simulate(1.5)
     off, _ = _simulate(1.5, futility=0.0)
     assert on.get("helps", 0) / 20_000 >= 0.88 and (off["helps"] - on.get("helps", 0)) / 20_000 <= 0.05
+
+
+def test_confirm_refuses_a_plan_without_boundaries(tmp_path):
+    from llrd_search.confirm_api import confirm
+    from llrd_search.exceptions import LLRDSearchError
+
+    for bad in (2, MAX_SEEDS + 1):
+        with pytest.raises(LLRDSearchError, match=f"--max-seeds: must be 3 to {MAX_SEEDS}.*got {bad}"):
+            confirm(f"sqlite:///{tmp_path}/none.db", "s", seeds="auto", max_seeds=bad)
+    assert not (tmp_path / "none.db").exists()  # refused before touching storage
