@@ -16,6 +16,8 @@ Three tables, each from :func:`llrd_search.sequential.decide_many` (tested equal
 Each noise row also gives the false decisions made at the first look (3 seeds) and, for reference,
 the level of the fixed ``--seeds 5`` paired t-test on the first 5 differences of the same studies.
 
+4. every ``--max-seeds`` from 3 to 30: the level with normal differences, futility off.
+
 Seeds 1000+ (the boundary table was built with another). Usage: python bench/seq_level.py [STUDIES]
 """
 
@@ -110,6 +112,13 @@ def main(studies: int = 400_000) -> None:
                 print(f"max {m:2d} futility {fut:.0%} {name}: helps {pct(r, 'helps')}, hurts {pct(r, 'hurts')}, "
                       f"any {pct(r, 'any')}; at the first look {100 * r['first']:.2f} %; on sd 0 {100 * r['sd0']:.2f} %; "
                       f"fixed 5-seed t-test: {100 * r['fixed5']:.2f} %")
+    print("## 4. every plan the CLI accepts: any false decision, normal differences, futility off")
+    worst = []
+    for m in range(seq.FIRST_LOOK, seq.MAX_SEEDS + 1):
+        r = run(np.random.default_rng(4000 + m).standard_normal((studies // 4, m)), m, 0.0)
+        worst.append((abs(r["any"] - 0.05) / r["se"]["any"], m))
+        print(f"max {m:2d}: helps {pct(r, 'helps')}, hurts {pct(r, 'hurts')}, any {pct(r, 'any')}")
+    print(f"largest |any - 5 %| / SE: {max(worst)[0]:.2f} (max seeds {max(worst)[1]})")
 
 
 if __name__ == "__main__":
