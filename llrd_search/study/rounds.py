@@ -86,7 +86,8 @@ def judged(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict 
     """The verdict: :func:`stats.paired_verdict` of the confirmed winner against :func:`controls.pick_control`'s
     control, plus ``control_source`` (which candidate), ``sequential`` (the design, where it stopped and
     why; None with fixed seeds: then the interval is the plain paired t) and ``test`` (:func:`test_verdict`).
-    None when either side has no finished run."""
+    With ``sequential``, all of it (control choice, gain, intervals, test) reads only the runs of the
+    recorded look's seeds. None when either side has no finished run."""
     with _store(storage) as store:
         rows = confirmation_summary(store, study_name)
         if not rows:
@@ -149,8 +150,10 @@ def run_sequential(url: str, study_name: str, run: Callable[[], None], max_seeds
     """Run the verdict's paired seeds in rounds (looks at :func:`sequential.looks`) until decided.
 
     Call after the first round (every configuration at the first look's seeds, the second control
-    candidate queued). Resumable: a look whose runs exist queues nothing. Returns the last look's
-    ``sequential`` record (None when a side has no finished run)."""
+    candidate queued). Resumable: a look whose runs exist queues nothing, and every look is judged
+    again from the first on exactly its own seeds (:func:`judged`), so a resumed or repeated command
+    makes the uninterrupted run's decisions and records the look it stopped at. Returns the last
+    look's ``sequential`` record (None when a side has no finished run)."""
     plan = looks(max_seeds)
     seq = None
     for k, n in enumerate(plan):
