@@ -18,7 +18,7 @@ import sys
 
 import optuna
 
-from llrd_search.sequential import FUTILITY, decide, looks, stop_text
+from llrd_search.sequential import FUTILITY, decide, decide_many, looks, stop_text
 from llrd_search.stats import paired_difference
 from llrd_search.study.controls import pick_control
 from llrd_search.vocab import CONFIRM_OF_ATTR, CONFIRM_REP_ATTR
@@ -86,17 +86,13 @@ def replay(meta: dict, runs: dict, max_seeds: int | None, futility: float = FUTI
     return {"winner": winner, "seeds": n, "runs": len(used), "trial_seconds": sum(runs[s][i][1] for s, i in used), **outcome}
 
 
-def simulate(effect: float, max_seeds: int = 10, studies: int = 2000, seed: int = 17, futility: float = FUTILITY) -> tuple[float, float]:
+def simulate(effect: float, max_seeds: int = 10, studies: int = 100_000, seed: int = 17, futility: float = FUTILITY) -> tuple[float, float]:
     """(mean paired seeds the verdict uses, share that says "helps") with normal paired differences of
-    mean ``effect`` (in sd units)."""
+    mean ``effect`` (in sd units); :func:`decide_many` is ``decide`` on many studies at once."""
     import numpy as np
 
-    plan, used, helps = looks(max_seeds), [], 0
-    for diffs in np.random.default_rng(seed).normal(effect, 1.0, (studies, max_seeds)):
-        d = next(d for k, n in enumerate(plan) if (d := decide(diffs[:n], k, plan, 0.0, futility=futility))["reason"])
-        used.append(d["n"])
-        helps += d["reason"] == "helps"
-    return float(np.mean(used)), helps / studies
+    d = decide_many(np.random.default_rng(seed).normal(effect, 1.0, (studies, max_seeds)), looks(max_seeds), 0.0, futility=futility)
+    return float(d["n"].mean()), float(np.mean(d["reason"] == 0))
 
 
 def main(db: str, study: str = "", *max_seeds: str) -> None:

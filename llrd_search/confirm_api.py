@@ -90,7 +90,7 @@ def confirm(
     round of runs: started, step and trial, then close.
     """
     from llrd_search.engine.train import set_threads
-    from llrd_search.sequential import FIRST_LOOK
+    from llrd_search.sequential import FIRST_LOOK, MAX_SEEDS
     from llrd_search.study.confirm import control_summary, parse_decays, run_confirmation, sweep_summary
     from llrd_search.study.confirm import verdict as judge
     from llrd_search.study.confirm_rows import plain_summary, runs_saved
@@ -100,8 +100,8 @@ def confirm(
     if seeds != "auto" and not isinstance(seeds, int):
         raise LLRDSearchError(f"--seeds: a whole number or 'auto' (got {seeds!r})")
     at_least_one(top=top, workers=workers, **({} if seeds == "auto" else {"seeds": seeds}))
-    if seeds == "auto" and max_seeds < FIRST_LOOK:
-        raise LLRDSearchError(f"--max-seeds: must be >= {FIRST_LOOK} (got {max_seeds})")
+    if seeds == "auto" and not FIRST_LOOK <= max_seeds <= MAX_SEEDS:
+        raise LLRDSearchError(f"--max-seeds: must be {FIRST_LOOK} to {MAX_SEEDS}, the plans the boundaries are tabulated for (got {max_seeds})")
     if not 0 <= min_effect < 1:
         raise LLRDSearchError(f"--min-effect: must be >= 0 points and below 100 (got {100 * min_effect:g})")
     if not 0 <= futility < 1:

@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from llrd_search.sequential import conditional_power, decide, looks, stop_text, t_boundaries, z_boundaries
+from llrd_search.sequential import (
+    MAX_SEEDS,
+    REASONS,
+    conditional_power,
+    decide,
+    decide_many,
+    looks,
+    spent,
+    stop_text,
+    t_boundaries,
+)
 
 
 def test_looks_planned_up_to_max_seeds():
@@ -17,12 +27,22 @@ def test_looks_planned_up_to_max_seeds():
         looks(2)
 
 
-def test_boundaries_spend_pocock_type_alpha():
-    z = z_boundaries((3, 5, 7, 10))
-    assert [round(c, 3) for c in z] == [2.312, 2.398, 2.393, 2.328]
-    assert z_boundaries((3,)) == pytest.approx((1.959964,), abs=1e-5)  # one look: the fixed-sample test
-    t = t_boundaries([3, 5, 7, 10])
-    assert [round(c, 2) for c in t] == [6.83, 3.97, 3.29, 2.82]  # wider than z: the variance is estimated
+def test_the_table_covers_every_plan_the_cli_accepts():
+    assert looks(MAX_SEEDS)[-1] == MAX_SEEDS
+    with pytest.raises(ValueError, match="<= 30"):
+        looks(MAX_SEEDS + 1)
+    for m in range(3, MAX_SEEDS + 1):
+        plan = looks(m)
+        c = t_boundaries(plan)
+        assert len(c) == len(plan)
+        # The first look spends alpha(n_1 / m) on its own: its boundary is that Student-t quantile, exactly.
+        assert c[0] == pytest.approx(st.t.isf(spent(plan[0] / m) / 2, plan[0] - 1), abs=1e-5)
+        # Alpha spent earlier leaves less for the last look: wider than the fixed-sample test there.
+        assert len(plan) == 1 or c[-1] > st.t.isf(0.025, m - 1)
+    assert t_boundaries([3]) == pytest.approx([st.t.isf(0.025, 2)], abs=1e-5)  # one look: the fixed-sample t-test
+    assert [round(x, 2) for x in t_boundaries([3, 5, 7, 10])] == [6.83, 4.22, 3.48, 2.94]
+    with pytest.raises(ValueError, match="no tabulated boundaries"):
+        t_boundaries([3, 6, 10])  # not looks(10)
 
 
 def test_the_stops():
@@ -40,7 +60,7 @@ def test_the_stops():
 
 def test_conditional_power_is_the_b_value_formula():
     plan = [3, 5, 7, 10]
-    c_last = z_boundaries(tuple(plan))[-1]
+    c_last = st.norm.isf(st.t.sf(t_boundaries(plan)[-1], 9))  # the last t boundary as the z of its tail
     # At n = 5 of 10 (f = 1/2), a t of 2.0 on 4 df is the z with the same tail probability.
     z = st.norm.isf(st.t.sf(2.0, 4))
     want = st.norm.sf((c_last - z * 0.5**0.5 - z / 0.5**0.5 * 0.5) / 0.5**0.5)
@@ -62,42 +82,86 @@ def test_the_futility_stop():
     assert "conditional power" in stop_text("futile", 3, 10, 0.005)
 
 
-def _simulate(effect: float, studies: int = 2000, max_seeds: int = 10, seed: int = 17,
+LEVEL_SEED = 4242  # not the table's seed (tools/seq_boundaries.py): an independent check
+NULL_STUDIES = 50_000
+
+
+def _simulate(effect: float, studies: int = 20_000, max_seeds: int = 10, seed: int = 17,
               futility: float = 0.10) -> tuple[dict, float]:
-    rng = np.random.default_rng(seed)
+    x = np.random.default_rng(seed).normal(effect, 1.0, (studies, max_seeds))
+    d = decide_many(x, looks(max_seeds), 0.0, futility=futility)
+    reasons = {REASONS[i]: int(k) for i, k in zip(*np.unique(d["reason"], return_counts=True), strict=True)}
+    return reasons, float(d["n"].mean())
+
+
+@pytest.mark.parametrize("max_seeds", [4, 5, 10, 13])
+@pytest.mark.parametrize(("futility", "min_effect", "effect"), [(0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.1, 0.3, 0.0),
+                                                                 (0.1, 0.3, 1.0), (0.0, 0.0, 1.5)])
+def test_the_vectorised_twin_decides_as_decide_does(max_seeds, futility, min_effect, effect):
     plan = looks(max_seeds)
-    reasons: dict[str, int] = {}
-    used = []
-    for diffs in rng.normal(effect, 1.0, (studies, max_seeds)):
-        for k, n in enumerate(plan):
-            r = decide(diffs[:n], k, plan, 0.0, futility=futility)
-            if r["reason"]:
-                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-                used.append(n)
-                break
-    return reasons, float(np.mean(used))
+    x = np.random.default_rng(max_seeds).normal(effect, 1.0, (300, max_seeds))
+    many = decide_many(x, plan, min_effect, futility=futility)
+    seen = set()
+    for i, diffs in enumerate(x):
+        d = next(d for k, n in enumerate(plan) if (d := decide(diffs[:n], k, plan, min_effect, futility=futility))["reason"])
+        seen.add(d["reason"])
+        assert (REASONS[many["reason"][i]], many["n"][i]) == (d["reason"], d["n"])
+        assert [many["lo"][i], many["hi"][i]] == pytest.approx(d["ci"], rel=1e-9, abs=1e-12)
+    assert len(seen) >= 2  # the sample reaches more than one kind of stop
 
 
-def test_no_effect_false_helps_rate_stays_under_5_percent():
-    reasons, _ = _simulate(0.0)
-    assert sum(reasons.values()) == 2000
-    assert reasons.get("helps", 0) / 2000 <= 0.05
-    assert (reasons.get("helps", 0) + reasons.get("hurts", 0)) / 2000 <= 0.07  # both sides: near the nominal 5 %
+@pytest.mark.parametrize("max_seeds", [5, 10])
+@pytest.mark.parametrize("futility", [0.0, 0.10])
+def test_the_level_is_two_sided_5_percent(max_seeds, futility):
+    """The promise as meant: with no effect, any false decision <= 5 % and each side <= 2.5 %, within
+    two Monte Carlo standard errors of 50,000 simulated studies (another seed than the table's)."""
+    x = np.random.default_rng(LEVEL_SEED + max_seeds).standard_normal((NULL_STUDIES, max_seeds))
+    r = decide_many(x, looks(max_seeds), 0.0, futility=futility)["reason"]
+    helps, hurts = float(np.mean(r == 0)), float(np.mean(r == 1))
+
+    def se(p):
+        return (p * (1 - p) / NULL_STUDIES) ** 0.5
+
+    assert helps <= 0.025 + 2 * se(0.025) and hurts <= 0.025 + 2 * se(0.025)
+    assert helps + hurts <= 0.05 + 2 * se(0.05)
+    if futility == 0:  # nothing stops it early but a decision: the whole alpha is spent, not less
+        assert helps + hurts >= 0.05 - 2 * se(0.05)
+
+
+def test_each_look_spends_its_alpha():
+    """Without the non-binding stops, the share of null studies decided by look k is alpha(n_k / 10)."""
+    plan = looks(10)
+    x = np.random.default_rng(LEVEL_SEED).standard_normal((NULL_STUDIES, 10))
+    d = decide_many(x, plan, 0.0, futility=0.0)
+    for n in plan:
+        got = float(np.mean((d["reason"] <= 1) & (d["n"] <= n)))
+        want = spent(n / 10)
+        assert abs(got - want) <= 2 * (want * (1 - want) / NULL_STUDIES) ** 0.5
 
 
 def test_a_large_effect_stops_early():
     reasons, mean_seeds = _simulate(3.0)
-    assert reasons == {"helps": 2000}
+    assert reasons == {"helps": 20_000}
     assert mean_seeds < 5.0  # of at most 10
 
 
 def test_futility_stops_a_null_study_early_at_a_small_cost_in_power():
-    """With no effect the futility stop saves about half the seeds (4.6 instead of 9.7 of 10 on this
-    seed); at a 1.5-sd effect it costs at most a few points of power (92.7 % instead of 95.8 %)."""
+    """With no effect the futility stop saves about half the seeds (4.5 instead of 9.8 of 10 on this
+    seed); at a 1.5-sd effect it costs a few points of power (91.5 % instead of 94.8 %)."""
     null, null_seeds = _simulate(0.0)
-    assert null_seeds < 5.0 and null.get("futile", 0) / 2000 > 0.8
+    assert null_seeds < 5.0 and null.get("futile", 0) / 20_000 > 0.8
     _, without = _simulate(0.0, futility=0.0)
     assert without > 9.0
     on, _ = _simulate(1.5)
     off, _ = _simulate(1.5, futility=0.0)
-    assert on.get("helps", 0) / 2000 >= 0.90 and (off["helps"] - on.get("helps", 0)) / 2000 <= 0.05
+    assert on.get("helps", 0) / 20_000 >= 0.88 and (off["helps"] - on.get("helps", 0)) / 20_000 <= 0.05
+
+
+def test_confirm_refuses_a_plan_without_boundaries(tmp_path):
+    from llrd_search.confirm_api import confirm
+    from llrd_search.exceptions import LLRDSearchError
+
+    for bad in (2, MAX_SEEDS + 1):
+        with pytest.raises(LLRDSearchError, match=f"--max-seeds: must be 3 to {MAX_SEEDS}.*got {bad}"):
+            confirm(f"sqlite:///{tmp_path}/none.db", "s", seeds="auto", max_seeds=bad)
+    assert not (tmp_path / "none.db").exists()  # refused before touching storage

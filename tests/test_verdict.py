@@ -8,11 +8,13 @@ import csv
 import json
 import shutil
 
+import pytest
 from conftest import write_toy_dataset
 
 from llrd_search.cli import main
 from llrd_search.sequential import REASONS
 from llrd_search.study.controls import CONTROL_ARM, WINNER_LRS, pick_control
+from llrd_search.study.rounds import judged
 
 
 def _row(by_seed: dict[int, float]) -> dict:
@@ -89,3 +91,65 @@ def test_confirm_seeds_auto_two_controls_and_the_test_split(write_study, tmp_pat
         v["control_source"], v["n_seeds"], v["gain"], seq["reason"])
     # ... while the test scores did see the flipped labels (2 classes: accuracy becomes 1 - accuracy).
     assert abs(poisoned["configurations"][0]["test_mean"] - (1.0 - winner["test_mean"])) < 1e-9
+
+
+
+# Paired differences (LLRD winner − control, per seed): undecided at looks 3 and 5 of [3, 5, 7] (seed 4
+# pulls look 5 back), "helps" at 7. Judged on other seeds at a look they say otherwise: all 7 at look 0
+# are "futile", 7 at look 1 "help" (and 4 at look 0 "help").
+_GAIN = [0.0225, 0.025, 0.0125, 0.0175, -0.005, 0.02, 0.0125]
+
+
+def _sequential(url: str, study: str, stop_at: tuple[str, int] | None = None) -> dict:
+    """``confirm --top 1 --seeds auto --max-seeds 7`` with a fake objective (no training): the winner
+    scores 0.78 + _GAIN[seed], the control arm 0.78, ξ = 1 at the winner's LRs 0.70. ``stop_at``
+    (source kind, seed): Ctrl-C there. Returns :func:`rounds.judged`."""
+    from llrd_search.engine.objective import suggest
+    from llrd_search.study import confirm
+    from llrd_search.study.worker import run_worker
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            src, rep = str(trial.user_attrs["llrd:confirm_of"]), int(trial.user_attrs["llrd:confirm_rep"])
+            kind = src.split(":")[0] if ":" in src else "llrd"
+            if (kind, rep) == stop_at:
+                raise KeyboardInterrupt
+            return {"llrd": 0.78 + _GAIN[rep], "control": 0.78, "plain": 0.70}[kind]
+
+        return objective
+
+    def run_workers(linked: str) -> None:
+        run_worker(url, linked, objective_factory=factory, on_trial_end=confirm.retry_hook(url, linked))
+
+    confirm.run_confirmation(url, study, 1, "auto", run_workers, max_seeds=7)
+    return judged(url, study)
+
+
+def _decision(v: dict) -> tuple:
+    seq = v["sequential"]
+    return seq["look"], seq["reason"], seq["n"], v["n_seeds"], v["gain"], v["ci95"], v["control_source"], v["text"]
+
+
+def test_a_resumed_or_repeated_sequential_confirmation_decides_as_an_uninterrupted_one(write_study, tmp_path):
+    """Each look judges exactly its first looks[k] paired seeds, however often the command ran: a
+    resume after an interruption, or a rerun of a finished confirmation, decides at the same look as one
+    uninterrupted run (the group-sequential level holds only that way), and records that look."""
+    url = _searched(write_study, tmp_path, write_toy_dataset(tmp_path / "data", seed=3))
+    shutil.copy(tmp_path / "v.db", tmp_path / "cut.db")
+    once = _sequential(url, "v")
+    assert _decision(once)[:4] == (2, "helps", 7, 7) and once["control_source"] == CONTROL_ARM
+    assert _decision(_sequential(url, "v")) == _decision(once)  # a rerun of the finished confirmation
+    report = tmp_path / "report"
+    assert main(["report", "--storage", url, "--study", "v", "--out", str(report)]) == 0
+    stopped = json.loads((report / "summary.json").read_text())["verdict"]["stopped"]
+    assert (stopped["reason"], stopped["seeds_run"]) == ("helps", 7)
+
+    # Ctrl-C in the last look's round, with 6 pairs stored: the record and its reading stay at the second look ...
+    cut = f"sqlite:///{tmp_path / 'cut.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        _sequential(cut, "v", stop_at=("control", 6))
+    early = judged(cut, "v")
+    assert (early["sequential"]["look"], early["sequential"]["n"], early["sequential"]["reason"], early["n_seeds"]) == (1, 5, None, 5)
+    # ... and the resumed command decides as the uninterrupted one did.
+    assert _decision(_sequential(cut, "v")) == _decision(once)

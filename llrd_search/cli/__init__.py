@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=5, metavar="S|auto", help="fresh seeds per configuration (default 5); auto: "
                    "3, then more paired seeds for the winner and the controls in rounds until the verdict is decided "
                    "(group-sequential test, see docs/results.md)")
-    p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10, at least 3)")
+    p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10; 3 to 30)")
     p.add_argument("--min-effect", type=float, default=0.5, metavar="POINTS", help="with --seeds auto: stop when the interval "
                    "lies within ± this many points, a difference too small to matter (default 0.5; 0: never)")
     p.add_argument("--futility", type=float, default=10.0, metavar="PERCENT", help="with --seeds auto: stop to say 'cannot tell' "

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from llrd_search.sequential import FUTILITY, METHOD, decide, looks, stop_text
-from llrd_search.stats import paired_difference, paired_verdict
+from llrd_search.stats import mean_std, paired_difference, paired_verdict
 from llrd_search.study.confirm_rows import confirm_name, confirmation_summary, control_summary, linked_runs, plain_summary
 from llrd_search.study.controls import CONTROL_WORDS, pick_control
 from llrd_search.study.queue import top_up
@@ -74,22 +74,35 @@ def test_verdict(winner: dict, control: dict, crit: float | None = None) -> dict
     return {"llrd": mean(a), "control": mean(b), "gain": d["mean"], "ci95": ci, "n_seeds": len(a), "text": text}
 
 
+def _first(row: dict, n: int) -> dict:
+    """A source's row read at a look: only its runs 0 … n − 1 (the seeds that look planned)."""
+    by_seed = {i: x for i, x in row["by_seed"].items() if i < n}
+    test = {i: x for i, x in row.get("test_by_seed", {}).items() if i < n}
+    mean, std = mean_std(list(by_seed.values()))
+    return {**row, "by_seed": by_seed, "test_by_seed": test, "n": len(by_seed), "mean": mean, "std": std}
+
+
 def judged(storage: str | optuna.storages.BaseStorage, study_name: str) -> dict | None:
     """The verdict: :func:`stats.paired_verdict` of the confirmed winner against :func:`controls.pick_control`'s
     control, plus ``control_source`` (which candidate), ``sequential`` (the design, where it stopped and
     why; None with fixed seeds: then the interval is the plain paired t) and ``test`` (:func:`test_verdict`).
-    None when either side has no finished run."""
+    With ``sequential``, all of it (control choice, gain, intervals, test) reads only the runs of the
+    recorded look's seeds. None when either side has no finished run."""
     with _store(storage) as store:
         rows = confirmation_summary(store, study_name)
         if not rows:
             return None
-        control, which = pick_control(control_summary(store, study_name), plain_summary(store, study_name))
         meta = linked_runs(store, study_name)[0]
-    out = paired_verdict(rows, control)
+        seq = meta.get("sequential")
+        # Look k judges exactly its first looks[k] seeds, however many are stored (an interrupted round,
+        # a rerun): the design's level holds only then, and a rerun replays the same decisions.
+        cut = (lambda r: r) if seq is None else (lambda r: _first(r, seq["looks"][seq["look"]]))
+        control, which = pick_control(*(None if r is None else cut(r) for r in (
+            control_summary(store, study_name), plain_summary(store, study_name))))
+    winner = next((cut(r) for r in rows if r["n"] > 0), None)
+    out = paired_verdict([winner] if winner else [], control)
     if out is None:
         return None
-    winner = next(r for r in rows if r["n"] > 0)
-    seq = meta.get("sequential")
     crit = None
     if seq is not None:
         a, b = _pairs(winner, control)
@@ -137,8 +150,10 @@ def run_sequential(url: str, study_name: str, run: Callable[[], None], max_seeds
     """Run the verdict's paired seeds in rounds (looks at :func:`sequential.looks`) until decided.
 
     Call after the first round (every configuration at the first look's seeds, the second control
-    candidate queued). Resumable: a look whose runs exist queues nothing. Returns the last look's
-    ``sequential`` record (None when a side has no finished run)."""
+    candidate queued). Resumable: a look whose runs exist queues nothing, and every look is judged
+    again from the first on exactly its own seeds (:func:`judged`), so a resumed or repeated command
+    makes the uninterrupted run's decisions and records the look it stopped at. Returns the last
+    look's ``sequential`` record (None when a side has no finished run)."""
     plan = looks(max_seeds)
     seq = None
     for k, n in enumerate(plan):
