@@ -10,11 +10,12 @@ import os
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable
 
 from llrd_search.cli.result_cmds import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
 from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_proxy, cmd_run, cmd_status, cmd_validate, cmd_worker
-from llrd_search.exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError, UsageError
 
 log = logging.getLogger("llrd_search")
 
@@ -103,6 +104,16 @@ def _per_gpu(value: str) -> int | str:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the ``Error: ...`` form of every other error (one line, exit 2, the
+    :class:`UsageError` code), the usage hint after it, instead of argparse's usage block; the
+    sub-parsers are made of this class too. Still a ``SystemExit``, as argparse's callers expect."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"Error: {_one_line(f'{self.prog}: {message}')}; see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(UsageError.exit_code)
+
+
 def _seeds(text: str) -> int | str:
     """``--seeds``: a count, or "auto" (sequential confirmation)."""
     if text.strip().lower() == "auto":
@@ -116,7 +127,7 @@ def _seeds(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     from llrd_search import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llrd-search",
         description="Search layer-wise learning-rate decay (LLRD) settings for fine-tuning BERT-like encoders.",
         epilog="example:\n  llrd-search run studies/sst2-minilm.toml\n\nrun 'llrd-search COMMAND --help' for a command's options",
@@ -233,12 +244,15 @@ def _positive(args: argparse.Namespace) -> None:
     for key in ("workers", "n_trials", "threads", "top", "seeds", "epochs", "train_limit"):
         value = getattr(args, key, None)
         if isinstance(value, int) and value < 1:
-            raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
+            raise UsageError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or an argument error already printed
+        return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command != "validate":  # the one command that never loads Optuna: importing it would double its time
