@@ -100,6 +100,8 @@ def confirm(
     if seeds != "auto" and not isinstance(seeds, int):
         raise LLRDSearchError(f"--seeds: a whole number or 'auto' (got {seeds!r})")
     at_least_one(top=top, workers=workers, **({} if seeds == "auto" else {"seeds": seeds}))
+    if seeds == 1:  # said before any run trains, not after
+        raise LLRDSearchError("--seeds: one seed per configuration leaves no spread to judge a lead by; use --seeds 3 or more, or --seeds auto")
     if seeds == "auto" and max_seeds < FIRST_LOOK:
         raise LLRDSearchError(f"--max-seeds: must be >= {FIRST_LOOK} (got {max_seeds})")
     if not 0 <= min_effect < 1:

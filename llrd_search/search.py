@@ -110,9 +110,17 @@ def create(study_file: str | Path, *, storage: str | None = None, n_trials: int 
     """Check the study file, its data and model, then create (or resume) its study."""
     from llrd_search.spec import load_spec
 
+    from llrd_search.study.storage import storage_named
+
     spec = load_spec(study_file)
     preflight(spec)
-    return create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+    with storage_named(_storage_key(spec, storage)):
+        return create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+
+
+def _storage_key(spec: Any, storage: str | None) -> str:
+    """Which key a storage error names: the flag, or the study file's ``study.storage`` it came from."""
+    return "study.storage" if storage is None and spec.study.storage else "--storage"
 
 
 def run(
@@ -133,11 +141,13 @@ def run(
     from llrd_search.spec import load_spec
     from llrd_search.study.gpus import plan_run
     from llrd_search.study.local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
+    from llrd_search.study.storage import storage_named
 
     watch = watch or Quiet()
     spec = load_spec(study_file)
     objective = preflight(spec, on_step=watch.step)
-    created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+    with storage_named(_storage_key(spec, storage)):
+        created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
     watch.created(created)
     url, name = created.url, spec.study.name
     remaining = created.budget - created.finished

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=5, metavar="S|auto", help="fresh seeds per configuration (default 5); auto: "
                    "3, then more paired seeds for the winner and the controls in rounds until the verdict is decided "
                    "(group-sequential test, see docs/results.md)")
-    p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10, at least 3)")
+    p.add_argument("--max-seeds", type=int, metavar="N", help="with --seeds auto: the most paired seeds (default 10, at least 3)")
     p.add_argument("--min-effect", type=float, default=0.5, metavar="POINTS", help="with --seeds auto: stop when the interval "
                    "lies within ± this many points, a difference too small to matter (default 0.5; 0: never)")
     p.add_argument("--futility", type=float, default=10.0, metavar="PERCENT", help="with --seeds auto: stop to say 'cannot tell' "
@@ -245,6 +245,13 @@ def _positive(args: argparse.Namespace) -> None:
         value = getattr(args, key, None)
         if isinstance(value, int) and value < 1:
             raise UsageError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
+    from llrd_search.spec import MAX_TRIALS
+
+    if getattr(args, "n_trials", None) and args.n_trials > MAX_TRIALS:
+        raise UsageError(f"--n-trials: {args.n_trials} trials is more than any search runs (each is a fine-tune; at most {MAX_TRIALS})")
+    if getattr(args, "seeds", None) is not None and args.command == "confirm":
+        if args.seeds != "auto" and args.max_seeds is not None:
+            raise UsageError(f"--max-seeds: applies only with --seeds auto (here --seeds {args.seeds} runs exactly that many); drop --max-seeds or pass --seeds auto")
 
 
 def main(argv: list[str] | None = None) -> int:

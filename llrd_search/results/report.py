@@ -273,7 +273,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict
         raise LLRDSearchError(f"--out: cannot write into folder {out}: {err.strerror}; pick a writable folder") from None
     os.close(fd)
     os.unlink(probe)
-    with opened_storage(storage_url) as storage:
+    with opened_storage(storage_url, must_exist=True) as storage:
         study = load_study(storage, study_name)
         try:
             spec = spec_of(study)

@@ -85,11 +85,15 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False, pool_size: int | None = None) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, spec: StudySpec | None = None, *, patient: bool = False, pool_size: int | None = None, must_exist: bool = False
+) -> optuna.storages.RDBStorage:
     """An ``RDBStorage`` with heartbeats (from ``spec``), retry of dead workers' trials, and calls
     that retry through a database restart; for ``grpc://HOST:PORT``, the same through an
     ``llrd-search proxy`` (proxy.py). Opening fails fast: a wrong URL is not an outage.
-    ``pool_size``: connections to keep (the proxy's; a worker keeps 1)."""
+    ``pool_size``: connections to keep (the proxy's; a worker keeps 1). ``must_exist``: for a
+    command that only reads a study, a SQLite file that is not there is an error, checked before
+    SQLAlchemy would create it (an empty database left behind by a typo in the path)."""
     heartbeat = _heartbeat_settings(spec)
     if is_proxy_url(url):
         return open_proxy(url, heartbeat, patient=patient)
@@ -99,6 +103,11 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
         raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
+        if must_exist and not Path(parsed.database).is_file():
+            raise StorageError(
+                f"--storage: SQLite file {parsed.database} does not exist, so it holds no study; check the path "
+                "(a study is made by 'llrd-search create STUDY.toml' or 'llrd-search run STUDY.toml')"
+            )
     try:
         storage = _new_storage(url, heartbeat, patient, pool_size)
         if parsed.get_backend_name() == "sqlite":
@@ -106,11 +115,20 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
             with storage.engine.connect() as conn:
                 conn.execute(text("PRAGMA journal_mode=WAL"))
     except ImportError as err:
-        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} (for PostgreSQL: pip install 'psycopg[binary]')") from None
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} ({driver_hint(parsed.get_backend_name())})") from None
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
         raise StorageError(f"--storage: cannot open {where(url)}: {error_reason(err, url)}{open_hint(err, url)}") from None
     return storage
+
+
+def driver_hint(backend: str) -> str:
+    """What to install for a database backend whose SQLAlchemy driver is missing."""
+    if backend == "postgresql":
+        return "for PostgreSQL: pip install 'psycopg[binary]' and write the URL as postgresql+psycopg://..."
+    if backend in ("mysql", "mariadb"):
+        return f"for MySQL/MariaDB: pip install pymysql and write the URL as {backend}+pymysql://..."
+    return f"install the Python driver SQLAlchemy uses for {backend}, or use PostgreSQL or SQLite"
 
 
 def _heartbeat_settings(spec: StudySpec | None) -> dict[str, Any]:
@@ -182,9 +200,11 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
 
 
 @contextlib.contextmanager
-def opened_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False) -> Iterator[optuna.storages.RDBStorage]:
+def opened_storage(
+    url: str, spec: StudySpec | None = None, *, patient: bool = False, must_exist: bool = False
+) -> Iterator[optuna.storages.RDBStorage]:
     """:func:`open_storage`, closed again on leaving the block, however it is left."""
-    storage = open_storage(url, spec, patient=patient)
+    storage = open_storage(url, spec, patient=patient, must_exist=must_exist)
     try:
         yield storage
     finally:
@@ -192,9 +212,22 @@ def opened_storage(url: str, spec: StudySpec | None = None, *, patient: bool = F
 
 
 @contextlib.contextmanager
+def storage_named(key: str) -> Iterator[None]:
+    """Storage errors inside the block name ``key`` (``study.storage``: the URL came from the study
+    file) where they say ``--storage``, the flag most URLs come from."""
+    try:
+        yield
+    except StorageError as err:
+        if key == "--storage" or "--storage" not in str(err):
+            raise
+        raise type(err)(str(err).replace("--storage", key)) from None
+
+
+@contextlib.contextmanager
 def opened_study(url: str, name: str) -> Iterator[optuna.Study]:
-    """The study ``name`` in ``url``, its storage closed again on leaving the block."""
-    with opened_storage(url) as storage:
+    """The study ``name`` in ``url``, its storage closed again on leaving the block (a SQLite file
+    that does not exist is an error, not created: reading a study writes nothing)."""
+    with opened_storage(url, must_exist=True) as storage:
         yield load_study(storage, name)
 
 
