@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, metavar="NAME")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = add("validate", cmd_validate, "Check study files without touching data, model weights or storage; estimate a trial's memory.")
+    p = add("validate", cmd_validate, "Check study files, their data, tokenizer, model and storage URL as create does, writing nothing; "
+                                      "estimate a trial's memory.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
 
     p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")
@@ -249,9 +250,8 @@ def _positive(args: argparse.Namespace) -> None:
 
     if getattr(args, "n_trials", None) and args.n_trials > MAX_TRIALS:
         raise UsageError(f"--n-trials: {args.n_trials} trials is more than any search runs (each is a fine-tune; at most {MAX_TRIALS})")
-    if getattr(args, "seeds", None) is not None and args.command == "confirm":
-        if args.seeds != "auto" and args.max_seeds is not None:
-            raise UsageError(f"--max-seeds: applies only with --seeds auto (here --seeds {args.seeds} runs exactly that many); drop --max-seeds or pass --seeds auto")
+    if args.command == "confirm" and args.seeds != "auto" and args.max_seeds is not None:
+        raise UsageError(f"--max-seeds: applies only with --seeds auto (here --seeds {args.seeds} runs exactly that many); drop --max-seeds or pass --seeds auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,10 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command != "validate":  # the one command that never loads Optuna: importing it would double its time
-        from llrd_search.study.storage import quiet_optuna
+    from llrd_search.study.storage import quiet_optuna
 
-        quiet_optuna()
+    quiet_optuna()
     # SIGTERM (kill, Slurm, Kubernetes) stops a command like Ctrl-C: trials marked, exit 130.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None

@@ -122,6 +122,27 @@ def open_storage(
     return storage
 
 
+def check_storage_url(url: str) -> None:
+    """What :func:`open_storage` refuses before it connects (a URL that does not parse, a SQLite
+    folder that is missing or read-only, a missing driver), without connecting or writing."""
+    if is_proxy_url(url):
+        return
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, ValueError):
+        raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
+    except Exception as err:  # NoSuchModuleError: an unknown backend or driver name
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err}") from None
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} ({driver_hint(parsed.get_backend_name())})") from None
+
+
 def driver_hint(backend: str) -> str:
     """What to install for a database backend whose SQLAlchemy driver is missing."""
     if backend == "postgresql":
