@@ -36,7 +36,7 @@ from llrd_search.results.summary import (
 from llrd_search.stats import sweep_interval, welch_threshold
 from llrd_search.study.arms import load_control, overall_best, study_predates_control_arm
 from llrd_search.study.confirm import Z95
-from llrd_search.study.storage import load_study, mask_url, opened_storage, spec_of
+from llrd_search.study.storage import check_storage_url, load_study, mask_url, opened_storage, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ def render_html(title: str, sections: Sequence[str], figures: dict[str, Path], m
 def write_report(storage_url: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:
     """Write the PNGs, ``summary.md`` and ``report.html`` into ``out_dir``; return name → path."""
     out = Path(out_dir)
+    check_storage_url(storage_url, must_exist=True)  # a storage that holds no study leaves no empty --out folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

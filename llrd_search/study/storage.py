@@ -103,11 +103,8 @@ def open_storage(
         raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
-        if must_exist and not Path(parsed.database).is_file():
-            raise StorageError(
-                f"--storage: SQLite file {parsed.database} does not exist, so it holds no study; check the path "
-                "(a study is made by 'llrd-search create STUDY.toml' or 'llrd-search run STUDY.toml')"
-            )
+        if must_exist:
+            _check_sqlite_exists(parsed.database)
     try:
         storage = _new_storage(url, heartbeat, patient, pool_size)
         if parsed.get_backend_name() == "sqlite":
@@ -122,9 +119,10 @@ def open_storage(
     return storage
 
 
-def check_storage_url(url: str) -> None:
+def check_storage_url(url: str, *, must_exist: bool = False) -> None:
     """What :func:`open_storage` refuses before it connects (a URL that does not parse, a SQLite
-    folder that is missing or read-only, a missing driver), without connecting or writing."""
+    folder that is missing or read-only, a missing driver; with ``must_exist``, a SQLite file that
+    is not there), without connecting or writing."""
     if is_proxy_url(url):
         return
     try:
@@ -136,6 +134,8 @@ def check_storage_url(url: str) -> None:
         raise StorageError(f"--storage: no driver for {mask_url(url)}: {err}") from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
+        if must_exist:
+            _check_sqlite_exists(parsed.database)
         return
     try:
         dialect.import_dbapi()
@@ -180,6 +180,14 @@ def _check_sqlite_file(url: str, database: str | None, mode: object) -> None:
             f"--storage: folder {path.parent} is not writable, and SQLite keeps its journal "
             f"({path.name}-wal, {path.name}-shm) and llrd-search its lock file there: "
             "make the folder writable or put the database in another folder"
+        )
+
+
+def _check_sqlite_exists(database: str) -> None:
+    if not Path(database).is_file():
+        raise StorageError(
+            f"--storage: SQLite file {database} does not exist, so it holds no study; check the path "
+            "(a study is made by 'llrd-search create STUDY.toml' or 'llrd-search run STUDY.toml')"
         )
 
 
