@@ -111,8 +111,8 @@ def open_storage(
             # WAL lets readers (status, dashboard, progress) run beside a writing worker.
             with storage.engine.connect() as conn:
                 conn.execute(text("PRAGMA journal_mode=WAL"))
-    except ImportError as err:
-        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} ({driver_hint(parsed.get_backend_name())})") from None
+    except ImportError as err:  # Optuna wraps the driver's own ImportError ("No module named 'MySQLdb'")
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err.__cause__ or err} ({driver_hint(parsed.get_backend_name())})") from None
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
         raise StorageError(f"--storage: cannot open {where(url)}: {error_reason(err, url)}{open_hint(err, url)}") from None
