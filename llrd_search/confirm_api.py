@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from llrd_search.exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError, UsageError
 from llrd_search.records import ConfirmRow, PairedVerdict, SweepRow, Verdict
 from llrd_search.results_api import at_least_one
 
@@ -101,7 +101,7 @@ def confirm(
         raise LLRDSearchError(f"--seeds: a whole number or 'auto' (got {seeds!r})")
     at_least_one(top=top, workers=workers, **({} if seeds == "auto" else {"seeds": seeds}))
     if seeds == 1:  # said before any run trains, not after
-        raise LLRDSearchError("--seeds: one seed per configuration leaves no spread to judge a lead by; use --seeds 3 or more, or --seeds auto")
+        raise UsageError("--seeds: one seed per configuration leaves no spread to judge a lead by; use --seeds 3 or more, or --seeds auto")
     if seeds == "auto" and max_seeds < FIRST_LOOK:
         raise LLRDSearchError(f"--max-seeds: must be >= {FIRST_LOOK} (got {max_seeds})")
     if not 0 <= min_effect < 1:

@@ -6,11 +6,12 @@ callers embedding llrd-search get real exceptions they can catch by type.
 Exit codes of ``llrd-search`` (each class below says its own in its docstring, "Exit code N"):
 
 * 0: done;
-* 1: :class:`LLRDSearchError` itself and :class:`TrainingError` (a command that cannot finish: no
-  trial completed, a bad ``--out``, a flag that does not combine), and ``run``/``confirm`` with no
-  finished trial to report;
+* 1: :class:`LLRDSearchError` itself and :class:`TrainingError` (what a command cannot do: a bad
+  ``--out``, a flag value the library refuses, such as ``--decay-sweep 1.5``), and ``run``/``confirm``
+  with no finished trial to report;
 * 2: the input is wrong: :class:`SpecError`, :class:`DataError`, :class:`ModelError`,
-  :class:`ObjectiveError`, :class:`UsageError` (a command-line argument argparse refuses);
+  :class:`ObjectiveError`, :class:`UsageError` (an argument argparse refuses, or one the CLI
+  refuses before the command starts);
 * 3: the storage: :class:`StorageError` (unreachable, missing file, no such study, conflict);
 * 4: :class:`RepeatedFailureError` (a worker stopped after the same error on several trials);
 * 130: interrupted (Ctrl-C or SIGTERM); running trials are marked FAIL, not lost.
@@ -106,7 +107,8 @@ class ObjectiveError(LLRDSearchError):
 
 
 class UsageError(LLRDSearchError):
-    """A command-line argument is missing, unknown or of the wrong form (what argparse refuses),
-    or two flags do not go together. Exit code 2, argparse's own."""
+    """A command-line argument is missing, unknown or of the wrong form (what argparse refuses), or
+    refused before the command starts (``--workers 0``, ``--max-seeds`` without ``--seeds auto``,
+    ``--seeds 1``). Exit code 2, argparse's own."""
 
     exit_code = 2

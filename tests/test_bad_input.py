@@ -28,13 +28,14 @@ from _pg import pg_db, pg_url, scram_pg, url_for  # noqa: F401 (fixtures)
 from llrd_search.cli import main
 
 
-def _one_error(capsys, argv: list[str], *must: str, case: str = "") -> str:
+def _one_error(capsys, argv: list[str], *must: str, case: str = "", code: int | None = None) -> str:
     rc = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     if os.environ.get("LLRD_SHOW_ERRORS"):
         sys.__stdout__.write(f"\n| {case} | rc {rc} | {' / '.join(lines)} |\n")
     assert rc != 0
+    assert code is None or rc == code, f"exit code {rc}, expected {code}: {err}"
     assert len(lines) == 1, err
     assert lines[0].startswith("Error: "), err
     assert "Traceback" not in err
@@ -446,6 +447,17 @@ def _(k: Kit) -> Bad:
 
 PORT = _closed_port()
 
+# The exit code of each case (llrd_search/exceptions.py): 2, the input (study file, data, model, an
+# argument), unless listed here: 3 the storage, 1 what a command cannot do (a bad --out, a flag value
+# the library refuses).
+STORAGE = [n for n in CASES if "storage" in n or "SQLite" in n or "mysql" in n or n == "not a URL"]
+EXIT_CODES = {
+    **dict.fromkeys(STORAGE, 3),
+    "status of an unknown study": 3, "export with no complete trial": 3, "study exists with a different spec": 3,
+    "export --out onto a folder": 1, "init --out exists": 1,
+    "confirm --max-seeds 2 with auto": 1, "confirm --decay-sweep 1.5": 1, "confirm --sweep-seeds alone": 1,
+}  # fmt: skip
+
 
 def _written(tmp: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The folder's listing, and (studies, trials) of every SQLite database in it (read-only)."""
@@ -467,7 +479,7 @@ def test_bad_input(name, capfd, tmp_path, write_study, tiny_model_dir, toy_data_
     for argv in bad_input.commands:
         before = _written(tmp_path)
         capfd.readouterr()  # capfd, not capsys: a library's log handler holding the real stderr shows up too
-        _one_error(capfd, argv, *bad_input.must, case=f"{name} ({argv[0]})")
+        _one_error(capfd, argv, *bad_input.must, case=f"{name} ({argv[0]})", code=EXIT_CODES.get(name, 2))
         assert _written(tmp_path) == before, f"{argv[0]} wrote something"
 
 
