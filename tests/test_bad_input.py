@@ -487,6 +487,14 @@ def test_the_corpus_is_large():
     assert len(CASES) >= 60
 
 
+def test_validate_spec_only_reads_the_study_file_alone(capsys, write_study, tmp_path):
+    study = write_study(data=tmp_path / "no-such-data")
+    assert main(["validate", study.as_posix(), "--spec-only"]) == 0, capsys.readouterr().err
+    assert "ok (study 'toy'" in capsys.readouterr().out
+    assert main(["validate", study.as_posix()]) == 2  # without it, the data is checked as create checks it
+    assert "data.path" in capsys.readouterr().err
+
+
 def test_study_file_with_a_bom_loads(capsys, write_study):
     study = write_study()
     study.write_bytes(b"\xef\xbb\xbf" + study.read_bytes())  # what Notepad writes

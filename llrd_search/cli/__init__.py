@@ -43,7 +43,8 @@ with your own training code (a function(trial) -> float in my_training.py, in th
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --format json""",
     "validate": """example:
-  llrd-search validate studies/*.toml""",
+  llrd-search validate studies/sst2-minilm.toml
+  llrd-search validate studies/*.toml --spec-only   (the study files alone, without data or models)""",
     "confirm": """example:
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds 5
   llrd-search confirm --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm --top 3 --seeds auto --max-seeds 10
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "Check study files, their data, tokenizer, model and storage URL as create does, writing nothing; "
                                       "estimate a trial's memory.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
+    p.add_argument("--spec-only", action="store_true", help="check the study files alone: keys, values and the memory estimate from "
+                   "config.json, without loading data or the model (well under a second instead of the seconds a model takes)")
 
     p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")
     p.add_argument("--storage", required=True, metavar="URL", help="storage URL of the study")

@@ -34,10 +34,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     for path in args.study_files:
         spec = load_spec(path)
-        # What create checks, short of opening the storage: data, tokenizer, model, LR groups, the URL.
-        preflight(spec, warn_memory=False)
-        with storage_named("study.storage"):
-            check_storage_url(storage_url(path, spec))
+        if not args.spec_only:  # what create checks, short of opening the storage: data, tokenizer, model, LR groups, the URL
+            preflight(spec, warn_memory=False)
+            with storage_named("study.storage"):
+                check_storage_url(storage_url(path, spec))
         print(f"{path}: ok (study '{spec.study.name}', {spec.study.n_trials} trials, sampler {spec.study.sampler})")
         memory = spec_memory(spec)
         if memory is not None:
