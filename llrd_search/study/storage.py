@@ -21,8 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from llrd_search.engine.metrics import set_study_metric
-from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError
-from llrd_search.spec import PAPER_POINTS, StudySpec, parse_spec
+from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError, UsageError
+from llrd_search.spec import MAX_TRIALS, PAPER_POINTS, StudySpec, parse_spec
 from llrd_search.study.compat import study_id
 from llrd_search.study.proxy import is_proxy, is_proxy_url, open_proxy
 from llrd_search.study.pruners import make_pruner
@@ -219,6 +219,8 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     from llrd_search.study.grid import cap_budget
 
     name = spec.study.name
+    if n_trials is not None and not 0 < n_trials <= MAX_TRIALS:  # stored as the budget, read back into a spec that refuses it
+        raise UsageError(f"--n-trials: must be from 1 to {MAX_TRIALS} (got {n_trials})")
     budget, note = cap_budget(spec, n_trials or spec.study.n_trials)
     if note:
         log.info("%s", note)
