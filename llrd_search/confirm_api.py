@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from llrd_search.exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError, UsageError
 from llrd_search.records import ConfirmRow, PairedVerdict, SweepRow, Verdict
 from llrd_search.results_api import at_least_one
 
@@ -100,6 +100,8 @@ def confirm(
     if seeds != "auto" and not isinstance(seeds, int):
         raise LLRDSearchError(f"--seeds: a whole number or 'auto' (got {seeds!r})")
     at_least_one(top=top, workers=workers, **({} if seeds == "auto" else {"seeds": seeds}))
+    if seeds == 1:  # said before any run trains, not after
+        raise UsageError("--seeds: one seed per configuration leaves no spread to judge a lead by; use --seeds 3 or more, or --seeds auto")
     if seeds == "auto" and not FIRST_LOOK <= max_seeds <= MAX_SEEDS:
         raise LLRDSearchError(f"--max-seeds: must be {FIRST_LOOK} to {MAX_SEEDS}, the plans the boundaries are tabulated for (got {max_seeds})")
     if not 0 <= min_effect < 1:

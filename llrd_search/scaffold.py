@@ -112,6 +112,7 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
     from transformers import AutoConfig
 
     from llrd_search.engine.model import load_tokenizer, position_limit, resolve_model_path
+    from llrd_search.engine.param_groups import check_encoder
 
     path = resolve_model_path(name)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
@@ -120,6 +121,10 @@ def inspect_model(name: str) -> tuple[ModelInfo, object]:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:
         raise ModelError(f"--model: cannot read the config of '{name}': {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        check_encoder(config)
+    except ModelError as err:
+        raise ModelError(f"--model: '{name}': {err}") from None
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or 0
     # RoBERTa-style models reserve pad_id + 1 positions; relative-position models have no table (8192: our cap).
     positions = min(position_limit(config) or 8192, 8192)

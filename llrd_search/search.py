@@ -30,10 +30,11 @@ def storage_url(study_file: str | Path, spec: Any, storage: str | None = None) -
     return storage or spec.study.storage or default_storage(study_file)
 
 
-def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
+def preflight(spec: Any, *, on_step: StepHook | None = None, warn_memory: bool = True) -> Any:
     """Load data, tokenizer and model and map the LR groups before anything is written to storage,
-    so a bad study file or dataset fails with one line and leaves no half-made study behind.
-    Returns the built-in objective, loaded, calling ``on_step(step, total)`` at each step."""
+    so a bad study file or dataset fails with one line and leaves no half-made study behind
+    (``validate`` runs it too). Returns the built-in objective, loaded, calling ``on_step(step,
+    total)`` at each step; ``warn_memory``: warn when a trial will not fit (validate says it itself)."""
     from llrd_search.engine.model import fresh_model
     from llrd_search.engine.objective import Objective
     from llrd_search.engine.param_groups import build_param_groups
@@ -51,7 +52,7 @@ def preflight(spec: Any, *, on_step: StepHook | None = None) -> Any:
         raise ModelError(f"model.name: '{spec.model.name}': {err}") from None
     if spec.train.gradient_checkpointing and not getattr(objective.template.model, "supports_gradient_checkpointing", False):
         raise ModelError(f"train.gradient_checkpointing: '{spec.model.name}' does not support gradient checkpointing; set it to false")
-    if not spec.train.objective:
+    if warn_memory and not spec.train.objective:
         _warn_memory(spec, objective)
     if spec.train.objective:  # a study naming a broken objective is not created
         from llrd_search.engine.user_objective import load_objective
@@ -109,10 +110,17 @@ def create_study_for(spec: Any, url: str, n_trials: int | None = None, *, study_
 def create(study_file: str | Path, *, storage: str | None = None, n_trials: int | None = None) -> Created:
     """Check the study file, its data and model, then create (or resume) its study."""
     from llrd_search.spec import load_spec
+    from llrd_search.study.storage import storage_named
 
     spec = load_spec(study_file)
     preflight(spec)
-    return create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+    with storage_named(_storage_key(spec, storage)):
+        return create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+
+
+def _storage_key(spec: Any, storage: str | None) -> str:
+    """Which key a storage error names: the flag, or the study file's ``study.storage`` it came from."""
+    return "study.storage" if storage is None and spec.study.storage else "--storage"
 
 
 def run(
@@ -133,11 +141,13 @@ def run(
     from llrd_search.spec import load_spec
     from llrd_search.study.gpus import plan_run
     from llrd_search.study.local_workers import choose_workers, run_local_workers, threads_per_worker, workers_from_env
+    from llrd_search.study.storage import storage_named
 
     watch = watch or Quiet()
     spec = load_spec(study_file)
     objective = preflight(spec, on_step=watch.step)
-    created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
+    with storage_named(_storage_key(spec, storage)):
+        created = create_study_for(spec, storage_url(study_file, spec, storage), n_trials, study_file=study_file)
     watch.created(created)
     url, name = created.url, spec.study.name
     remaining = created.budget - created.finished

@@ -62,10 +62,18 @@ def _values(dim: Dimension) -> list[float]:
     return [dim.low, dim.high] if isinstance(dim, Range) else list(dim)
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# What a pattern allows, in words, for the error message (users never see the regex).
+_PATTERN_WORDS = {NAME_PATTERN: "letters, digits, '_', '.' and '-', starting with a letter or digit, e.g. sst2-minilm"}
+# More finished trials than any fine-tuning search runs (each trial is a fine-tune): a typo or a unit slip.
+MAX_TRIALS = 100_000
+
+
 class StudySection(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
-    n_trials: int = Field(gt=0, description="study-wide budget of finished trials, shared by all workers")
-    seed: int = 0  # seeds the sampler and the data (subsamples, a carved validation split)
+    name: str = Field(pattern=NAME_PATTERN, max_length=128)
+    # strict: a string ("2") or a float (1e9) is refused, not coerced.
+    n_trials: int = Field(gt=0, le=MAX_TRIALS, strict=True, description="study-wide budget of finished trials, shared by all workers")
+    seed: int = Field(default=0, ge=0)  # seeds the sampler and the data (numpy seeds are >= 0)
     # Trial i trains with seed + trial_seed_offset + i. A different offset re-draws head init and
     # batch order only, on the same data: how `confirm` re-runs configurations with fresh seeds.
     trial_seed_offset: int = Field(default=0, ge=0)
@@ -324,6 +332,13 @@ def _format_errors(err: ValidationError) -> list[str]:
             problems.append(f"{path}: unknown key{_suggest(loc, StudySpec)}")
         elif e["type"] == "missing":
             problems.append(f"{path}: required key is missing")
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] in _PATTERN_WORDS:
+            problems.append(f"{path}: {e['input']!r} may hold only {_PATTERN_WORDS[e['ctx']['pattern']]}")
+        elif e["type"] in ("int_type", "int_parsing", "int_from_float"):
+            problems.append(f"{path}: must be a whole number, without quotes or a decimal point (got {e['input']!r})")
+        elif path == "study.n_trials" and e["type"] == "less_than_equal":
+            problems.append(f"{path}: {e['input']} trials is more than any search runs (each is a fine-tune; at most {MAX_TRIALS}); "
+                            "set the budget you mean, e.g. n_trials = 40")
         elif e["type"] in _BOUNDS and e.get("ctx"):
             problems.append(f"{path}: must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))} (got {e['input']!r})")
         else:

@@ -100,8 +100,10 @@ def test_status_unknown_study(write_study, tmp_path, capsys):
     url = "sqlite:///" + str(tmp_path / "none.db")
     assert main(["status", "--storage", url, "--study", "nope"]) == 3
     assert capsys.readouterr().err.strip() == (
-        "Error: --study: no study named 'nope' (the storage holds no study yet; run 'llrd-search create STUDY.toml' first)"
+        f"Error: --storage: SQLite file {tmp_path / 'none.db'} does not exist, so it holds no study; check the path "
+        "(a study is made by 'llrd-search create STUDY.toml' or 'llrd-search run STUDY.toml')"
     )
+    assert not (tmp_path / "none.db").exists()  # reading a study writes nothing
 
 
 def test_validate(write_study, capsys):

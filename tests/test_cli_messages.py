@@ -46,7 +46,7 @@ def test_ctrl_c_during_run_still_says_trials_were_marked(write_study, monkeypatc
     assert capsys.readouterr().err.strip().endswith("interrupted: running trials were marked FAIL; run the same command again to resume")
 
 
-@pytest.mark.parametrize("command", [["export"], ["confirm", "--top", "1", "--seeds", "1"]])
+@pytest.mark.parametrize("command", [["export"], ["confirm", "--top", "1", "--seeds", "2"]])
 def test_no_complete_trial_is_one_error_with_one_exit_code(command, write_study, tmp_path, capsys):
     url = _empty_study(write_study, tmp_path)
     code = main([*command[:1], "--storage", url, "--study", "toy", *command[1:]])

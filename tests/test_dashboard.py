@@ -100,6 +100,7 @@ def test_is_loopback(host, loopback):
 
 def test_port_in_use_is_a_clear_error(tmp_path):
     url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="dash-study", storage=url)  # the dashboard only reads: the file must exist
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

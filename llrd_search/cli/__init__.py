@@ -10,12 +10,13 @@ import os
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable
 
 from llrd_search.cli.handle import add_handle, resolve_handle
 from llrd_search.cli.result_cmds import cmd_confirm, cmd_dashboard, cmd_export, cmd_report, cmd_train
 from llrd_search.cli.search_cmds import cmd_create, cmd_init, cmd_proxy, cmd_run, cmd_status, cmd_validate, cmd_worker
-from llrd_search.exceptions import LLRDSearchError
+from llrd_search.exceptions import LLRDSearchError, UsageError
 
 log = logging.getLogger("llrd_search")
 
@@ -47,7 +48,8 @@ with your own training code (a function(trial) -> float in my_training.py, in th
   llrd-search status --storage sqlite:///studies/sst2-minilm.db --study sst2-minilm
   (--storage/--study instead of the study file, or to override what it names)""",
     "validate": """example:
-  llrd-search validate studies/*.toml""",
+  llrd-search validate studies/sst2-minilm.toml
+  llrd-search validate studies/*.toml --spec-only   (the study files alone, without data or models)""",
     "confirm": """example:
   llrd-search confirm studies/sst2-minilm.toml
   llrd-search confirm studies/sst2-minilm.toml --top 3 --seeds auto --max-seeds 10
@@ -113,6 +115,16 @@ def _per_gpu(value: str) -> int | str:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the ``Error: ...`` form of every other error (one line, exit 2, the
+    :class:`UsageError` code), the usage hint after it, instead of argparse's usage block; the
+    sub-parsers are made of this class too. Still a ``SystemExit``, as argparse's callers expect."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"Error: {_one_line(f'{self.prog}: {message}')}; see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(UsageError.exit_code)
+
+
 def _seeds(text: str) -> int | str:
     """``--seeds``: a count, or "auto" (sequential confirmation)."""
     if text.strip().lower() == "auto":
@@ -126,7 +138,7 @@ def _seeds(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     from llrd_search import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llrd-search",
         description="Search layer-wise learning-rate decay (LLRD) settings for fine-tuning BERT-like encoders.",
         epilog="example:\n  llrd-search run studies/sst2-minilm.toml\n\nrun 'llrd-search COMMAND --help' for a command's options",
@@ -185,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_handle(p)
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = add("validate", cmd_validate, "Check study files without touching data, model weights or storage; estimate a trial's memory.")
+    p = add("validate", cmd_validate, "Check study files, their data, tokenizer, model and storage URL as create does, writing nothing; "
+                                      "estimate a trial's memory.")
     p.add_argument("study_files", nargs="+", metavar="STUDY.toml")
+    p.add_argument("--spec-only", action="store_true", help="check the study files alone: keys, values and the memory estimate from "
+                   "config.json, without loading data or the model (well under a second instead of the seconds a model takes)")
 
     p = add("report", cmd_report, "Write a study's plots, summary.md and a self-contained report.html.")
     add_handle(p)
@@ -199,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=5, metavar="S|auto", help="fresh seeds per configuration (default 5); auto: "
                    "3, then more paired seeds for the winner and the controls in rounds until the verdict is decided "
                    "(group-sequential test, see docs/results.md)")
-    p.add_argument("--max-seeds", type=int, default=10, metavar="N", help="with --seeds auto: the most paired seeds (default 10; 3 to 30)")
+    p.add_argument("--max-seeds", type=int, metavar="N", help="with --seeds auto: the most paired seeds (default 10; 3 to 30)")
     p.add_argument("--min-effect", type=float, default=0.5, metavar="POINTS", help="with --seeds auto: stop when the interval "
                    "lies within ± this many points, a difference too small to matter (default 0.5; 0: never)")
     p.add_argument("--futility", type=float, default=10.0, metavar="PERCENT", help="with --seeds auto: stop to say 'cannot tell' "
@@ -243,18 +258,26 @@ def _positive(args: argparse.Namespace) -> None:
     for key in ("workers", "n_trials", "threads", "top", "seeds", "epochs", "train_limit"):
         value = getattr(args, key, None)
         if isinstance(value, int) and value < 1:
-            raise LLRDSearchError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
+            raise UsageError(f"--{key.replace('_', '-')}: must be >= 1 (got {value})")
+    from llrd_search.spec import MAX_TRIALS
+
+    if getattr(args, "n_trials", None) and args.n_trials > MAX_TRIALS:
+        raise UsageError(f"--n-trials: {args.n_trials} trials is more than any search runs (each is a fine-tune; at most {MAX_TRIALS})")
+    if args.command == "confirm" and args.seeds != "auto" and args.max_seeds is not None:
+        raise UsageError(f"--max-seeds: applies only with --seeds auto (here --seeds {args.seeds} runs exactly that many); drop --max-seeds or pass --seeds auto")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or an argument error already printed
+        return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command != "validate":  # the one command that never loads Optuna: importing it would double its time
-        from llrd_search.study.storage import quiet_optuna
+    from llrd_search.study.storage import quiet_optuna
 
-        quiet_optuna()
+    quiet_optuna()
     # SIGTERM (kill, Slurm, Kubernetes) stops a command like Ctrl-C: trials marked, exit 130.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None

@@ -63,7 +63,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
     c = confirm(args.storage, args.study, top=args.top, seeds=args.seeds, decay_sweep=args.decay_sweep, workers=args.workers,
                 threads=args.threads, objective=args.objective, watch=ProgressConsole(), workers_per_gpu=args.workers_per_gpu,
-                max_seeds=args.max_seeds, min_effect=args.min_effect / 100, futility=args.futility / 100,
+                max_seeds=10 if args.max_seeds is None else args.max_seeds, min_effect=args.min_effect / 100, futility=args.futility / 100,
                 sweep_seeds=args.sweep_seeds)
     v, paired, sweep = c.verdict, c.paired, c.sweep
     if args.format == "json":

@@ -28,10 +28,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from llrd_search.engine.memory_check import spec_memory
+    from llrd_search.search import preflight, storage_url
     from llrd_search.spec import load_spec
+    from llrd_search.study.storage import check_storage_url, storage_named
 
     for path in args.study_files:
         spec = load_spec(path)
+        if not args.spec_only:  # what create checks, short of opening the storage: data, tokenizer, model, LR groups, the URL
+            preflight(spec, warn_memory=False)
+            with storage_named("study.storage"):
+                check_storage_url(storage_url(path, spec))
         print(f"{path}: ok (study '{spec.study.name}', {spec.study.n_trials} trials, sampler {spec.study.sampler})")
         memory = spec_memory(spec)
         if memory is not None:

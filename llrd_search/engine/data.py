@@ -302,7 +302,13 @@ def _encode_split(
     if rows is None:
         rows = np.arange(len(y))
     limit = {"train": data.train_limit, "validation": data.validation_limit, "test": data.test_limit}.get(name, 0)
+    n_rows, n_classes = len(rows), len(np.unique(y[rows]))
     rows = rows[_limit(len(rows), limit, y[rows], seed)]
+    if len(rows) == 0 and n_rows:  # the subsample, not the split: each class kept its share, rounded to 0 rows
+        raise DataError(
+            f"data.{name}_limit: a stratified sample of {limit} of the {n_rows} {name} rows is empty ({n_classes} classes, "
+            f"each keeps its share of {limit}/{n_rows}, rounded down to 0 rows); raise data.{name}_limit to at least {n_classes} or set it to 0 (all rows)"
+        )
     if len(rows) == 0:
         raise DataError(f"data: the {name} split is empty (check the file, data.{name}_limit or data.validation_fraction)")
     bad = [i for i in rows[:50_000] if not isinstance(texts[i], str)]

@@ -53,9 +53,26 @@ def load_tokenizer(spec: ModelSection) -> Any:
         )
     check_max_length(spec, path)  # the tokenizer is read first everywhere: fail before tokenizing
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as err:
         raise ModelError(f"model.name: cannot load a tokenizer from '{spec.name}': {_first_line(err)}") from None
+    _check_vocabulary(tokenizer, spec.name, path)
+    return tokenizer
+
+
+def _check_vocabulary(tokenizer: Any, name: str, path: str) -> None:
+    """A folder with config.json but no tokenizer files still loads: transformers builds the config's
+    tokenizer class with an empty vocabulary, which reads every word as [UNK] and trains on nothing."""
+    try:
+        size, specials = len(tokenizer.get_vocab()), len(set(tokenizer.all_special_tokens))
+    except (AttributeError, NotImplementedError):
+        return  # a custom tokenizer without a vocabulary to count: nothing to judge by
+    if size <= specials:
+        raise ModelError(
+            f"model.name: '{name}' has no tokenizer files (tokenizer.json, vocab.txt, vocab.json or a sentencepiece .model): "
+            f"its tokenizer holds only its {specials} special tokens and would read every word as [UNK]; "
+            f"save the base model's tokenizer there too (AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}'))"
+        )
 
 
 # RoBERTa's scheme: position ids start after the padding id, so pad_token_id + 1 slots never hold a token.
@@ -73,13 +90,20 @@ def position_limit(config: Any) -> int | None:
 
 
 def check_max_length(spec: ModelSection, path: str) -> None:
-    """``model.max_length`` must fit the model's position table, or every trial fails on its longest batch."""
+    """``model.max_length`` must fit the model's position table, or every trial fails on its longest
+    batch; and the model must be an encoder whose layers LLRD can decay over."""
     from transformers import AutoConfig
+
+    from llrd_search.engine.param_groups import check_encoder
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception:
         return  # the model load that follows names the problem
+    try:  # from the config, before any weight loads
+        check_encoder(config)
+    except ModelError as err:
+        raise ModelError(f"model.name: '{spec.name}': {err}") from None
     limit = position_limit(config)
     if limit is not None and spec.max_length > limit:
         raise ModelError(

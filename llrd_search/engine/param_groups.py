@@ -201,6 +201,26 @@ def _unsupported(model: nn.Module, why: str) -> ModelError:
     )
 
 
+def check_encoder(config: object) -> None:
+    """Refuse, from a model's config alone, a decoder (GPT-2, Llama, Jamba) or an encoder-decoder
+    (T5, BART): their blocks stack too, so the walk below would map them, but LLRD as this package
+    searches it decays over an encoder's layers. A model type transformers knows only as a causal LM
+    is a decoder; one it does not know at all (remote code) is left to the walk."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder"
+    elif getattr(config, "is_decoder", False) or (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        kind = "a decoder-only (causal LM)"
+    else:
+        return
+    raise ModelError(
+        f"cannot map the layers of this {model_type} model to LR groups: it is {kind} architecture, and LLRD here decays "
+        f"over an encoder's layers; use an encoder. Supported families: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
 def _find_backbone(model: nn.Module) -> PreTrainedModel:
     if isinstance(model, PreTrainedModel):
         return model.base_model
@@ -220,6 +240,7 @@ def _find_backbone(model: nn.Module) -> PreTrainedModel:
 def _find_layers(model: nn.Module) -> tuple[PreTrainedModel, nn.ModuleList, bool]:
     """Backbone, its stack of transformer blocks, and whether the blocks are shared (ALBERT)."""
     backbone = _find_backbone(model)
+    check_encoder(backbone.config)
     best: tuple[int, int, nn.ModuleList] | None = None
     for name, module in backbone.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,18 @@ _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parq
 
 
 def split_files(folder: Path) -> dict[str, Path]:
-    """A data folder's split files by split name (``train.csv`` → ``train``); the first suffix in name order wins."""
+    """A data folder's split files by split name (``train.csv`` → ``train``); two files of one
+    split (``train.csv`` and ``train.jsonl``) are an error, not a silent choice of one."""
     files: dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
-        if f.suffix in SPLIT_SUFFIXES and f.stem not in files:
-            files[f.stem] = f
+        if f.suffix not in SPLIT_SUFFIXES:
+            continue
+        if f.stem in files:
+            raise DataError(
+                f"data.path: {files[f.stem].name} and {f.name} in {folder} are both the '{f.stem}' split; "
+                "keep one of them (move or rename the other)"
+            )
+        files[f.stem] = f
     return files
 
 
@@ -45,16 +53,13 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
         digest = hashlib.sha256()
         splits = {}
         for split, f in wanted.items():
-            content = f.read_bytes()
+            content = _read(f)
             digest.update(split.encode() + content)
             if f.suffix != ".parquet":
                 _check_utf8(content, f)
-            try:
-                splits[split] = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
-            except Exception as err:  # pyarrow / csv parser errors: name the file
-                if "corresponds to no data" in str(err) or not f.read_text(errors="replace").strip():
-                    raise DataError(f"data.path: the {split} split is empty ({f} has no rows)") from None
-                raise DataError(f"data.path: cannot read {f}: {err}") from None
+            if f.suffix == ".csv":
+                _check_commas(content, f)
+            splits[split] = _load_file(f, split, content)
         return splits, digest.hexdigest()
     if folder.exists() or data.path.startswith((".", "/", "~")):
         missing = "" if folder.exists() else ": it does not exist"
@@ -66,6 +71,46 @@ def load_raw_splits(data: DataSection) -> tuple[dict[str, Any], str]:
         raise DataError(f"data.path: cannot load dataset '{data.path}' from the hub or a local folder: {err}") from None
     fp = hashlib.sha256(json.dumps({k: v._fingerprint for k, v in dd.items()}, sort_keys=True).encode())
     return dict(dd), fp.hexdigest()
+
+
+def _read(f: Path) -> bytes:
+    try:
+        return f.read_bytes()
+    except OSError as err:  # a symlink loop, a dangling link, no permission
+        raise DataError(f"data.path: cannot read {f}: {err.strerror}; point {f.name} at a readable file (ls -l {f})") from None
+
+
+def _load_file(f: Path, split: str, content: bytes) -> Any:
+    """One split file as a Dataset; a parser's failure is one error naming the file and its cause
+    (the innermost one: ``datasets`` wraps it in "An error occurred while generating the dataset")."""
+    import datasets
+
+    # datasets logs the parser's error itself before raising it: only our line should show.
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        return datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train")
+    except Exception as err:  # pyarrow / csv parser errors: name the file
+        if "corresponds to no data" in str(err) or not content.strip():
+            raise DataError(f"data.path: the {split} split is empty ({f} has no rows)") from None
+        cause: BaseException = err
+        while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+            cause = cause.__cause__ or cause.__context__
+        reason = " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+        raise DataError(f"data.path: cannot read {f}: {reason}; fix or re-save the file") from None
+    finally:
+        logger.setLevel(level)
+
+
+def _check_commas(content: bytes, f: Path) -> None:
+    """A tab-separated file saved as .csv: its header has tabs and no comma."""
+    header = content.split(b"\n", 1)[0]
+    if b"\t" in header and b"," not in header:
+        raise DataError(
+            f"data.path: {f} is tab-separated (its header has tabs, no commas); save it comma-separated, e.g. "
+            f"python -c \"import pandas as p; p.read_csv('{f}', sep='\\t').to_csv('{f}', index=False)\", or as .jsonl"
+        )
 
 
 def _check_utf8(content: bytes, f: Path) -> None:

@@ -58,7 +58,7 @@ def dashboard_server(url: str, host: str = "127.0.0.1", port: int = 8080) -> Ite
     one. The server and its storage are closed on leaving the block, however it is left."""
     import optuna_dashboard
 
-    with opened_storage(url) as storage:
+    with opened_storage(url, must_exist=True) as storage:
         server_class = _IPv6ThreadingServer if ":" in host else _ThreadingServer
         try:
             server = make_server(host, port, optuna_dashboard.wsgi(storage), server_class=server_class, handler_class=_QuietHandler)

@@ -145,7 +145,7 @@ def export_config(url: str, study_name: str) -> dict[str, Any]:
     """Build the export document for ``study_name`` (after confirmation when it exists)."""
     from llrd_search.study.confirm import confirmation_summary, control_summary
 
-    with opened_storage(url) as storage:
+    with opened_storage(url, must_exist=True) as storage:
         study = load_study(storage, study_name)
         return build_config(study, url, confirmation_summary(storage, study_name), control_summary(storage, study_name))
 

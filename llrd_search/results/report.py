@@ -38,7 +38,7 @@ from llrd_search.results.sweep_plot import plot_decay_sweep
 from llrd_search.stats import sweep_interval, welch_threshold
 from llrd_search.study.arms import load_control, overall_best, study_predates_control_arm
 from llrd_search.study.confirm import Z95
-from llrd_search.study.storage import load_study, opened_storage, spec_of
+from llrd_search.study.storage import check_storage_url, load_study, opened_storage, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path, *, stud
     """Write the PNGs, ``summary.md`` and ``report.html`` into ``out_dir``; return name → path.
     ``study_file``: paths are shown relative to its folder, its data path instead of the stored one."""
     out = Path(out_dir)
+    check_storage_url(storage_url, must_exist=True)  # a storage that holds no study leaves no empty --out folder behind
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -267,7 +268,7 @@ def write_report(storage_url: str, study_name: str, out_dir: str | Path, *, stud
         raise LLRDSearchError(f"--out: cannot write into folder {out}: {err.strerror}; pick a writable folder") from None
     os.close(fd)
     os.unlink(probe)
-    with opened_storage(storage_url) as storage:
+    with opened_storage(storage_url, must_exist=True) as storage:
         study = load_study(storage, study_name)
         try:
             spec = spec_of(study)

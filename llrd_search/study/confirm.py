@@ -131,7 +131,7 @@ def prepare(url: str, study_name: str, top: int, seeds: int) -> Plan:
     """Create (or extend) the linked study and queue every missing run. Runs nothing."""
     if top < 1 or seeds < 1:
         raise LLRDSearchError(f"--top and --seeds must be >= 1 (got --top {top} --seeds {seeds})")
-    with opened_storage(url) as storage:
+    with opened_storage(url, must_exist=True) as storage:
         source = load_study(storage, study_name)
         if META_ATTR in source.user_attrs:
             origin = json.loads(source.user_attrs[META_ATTR])["source_study"]

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -23,8 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from llrd_search.engine.metrics import set_study_metric
-from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError
-from llrd_search.spec import PAPER_POINTS, StudySpec, parse_spec
+from llrd_search.exceptions import StorageError, StudyConflictError, StudyNotFoundError, UsageError
+from llrd_search.spec import MAX_TRIALS, PAPER_POINTS, StudySpec, parse_spec
 from llrd_search.study.compat import study_id
 from llrd_search.study.proxy import is_proxy, is_proxy_url, open_proxy
 from llrd_search.study.pruners import make_pruner
@@ -34,12 +32,14 @@ from llrd_search.study.resilience import (
     ResilientRDBStorage,
     count_states,
     is_transient,
-    read_only_message,
     retry_stale_trial,
 )
 from llrd_search.study.resilience import budget_lock as budget_lock  # re-exported: workers import it from here
 from llrd_search.study.resilience import fail_stale as fail_stale
 from llrd_search.study.sampling import make_sampler
+from llrd_search.study.url_checks import check_sqlite_exists, check_sqlite_file, driver_hint
+from llrd_search.study.url_checks import check_storage_url as check_storage_url  # re-exported
+from llrd_search.study.url_checks import storage_named as storage_named
 from llrd_search.study.urls import error_reason, open_hint, where
 from llrd_search.study.urls import mask_url as mask_url  # re-exported: most modules import it from here
 from llrd_search.study.urls import shareable_url as shareable_url
@@ -85,11 +85,15 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False, pool_size: int | None = None) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, spec: StudySpec | None = None, *, patient: bool = False, pool_size: int | None = None, must_exist: bool = False
+) -> optuna.storages.RDBStorage:
     """An ``RDBStorage`` with heartbeats (from ``spec``), retry of dead workers' trials, and calls
     that retry through a database restart; for ``grpc://HOST:PORT``, the same through an
     ``llrd-search proxy`` (proxy.py). Opening fails fast: a wrong URL is not an outage.
-    ``pool_size``: connections to keep (the proxy's; a worker keeps 1)."""
+    ``pool_size``: connections to keep (the proxy's; a worker keeps 1). ``must_exist``: for a
+    command that only reads a study, a SQLite file that is not there is an error, checked before
+    SQLAlchemy would create it (an empty database left behind by a typo in the path)."""
     heartbeat = _heartbeat_settings(spec)
     if is_proxy_url(url):
         return open_proxy(url, heartbeat, patient=patient)
@@ -98,15 +102,17 @@ def open_storage(url: str, spec: StudySpec | None = None, *, patient: bool = Fal
     except (ArgumentError, ValueError):
         raise StorageError(f"--storage: '{mask_url(url)}' is not a database URL (e.g. sqlite:///study.db)") from None
     if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
+        check_sqlite_file(url, parsed.database, parsed.query.get("mode"))
+        if must_exist:
+            check_sqlite_exists(parsed.database)
     try:
         storage = _new_storage(url, heartbeat, patient, pool_size)
         if parsed.get_backend_name() == "sqlite":
             # WAL lets readers (status, dashboard, progress) run beside a writing worker.
             with storage.engine.connect() as conn:
                 conn.execute(text("PRAGMA journal_mode=WAL"))
-    except ImportError as err:
-        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err} (for PostgreSQL: pip install 'psycopg[binary]')") from None
+    except ImportError as err:  # Optuna wraps the driver's own ImportError ("No module named 'MySQLdb'")
+        raise StorageError(f"--storage: no driver for {mask_url(url)}: {err.__cause__ or err} ({driver_hint(parsed.get_backend_name())})") from None
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
         err = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
         raise StorageError(f"--storage: cannot open {where(url)}: {error_reason(err, url)}{open_hint(err, url)}") from None
@@ -121,27 +127,6 @@ def _heartbeat_settings(spec: StudySpec | None) -> dict[str, Any]:
         "grace_period": spec.study.grace_period,
         "heartbeat_stale_trial_callback": retry_stale_trial(spec.study.max_retries),
     }
-
-
-def _check_sqlite_file(url: str, database: str | None, mode: object) -> None:
-    """Refuse, at once, a SQLite database that workers cannot share or llrd-search cannot write:
-    otherwise the first write fails like an outage and is retried for minutes."""
-    if not database or database == ":memory:" or mode == "memory":
-        raise StorageError(
-            f"--storage: '{url}' is an in-memory SQLite database: it vanishes when this process exits "
-            "and no worker can reach it; use a file, e.g. sqlite:///study.db"
-        )
-    path = Path(database)
-    if not path.parent.is_dir():
-        raise StorageError(f"--storage: folder {path.parent} for the SQLite file does not exist")
-    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise StorageError(read_only_message(url))
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StorageError(
-            f"--storage: folder {path.parent} is not writable, and SQLite keeps its journal "
-            f"({path.name}-wal, {path.name}-shm) and llrd-search its lock file there: "
-            "make the folder writable or put the database in another folder"
-        )
 
 
 def _new_storage(url: str, heartbeat: dict[str, Any], patient: bool, pool_size: int | None = None) -> ResilientRDBStorage:
@@ -182,9 +167,11 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
 
 
 @contextlib.contextmanager
-def opened_storage(url: str, spec: StudySpec | None = None, *, patient: bool = False) -> Iterator[optuna.storages.RDBStorage]:
+def opened_storage(
+    url: str, spec: StudySpec | None = None, *, patient: bool = False, must_exist: bool = False
+) -> Iterator[optuna.storages.RDBStorage]:
     """:func:`open_storage`, closed again on leaving the block, however it is left."""
-    storage = open_storage(url, spec, patient=patient)
+    storage = open_storage(url, spec, patient=patient, must_exist=must_exist)
     try:
         yield storage
     finally:
@@ -193,8 +180,9 @@ def opened_storage(url: str, spec: StudySpec | None = None, *, patient: bool = F
 
 @contextlib.contextmanager
 def opened_study(url: str, name: str) -> Iterator[optuna.Study]:
-    """The study ``name`` in ``url``, its storage closed again on leaving the block."""
-    with opened_storage(url) as storage:
+    """The study ``name`` in ``url``, its storage closed again on leaving the block (a SQLite file
+    that does not exist is an error, not created: reading a study writes nothing)."""
+    with opened_storage(url, must_exist=True) as storage:
         yield load_study(storage, name)
 
 
@@ -231,6 +219,8 @@ def create_study(spec: StudySpec, storage: optuna.storages.RDBStorage, n_trials:
     from llrd_search.study.grid import cap_budget
 
     name = spec.study.name
+    if n_trials is not None and not 0 < n_trials <= MAX_TRIALS:  # stored as the budget, read back into a spec that refuses it
+        raise UsageError(f"--n-trials: must be from 1 to {MAX_TRIALS} (got {n_trials})")
     budget, note = cap_budget(spec, n_trials or spec.study.n_trials)
     if note:
         log.info("%s", note)

@@ -88,7 +88,7 @@ def run_worker(
     "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
     """
     quiet_optuna()
-    with opened_storage(storage_url) as bootstrap:
+    with opened_storage(storage_url, must_exist=True) as bootstrap:
         study_name = parent_name(bootstrap, study_name)  # a worker pointed at NAME.control joins NAME
         spec = spec_of(load_study(bootstrap, study_name))
     poll = poll_seconds if poll_seconds is not None else min(5.0, float(spec.study.heartbeat_interval))
