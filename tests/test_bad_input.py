@@ -392,7 +392,9 @@ case("confirm --seeds 2 --max-seeds 2")(lambda k: bad(["confirm", "--storage", k
 case("confirm --seeds 1")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "1"], "--seeds", "3 or more"))
 case("confirm --seeds abc")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "abc"], "--seeds", "'abc'"))
 case("confirm --max-seeds 2 with auto")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "auto", "--max-seeds", "2"],
-                                                      "--max-seeds", ">= 3"))  # fmt: skip
+                                                      "--max-seeds", "3 to 30"))  # fmt: skip
+case("confirm --max-seeds 31 with auto")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "auto", "--max-seeds", "31"],
+                                                       "--max-seeds", "3 to 30"))  # fmt: skip
 case("confirm --decay-sweep 1.5")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "2", "--decay-sweep", "1.0,1.5"],
                                                 "--decay-sweep", "1.5"))  # fmt: skip
 case("confirm --sweep-seeds alone")(lambda k: bad(["confirm", "--storage", k.finished(), "--study", "toy", "--seeds", "2", "--sweep-seeds", "2"],
@@ -455,7 +457,7 @@ EXIT_CODES = {
     **dict.fromkeys(STORAGE, 3),
     "status of an unknown study": 3, "export with no complete trial": 3, "study exists with a different spec": 3,
     "export --out onto a folder": 1, "init --out exists": 1,
-    "confirm --max-seeds 2 with auto": 1, "confirm --decay-sweep 1.5": 1, "confirm --sweep-seeds alone": 1,
+    "confirm --max-seeds 2 with auto": 1, "confirm --max-seeds 31 with auto": 1, "confirm --decay-sweep 1.5": 1, "confirm --sweep-seeds alone": 1,
 }  # fmt: skip
 
 
