@@ -97,8 +97,8 @@ def test_slurm_script_runs_the_image_through_apptainer(tmp_path):
 
 
 def _fleet_commands() -> list[list[str]]:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Fleet\n", 1)[1].split("\n## ", 1)[0]
+    guide = (REPO / "docs" / "guides" / "fleet.md").read_text()
+    section = guide.split("\n## The container image\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [shlex.split(part) for line in block.splitlines() for part in line.split(" && ") if part.strip()]
 

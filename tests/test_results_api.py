@@ -29,8 +29,8 @@ DISTS = {"base_lr": FloatDistribution(1e-4, 1e-3, log=True), "head_lr": FloatDis
 
 
 def _readme_api_example() -> str:
-    """The README's block that starts with ``from llrd_search import search``."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    """The Python reference's block that starts with ``from llrd_search import search`` (docs/reference/python.md)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "reference" / "python.md").read_text(encoding="utf-8"), re.S)
     (block,) = [b for b in blocks if b.startswith("from llrd_search import search\n")]
     return block
 
