@@ -24,7 +24,8 @@ from llrd_search.spec import TrainSection, load_spec
 from llrd_search.study.storage import create_study, load_study, open_storage
 from llrd_search.study.worker import INTERRUPTED, run_worker
 
-PACKED = {"fast_path": False, "epochs": 2, "evals_per_epoch": 3}
+# Bucketing off: a packed slot then draws the unpacked loop's batches (with it the pack shares length bins).
+PACKED = {"fast_path": False, "epochs": 2, "evals_per_epoch": 3, "length_bucketing": False}
 SPACE = {"base_lr": "{ low = 3e-3, high = 2e-2, log = true }", "head_lr": "{ low = 3e-3, high = 3e-2, log = true }"}
 
 
