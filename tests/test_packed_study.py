@@ -165,3 +165,27 @@ def test_a_user_objective_never_packs(write_study, still_model, tmp_path):
 
     assert run_worker(url, "user", objective_factory=factory) == 2
     assert all("pack" not in t.user_attrs for t in _trials(url, "user"))
+
+
+def test_out_of_memory_in_a_pack_halves_it_and_finishes_every_trial_once(write_study, still_model, tmp_path, monkeypatch, caplog):
+    url = _study(write_study, still_model, tmp_path, "oom", 4, n_trials=6, epochs=1)
+    real, calls = packed.copy_losses, []
+
+    def short_of_memory(logits, labels):
+        calls.append(labels.shape[0])
+        if labels.shape[0] == 4 and len(calls) == 5:  # the pack of four, at its fifth step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(logits, labels)
+
+    monkeypatch.setattr(packed, "copy_losses", short_of_memory)
+    with caplog.at_level("WARNING"):
+        assert run_worker(url, "oom") == 6
+    trials = _trials(url, "oom")
+    assert len(trials) == 6 and [t.state for t in trials] == [TrialState.COMPLETE] * 6  # none lost, none told twice
+    assert "out of device memory with 4 trials packed; the 4 unfinished start again, 2 per pack" in caplog.text
+    assert max(calls[5:]) == 2  # every later pack has two copies at most
+    assert [t.user_attrs["pack"] for t in trials] == [2] * 6  # the first four restarted, with the halved pack
+    assert all(t.user_attrs["steps"] == trials[0].user_attrs["steps"] for t in trials)  # each trained a whole run
+    one = _study(write_study, still_model, tmp_path, "oom-alone", 1, n_trials=6, epochs=1)
+    assert run_worker(one, "oom-alone") == 6
+    assert [t.value for t in trials] == [t.value for t in _trials(one, "oom-alone")]  # the same trials, the same values

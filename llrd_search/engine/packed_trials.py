@@ -19,6 +19,7 @@ import optuna
 import torch
 
 from llrd_search.engine.memory import GPU_SHARE_ENV, trial_memory_estimate
+from llrd_search.engine.memory_guard import is_out_of_memory, release_memory
 from llrd_search.engine.model import fresh_model
 from llrd_search.engine.objective import Objective
 from llrd_search.engine.packed import PackJob, SlotEnd, train_packed
@@ -112,9 +113,48 @@ class PackedTrials:
         return self.objective.record(tag.trial, end.result, tag.evals, tag.overhead, alone=False)
 
     def run(self, first: list[PackJob], next_job: Callable[[], PackJob | None], on_end: Callable[[SlotEnd], None]) -> None:
+        """Train ``first`` and the refills of ``next_job`` as packs of ``k``. Out of device memory,
+        the pack is dropped, its memory released, ``k`` halved (for this worker's later packs too)
+        and every trial it was still training starts again, with its parameters, in a smaller pack:
+        no trial is lost and none is told twice. At ``k = 1`` the error propagates."""
+        queue, live = list(first), {}
+        first.clear()  # the pack holds its jobs from here: an out-of-memory frees them all
+
+        def take() -> PackJob | None:
+            job = queue.pop(0) if queue else next_job()
+            if job is not None:
+                live[id(job)] = job
+            return job
+
+        def ended(end: SlotEnd) -> None:
+            live.pop(id(end.job), None)
+            on_end(end)
+
+        while queue:
+            jobs = [job for job in (take() for _ in range(min(self.k, len(queue)))) if job is not None]
+            packed = len(jobs)
+            if not self._train(jobs, take, ended):
+                return
+            # Out of memory. The pack's tensors went with the traceback; its jobs' models go now.
+            trials = [job.tag.trial for job in live.values()]
+            jobs.clear()
+            live.clear()
+            release_memory(self.objective.device)
+            self.k = max(1, self.k // 2)
+            log.warning("out of device memory with %d trials packed; the %d unfinished start again, %d per pack", packed, len(trials), self.k)
+            queue = [self.job(trial) for trial in trials] + queue  # a fresh model, the same trial and parameters
+
+    def _train(self, jobs: list[PackJob], take: Callable[[], PackJob | None], ended: Callable[[SlotEnd], None]) -> bool:
+        """One pack; True when it ran out of device memory with more than one trial packed."""
         o = self.objective
-        train_packed(first, o.task, self.spec.train, next_job=next_job, on_end=on_end, pad_id=o.pad_id, device=o.device, dtype=o.dtype,
-                     on_step=step_callback(o.on_step))
+        try:
+            train_packed(jobs, o.task, self.spec.train, next_job=take, on_end=ended, pad_id=o.pad_id, device=o.device, dtype=o.dtype,
+                         on_step=step_callback(o.on_step))
+        except Exception as err:
+            if self.k <= 1 or not is_out_of_memory(err):
+                raise
+            return True
+        return False
 
 
 @dataclass
