@@ -59,13 +59,26 @@ def test_auto_pack_fits_the_free_memory_within_its_cap():
     assert auto_pack(200, 100) == 1  # never 0: one trial runs (and may run out of memory)
     assert resolve_pack(TrainSection(), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 1  # auto on CPU: no packing
     assert resolve_pack(TrainSection(pack=3), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 3
+    assert auto_pack(lambda k: 10 * k + 5 * (k - 1), 100) == 6  # a pack's own extra counts: 6 x 10 + 25 <= 90 < 7 x 10 + 30
+
+
+def test_a_pack_estimate_counts_its_evaluation_and_a_dropped_slot(tiny_template_and_task):
+    from llrd_search.engine.packed_trials import pack_bytes, trial_bytes
+
+    model = tiny_template_and_task[0].model
+    cfg, n = TrainSection(eval_batch_size=128), sum(p.numel() for p in tiny_template_and_task[0].model.parameters())
+    assert pack_bytes(model, cfg, 64, None, 1) == trial_bytes(model, cfg, 64)
+    extra = [pack_bytes(model, cfg, 64, None, k) - k * trial_bytes(model, cfg, 64) for k in (2, 4, 8)]
+    assert extra[0] >= 12 * n and extra[0] < extra[1] < extra[2]  # at least the re-sliced weights and moments
+    # evaluation at 8 x 128 rows of 64 tokens: one layer's activations (hidden 32, 4 bytes) at the least
+    assert extra[2] >= 8 * 128 * 64 * 32 * 4
 
 
 def test_auto_pack_takes_its_share_of_the_gpu(monkeypatch):
     from llrd_search.engine.memory import GPU_SHARE_ENV
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
-    monkeypatch.setattr("llrd_search.engine.packed_trials.trial_bytes", lambda *a, **k: 10 * 2**30)
+    monkeypatch.setattr("llrd_search.engine.packed_trials.pack_bytes", lambda model, cfg, length, dtype, k: k * 10 * 2**30)
     cfg, model = TrainSection(), torch.nn.Linear(2, 2)
     monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
     assert resolve_pack(cfg, torch.device("cuda"), model, 32) == 8  # 90 GiB usable holds 9, capped

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from llrd_search.engine.memory import GPU_SHARE_ENV, trial_memory_estimate
+from llrd_search.engine.memory import GPU_SHARE_ENV, pack_extra_bytes, trial_memory_estimate
 from llrd_search.engine.memory_guard import is_out_of_memory, release_memory
 from llrd_search.engine.model import fresh_model
 from llrd_search.engine.objective import Objective
@@ -35,11 +35,12 @@ AUTO_CAP = 8
 HEADROOM = 0.9  # of the free memory: the CUDA context, fragmentation and eval batches need some
 
 
-def auto_pack(per_trial_bytes: int, free_bytes: int, cap: int = AUTO_CAP) -> int:
-    """How many trials of ``per_trial_bytes`` fit in ``HEADROOM`` of ``free_bytes``: 1 to ``cap``."""
-    if per_trial_bytes <= 0:
-        return cap
-    return max(1, min(cap, int(free_bytes * HEADROOM) // per_trial_bytes))
+def auto_pack(per_trial_bytes: int | Callable[[int], int], free_bytes: int, cap: int = AUTO_CAP) -> int:
+    """The largest pack (1 to ``cap``) that fits in ``HEADROOM`` of ``free_bytes``: of trials of
+    ``per_trial_bytes`` each, or of ``per_trial_bytes(k)`` bytes for a pack of k (:func:`pack_bytes`)."""
+    size = per_trial_bytes if callable(per_trial_bytes) else (lambda k: k * per_trial_bytes)
+    usable = int(free_bytes * HEADROOM)
+    return max([1] + [k for k in range(1, cap + 1) if size(k) <= usable])
 
 
 def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtype: torch.dtype | None = None) -> int:
@@ -47,6 +48,13 @@ def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtyp
     number ``--workers-per-gpu auto`` and preflight's warning use."""
     n_params = sum(p.numel() for p in model.parameters())
     return trial_memory_estimate(model.config, n_params, cfg.batch_size, max_length, dtype)  # packs never accumulate (spec)
+
+
+def pack_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtype: torch.dtype | None, k: int) -> int:
+    """A pack of ``k`` trials' device memory: ``k`` x :func:`trial_bytes` and what packing adds
+    (its evaluation at ``k x eval_batch_size`` rows, a dropped slot's re-slicing: :func:`pack_extra_bytes`)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return k * trial_bytes(model, cfg, max_length, dtype) + pack_extra_bytes(model.config, n_params, k, cfg.eval_batch_size, max_length, dtype)
 
 
 def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int, dtype: torch.dtype | None = None) -> int:
@@ -59,7 +67,7 @@ def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module
         return 1
     free, _total = torch.cuda.mem_get_info(device)
     share = os.environ.get(GPU_SHARE_ENV, "1")
-    return auto_pack(trial_bytes(model, cfg, max_length, dtype), free // max(1, int(share) if share.isdigit() else 1))
+    return auto_pack(lambda k: pack_bytes(model, cfg, max_length, dtype, k), free // max(1, int(share) if share.isdigit() else 1))
 
 
 def check_packable(objective: Objective) -> str | None:
