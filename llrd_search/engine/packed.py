@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from llrd_search.engine.data import Encoded, TaskData
+from llrd_search.engine.data import TaskData
 from llrd_search.engine.divergence import DivergenceGuard
-from llrd_search.engine.metrics import score
 from llrd_search.engine.packed_batches import LengthBins, SlotBatches, copy_losses, stack_batches
-from llrd_search.engine.packed_model import PackState, keep_copies, load_copy, only_copies, pack_models
+from llrd_search.engine.packed_eval import evaluate_packed, prepared_mask
+from llrd_search.engine.packed_model import PackState, keep_copies, load_copy, pack_models
 from llrd_search.engine.packed_optim import PackedAdamW
 from llrd_search.engine.train import TrainResult, to_device
 from llrd_search.exceptions import DivergedError
@@ -156,16 +156,11 @@ class _Pack:
     def __init__(self, jobs: list[PackJob], task: TaskData, cfg: TrainSection, *, pad_id: int, device: torch.device,
                  dtype: torch.dtype | None, check_every: int | None):
         first = jobs[0]
-        names = {id(p): n for n, p in first.model.named_parameters()}
-        self.group_of = {names[id(p)]: g["name"] for g in first.groups for p in g["params"]}
-        weight_decay = {g["name"]: g["weight_decay"] for g in first.groups}
         self.num_labels = int(getattr(first.model.config, "num_labels", 2))
         self.task, self.cfg, self.pad_id, self.device, self.dtype = task, cfg, pad_id, device, dtype
         self.check_every = check_every or (1 if device.type == "cpu" else CHECK_EVERY)
         torch.manual_seed(first.seed)  # the pack's one dropout stream
-        self.model, self.state = pack_models([j.model for j in jobs])
-        self.model.to(device).train()
-        self.opt = PackedAdamW(_trainable(self.model, self.group_of), self.group_of, weight_decay, [lr_of(j.groups) for j in jobs])
+        self.model, self.state, self.opt, self.group_of = pack_with_optimizer(jobs, device)
         self.slots = [self._slot(k, j, k) for k, j in enumerate(jobs)]
         self.bins = LengthBins(task.train.lengths, cfg.batch_size, first.seed) if cfg.length_bucketing else None
         self.pending: list[torch.Tensor] = []
@@ -184,6 +179,7 @@ class _Pack:
         self.state.rows = labels.shape[1]
         batch = to_device({**batch, "labels": labels}, self.device)
         labels = batch.pop("labels")
+        batch["attention_mask"] = prepared_mask(self.model, batch["attention_mask"], self.dtype)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(**batch).logits
         losses = copy_losses(logits, labels)
@@ -265,6 +261,19 @@ class _Pack:
                 self.opt.keep(keep, _trainable(self.model, self.group_of))
 
 
+def pack_with_optimizer(jobs: list[PackJob], device: torch.device) -> tuple[torch.nn.Module, PackState, PackedAdamW, dict[str, str]]:
+    """The jobs' models packed into one on ``device`` (in training mode), its :class:`PackedAdamW`
+    with each job's LRs, and parameter name -> LLRD group (the first job's groups name them all)."""
+    first = jobs[0]
+    names = {id(p): n for n, p in first.model.named_parameters()}
+    group_of = {names[id(p)]: g["name"] for g in first.groups for p in g["params"]}
+    weight_decay = {g["name"]: g["weight_decay"] for g in first.groups}
+    model, state = pack_models([j.model for j in jobs])
+    model.to(device).train()
+    opt = PackedAdamW(_trainable(model, group_of), group_of, weight_decay, [lr_of(j.groups) for j in jobs])
+    return model, state, opt, group_of
+
+
 def _trainable(model: torch.nn.Module, group_of: dict[str, str]) -> dict[str, torch.nn.Parameter]:
     params = {}
     for name, p in model.named_parameters():
@@ -272,44 +281,3 @@ def _trainable(model: torch.nn.Module, group_of: dict[str, str]) -> dict[str, to
         if name in group_of:
             params[name] = p
     return params
-
-
-@torch.inference_mode()
-def evaluate_packed(
-    model: torch.nn.Module,
-    state: PackState,
-    data: Encoded,
-    *,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    metric: str = "accuracy",
-    copies: list[int] | None = None,
-) -> list[float]:
-    """The ``metric`` on ``data`` of ``copies`` (None: every copy), in that order, in one pass: each
-    batch is fed to all those copies at once, and the others compute nothing."""
-    with only_copies(state, copies, device):
-        return _evaluate(model, state, data, pad_id=pad_id, batch_size=batch_size, device=device, dtype=dtype, metric=metric)
-
-
-def _evaluate(model: torch.nn.Module, state: PackState, data: Encoded, *, pad_id: int, batch_size: int, device: torch.device,
-              dtype: torch.dtype | None, metric: str) -> list[float]:
-    was_training = model.training
-    model.eval()
-    order = np.argsort(data.lengths, kind="stable")
-    predictions = []
-    for i in range(0, len(order), batch_size):
-        batch = data.batch(order[i : i + batch_size], pad_id)
-        batch.pop("labels")
-        rows = len(batch["input_ids"])
-        state.rows = rows
-        batch = to_device({name: v.repeat(state.k, 1) for name, v in batch.items()}, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**batch).logits
-        predictions.append(logits.reshape(state.k, rows, -1).argmax(-1))
-    model.train(was_training)
-    if not predictions:
-        return [0.0] * state.k
-    predicted = torch.cat(predictions, dim=1).cpu().numpy()
-    return [score(metric, predicted[k], data.labels[order]) for k in range(state.k)]
