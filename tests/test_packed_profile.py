@@ -64,3 +64,25 @@ def test_a_shared_length_profile_pads_little_at_k_8():
     assert alone > 1.5  # each slot bucketing on its own: the widest of 8 unrelated buckets
     assert shared <= 1.15
     assert padding_profile(lengths, 32, 1, epochs=2) <= 1.15
+
+
+def test_slots_sharing_length_bins_each_see_every_example_once_an_epoch_in_their_own_order():
+    from llrd_search.engine.packed_batches import LengthBins, SlotBatches
+
+    lengths = np.random.default_rng(1).integers(3, 60, size=300)
+    bins = LengthBins(lengths, 16, seed=0)
+    slots = [SlotBatches(seed, lengths, 16, bucketing=True) for seed in (3, 4, 5)]
+    per_epoch = math.ceil(300 / 16)
+    seen = [[] for _ in slots]
+    for _ in range(per_epoch):
+        b = bins.next_bin()
+        for k, slot in enumerate(slots):
+            batch = slot.draw(bins, b)
+            assert set(batch) <= set(bins.bins[b])  # every slot draws from the step's bin
+            seen[k].append(batch)
+    for batches in seen:
+        assert sorted(np.concatenate(batches).tolist()) == list(range(300))  # each example once an epoch
+    assert not np.array_equal(np.concatenate(seen[0]), np.concatenate(seen[1]))  # each seed its own order
+    again = SlotBatches(3, lengths, 16, bucketing=True)
+    replay = LengthBins(lengths, 16, seed=0)
+    assert all(np.array_equal(again.draw(replay, replay.next_bin()), batch) for batch in seen[0])  # a seed's draws repeat
