@@ -172,6 +172,25 @@ def test_the_proxy_serves_a_database_not_another_proxy(capsys):
     assert "serves a database URL" in capsys.readouterr().err
 
 
+def test_a_second_proxy_on_a_busy_port_is_refused_naming_the_port_and_its_holder(tmp_path, capsys, monkeypatch):
+    import os
+
+    from llrd_search.study import proxy_server as server
+
+    with proxy_server(f"sqlite:///{tmp_path / 'first.db'}", "127.0.0.1", 0) as (_server, port):
+        second = f"sqlite:///{tmp_path / 'second.db'}"
+        assert main(["proxy", "--storage", second, "--port", str(port)]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err
+        assert f"held by process {os.getpid()}" in err and "pick another --port" in err
+        assert not (tmp_path / "second.db").exists()  # refused before the database was opened
+        # Without the check in front, gRPC itself refuses the port (no SO_REUSEPORT): never two listeners.
+        monkeypatch.setattr(server, "_refuse_busy_port", lambda host, port: None)
+        busy = f"cannot listen on 127.0.0.1:{port}, held by process {os.getpid()}"
+        with pytest.raises(StorageError, match=busy), proxy_server(second, "127.0.0.1", port):
+            pass
+
+
 def test_a_lease_its_holder_did_not_release_in_time_is_taken_back(tmp_path, monkeypatch):
     from llrd_search.study import proxy as client
     from llrd_search.study import proxy_server as server
