@@ -146,8 +146,9 @@ def test_an_interrupted_pack_marks_every_running_trial_and_keeps_the_finished(wr
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "ctrlc", objective_factory=factory, on_trial_end=lambda s, t: finished.append(t.number))
     trials = _trials(url, "ctrlc")
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL, TrialState.WAITING]
     assert trials[3].user_attrs["fail_reason"] == INTERRUPTED
+    assert trials[4].params == trials[3].params and trials[4].user_attrs["llrd:seed"] == trials[3].user_attrs["seed"]  # re-queued
     assert finished == [0, 1, 2]
     assert not any(t.state == TrialState.RUNNING for t in trials)
 

@@ -296,11 +296,16 @@ def test_interrupt_in_a_trial_marks_it_failed(write_study, tmp_path):
         return objective
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         run_worker(url, "ctrlc", objective_factory=factory)
-    (t,) = trials(url, "ctrlc")
+    assert info.value.trials_marked == (1, 1)  # what `llrd-search worker` says: 1 marked FAIL, 1 re-queued
+    t, retry = trials(url, "ctrlc")
     assert t.state.name == "FAIL"
     assert t.user_attrs["fail_reason"] == INTERRUPTED
+    # Re-queued like a dead worker's trial: its parameters, its seed, one retry of study.max_retries.
+    assert retry.state.name == "WAITING" and retry.params == t.params
+    assert retry.user_attrs["llrd:seed"] == 0 + 0 + t.number  # study.seed + trial_seed_offset + number: what it would have trained with
+    assert retry.system_attrs["retry_history"] == [t.number]
     assert signal.getsignal(signal.SIGTERM) == before  # the worker's handler is gone with the worker
 
 
@@ -328,8 +333,8 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "dropped", objective_factory=lambda _spec: Objective())
     assert steps == [1]  # stopped at the first step after the signal, not at the end of the study
-    (t,) = trials(url, "dropped")
-    assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == INTERRUPTED
+    t, retry = trials(url, "dropped")
+    assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == INTERRUPTED and retry.state.name == "WAITING"
 
 
 def test_the_built_in_objective_runs_the_installed_step_hooks_then_its_own(write_study):
@@ -360,9 +365,10 @@ def test_interrupt_during_ask_leaves_no_running_trial(write_study, tmp_path, mon
     monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "askint", objective_factory=_quick())
-    (t,) = trials(url, "askint")
+    t, retry = trials(url, "askint")
     assert t.state.name == "FAIL"
     assert t.user_attrs["fail_reason"] == INTERRUPTED
+    assert retry.state.name == "WAITING" and set(retry.params) == {"base_lr", "head_lr", "decay"} and retry.params == t.params
 
 
 # --------------------------------------------------------------------------- real worker processes
