@@ -165,3 +165,17 @@ def test_a_user_objective_never_packs(write_study, still_model, tmp_path):
 
     assert run_worker(url, "user", objective_factory=factory) == 2
     assert all("pack" not in t.user_attrs for t in _trials(url, "user"))
+
+
+def test_resuming_with_another_pack_is_said_in_the_start_line(write_study, still_model, tmp_path, capsys):
+    from llrd_search.cli import main
+
+    url = _study(write_study, still_model, tmp_path, "repack", 2, n_trials=2, epochs=1)
+    path = tmp_path / "repack.toml"
+    assert main(["run", str(path), "--storage", url, "--workers", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err  # a new study: nothing to compare with
+    path.write_text(path.read_text().replace("pack = 2", "pack = 3"))
+    assert main(["run", str(path), "--storage", url, "--workers", "1", "--n-trials", "3"]) == 0
+    err = capsys.readouterr().err
+    assert (" on cpu; note: this run packs 3 trials at a time, the study's 2 finished trials ran with pack = 2 "
+            "(a packed trial's metric depends on its packmates' dropout draws)") in err
