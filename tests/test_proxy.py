@@ -130,6 +130,7 @@ def test_status_report_and_export_read_through_the_proxy(write_study, tmp_path, 
     assert main(["export", "--storage", url, "--study", "readme", "--out", str(tmp_path / "best.json")]) == 0
     exported = json.loads((tmp_path / "best.json").read_text())
     assert exported["study"] == "readme" and exported["storage"] == url and 0.5 <= exported["decay"] <= 1.0
+    assert exported["proxied_storage"] == db  # what the proxy serves, beside grpc://...
     assert main(["report", "--storage", url, "--study", "readme", "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "summary.md").exists()
 

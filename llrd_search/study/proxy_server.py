@@ -123,8 +123,10 @@ class _Fleet:
 
     def hello(self, _req: dict) -> dict:
         from llrd_search import __version__
+        from llrd_search.study.urls import mask_url
 
-        return {"service": "llrd-search", "version": __version__, "backend": self.backend, "per_study_lock": self.leases.per_study}
+        return {"service": "llrd-search", "version": __version__, "backend": self.backend, "per_study_lock": self.leases.per_study,
+                "storage": mask_url(self.rdb.url)}  # what it serves, for records (export); never a password
 
     def counts(self, req: dict) -> dict:
         from llrd_search.study.resilience import count_states
