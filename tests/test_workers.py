@@ -486,6 +486,7 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
     assert retry.state.name == "COMPLETE"
     assert retry.params == killed.params
     assert retry.system_attrs["retry_history"] == [victim.number]
+    assert retry.user_attrs["seed"] == killed.user_attrs["seed"] != retry.number  # trained again with the lost run's seed
 
 
 def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_study, tmp_path, small):
