@@ -160,8 +160,9 @@ def test_an_interrupted_pack_marks_every_running_trial_and_keeps_the_finished(wr
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "ctrlc", objective_factory=factory, on_trial_end=lambda s, t: finished.append(t.number))
     trials = _trials(url, "ctrlc")
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL, TrialState.WAITING]
     assert trials[3].user_attrs["fail_reason"] == INTERRUPTED
+    assert trials[4].params == trials[3].params and trials[4].user_attrs["llrd:seed"] == trials[3].user_attrs["seed"]  # re-queued
     assert finished == [0, 1, 2]
     assert not any(t.state == TrialState.RUNNING for t in trials)
 
@@ -202,3 +203,17 @@ def test_out_of_memory_in_a_pack_halves_it_and_finishes_every_trial_once(write_s
     one = _study(write_study, still_model, tmp_path, "oom-alone", 1, n_trials=6, epochs=1)
     assert run_worker(one, "oom-alone") == 6
     assert [t.value for t in trials] == [t.value for t in _trials(one, "oom-alone")]  # the same trials, the same values
+
+
+def test_resuming_with_another_pack_is_said_in_the_start_line(write_study, still_model, tmp_path, capsys):
+    from llrd_search.cli import main
+
+    url = _study(write_study, still_model, tmp_path, "repack", 2, n_trials=2, epochs=1)
+    path = tmp_path / "repack.toml"
+    assert main(["run", str(path), "--storage", url, "--workers", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err  # a new study: nothing to compare with
+    path.write_text(path.read_text().replace("pack = 2", "pack = 3"))
+    assert main(["run", str(path), "--storage", url, "--workers", "1", "--n-trials", "3"]) == 0
+    err = capsys.readouterr().err
+    assert (" on cpu; note: this run packs 3 trials at a time, the study's 2 finished trials ran with pack = 2 "
+            "(a packed trial's metric depends on its packmates' dropout draws)") in err
