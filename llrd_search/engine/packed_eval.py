@@ -3,32 +3,13 @@ attention mask in the form that spares the model a device sync per forward."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 
 from llrd_search.engine.data import Encoded
 from llrd_search.engine.metrics import score
 from llrd_search.engine.packed_model import PackState, only_copies
-from llrd_search.engine.train import to_device
-
-
-def prepared_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The 2D attention mask as the 4D one the model's attention takes, where the model's code
-    (transformers' ``masking_utils``) passes a 4D mask through as it is: made from a 2D mask, it asks
-    ``padding_mask.all()`` first, a device sync every forward. sdpa: boolean, True attends; eager:
-    additive, in the compute dtype. Any other model or attention: the 2D mask, unchanged."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    module = sys.modules.get(type(getattr(model, "base_model", model)).__module__)
-    if module is None or not hasattr(module, "create_bidirectional_mask") or impl not in ("sdpa", "eager"):
-        return mask
-    keep = mask[:, None, None, :]
-    if impl == "sdpa":
-        return keep.bool()
-    compute = dtype or torch.float32
-    return (1.0 - keep.to(compute)) * torch.finfo(compute).min
-
+from llrd_search.engine.train import prepared_mask, to_device
 
 
 @torch.inference_mode()
