@@ -27,6 +27,7 @@ from llrd_search.engine.packed import copy_losses, lr_of
 from llrd_search.engine.packed_model import copy_weights, pack_models
 from llrd_search.engine.packed_optim import PackedAdamW
 from llrd_search.engine.param_groups import build_param_groups
+from llrd_search.engine.train import prepared_mask
 
 SHAPES = {"bert-base": (768, 12, 12, 3072, 30522), "tiny": (32, 2, 2, 64, 2000)}  # hidden, layers, heads, intermediate, vocab
 POINTS = [dict(base_lr=2e-5, decay=0.95, head_lr=2e-5), dict(base_lr=1e-4, decay=0.8, head_lr=1e-3)]  # copy k: POINTS[k % 2]
@@ -76,6 +77,8 @@ class Unpacked:
         self.opt = torch.optim.AdamW(groups(model, k), fused=model.device.type == "cuda")
 
     def step(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        # the mask as engine/train.py passes it: 4D, so the model does not sync to inspect it
+        batch = {**batch, "attention_mask": prepared_mask(self.model, batch["attention_mask"], dtype)}
         with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
             loss = self.model(**batch).loss
         loss.backward()
@@ -97,15 +100,18 @@ class Packed:
         self.model, self.state = pack_models(models)
         params = {n: p for n, p in self.model.named_parameters() if n in group_of}
         self.opt = PackedAdamW(params, group_of, decay, lrs)
+        # constant multipliers made on the device once: a list per step would be a host-to-device copy
+        self.ones = torch.ones(self.k, dtype=torch.float64, device=next(self.model.parameters()).device)
 
     def step(self, parts: list[dict[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
         batch, labels = _stack_on_device(parts)
         self.state.rows = labels.shape[1]
+        batch["attention_mask"] = prepared_mask(self.model, batch["attention_mask"], dtype)
         with torch.autocast(labels.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.model(**batch).logits
         copy_losses(logits, labels).sum().backward()
         self.opt.clip_grad_norm_(1.0)
-        self.opt.step([1.0] * self.k)
+        self.opt.step(self.ones)
         self.opt.zero_grad()
 
 

@@ -174,7 +174,7 @@ def _round_runner(storage: str, workers: int, threads: int, objective: str | Non
             trials = linked.get_trials(deepcopy=False)
             best, arm = best_value(linked)
             launch = Launch(workers, threads, f"confirming in '{name}'", int(linked.user_attrs[BUDGET_ATTR]), finished_count(trials),
-                            best, study_metric_name(linked), plan.line() if plan is not None else None, arm)
+                            best, study_metric_name(linked), plan.line() if plan is not None else None, arm, counts="runs this round")
         watcher.started(launch)
         try:
             from llrd_search.engine.user_objective import pick_objective

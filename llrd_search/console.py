@@ -54,10 +54,13 @@ def say(line: str) -> None:
 class Progress:
     """Trials done/total, best metric value, ETA; a rich bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc", best_arm: str | None = None):
+    def __init__(self, total: int, done: int, best: float | None, metric: str = "acc", best_arm: str | None = None, label: str | None = None):
         self.total, self.done, self.best, self.metric, self.best_arm = total, done, best, metric, best_arm
         self.t0 = time.time()
         self.start_done = done
+        # With a label (confirm: "runs this round"), counts start at 0 and name what they count: a
+        # total that grew with each round ([4/4], then [5/6]) read as a jump.
+        self.label, self.offset = label, done if label else 0
         self.reported: set[tuple[str, int]] = set()
         self.bar = None
         if sys.stderr.isatty():
@@ -73,7 +76,7 @@ class Progress:
                 TimeRemainingColumn(),
                 transient=False,
             )
-            self.task = self.bar.add_task("trials", total=total, completed=done, best=self._best())
+            self.task = self.bar.add_task(label or "trials", total=total - self.offset, completed=done - self.offset, best=self._best())
             self.step_task = self.bar.add_task("current trial", total=1, completed=0, best="", visible=False)
             self.bar.start()
 
@@ -93,11 +96,12 @@ class Progress:
         if self.bar is not None:
             if line:
                 self.bar.console.print(line, highlight=False)
-            self.bar.update(self.task, completed=done, best=self._best())
+            self.bar.update(self.task, completed=done - self.offset, best=self._best())
         elif line:
             rate = (time.time() - self.t0) / max(1, done - self.start_done)
             eta = rate * max(0, self.total - done)
-            print(f"[{done}/{self.total}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+            count = f"{done - self.offset}/{self.total - self.offset}" + (f" {self.label}" if self.label else "")
+            print(f"[{count}] {line} | {self._best()} | ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def trial(self, study: Any, trial: Any) -> None:
         """Report a finished trial of ``study`` (either arm, any worker's), each exactly once.
@@ -145,7 +149,7 @@ class ProgressConsole:
     def started(self, launch: Launch) -> None:
         if launch.gpu_plan and launch.remaining > 0:
             say(launch.gpu_plan)
-        self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric, launch.best_arm)
+        self.progress = Progress(launch.budget, launch.finished, launch.best, launch.metric, launch.best_arm, launch.counts)
 
     def step(self, step: int, total: int) -> None:
         if self.progress is not None:

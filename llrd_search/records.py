@@ -171,6 +171,7 @@ class Launch:
     # "8 workers: 2 per GPU on 4 GPUs (auto: ~3.1 GiB per trial, ...), 2 threads each".
     gpu_plan: str | None = None
     best_arm: str | None = None  # the arm that holds ``best`` ("llrd" or "control")
+    counts: str | None = None  # what the progress counts when not the study's trials ("runs this round"), from 0
 
     @property
     def remaining(self) -> int:

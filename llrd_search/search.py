@@ -169,8 +169,10 @@ def run(
     threads = threads_per_worker(workers, threads)
     set_threads(threads)
     where = f"on {objective.device.type}" if hasattr(objective, "device") else f"running {spec.train.objective}"
+    repacked = _pack_change(spec, None if user else objective, url, name) if remaining > 0 else ""
     best, metric, best_arm = _best_and_metric(url, name)
-    watch.started(Launch(workers, threads, where, created.budget, created.finished, best, metric, plan.line() if plan else None, best_arm))
+    watch.started(Launch(workers, threads, where + repacked, created.budget, created.finished, best, metric,
+                         plan.line() + repacked if plan else None, best_arm))
     try:
         from llrd_search.study.worker import run_worker
 
@@ -194,6 +196,29 @@ def _measured_peak(url: str, name: str) -> int | None:
 
     with opened_study(url, name) as study:
         return measured_trial_bytes(study.get_trials(deepcopy=False))
+
+
+def _pack_change(spec: Any, objective: Any, url: str, name: str) -> str:
+    """A clause for the start line when this run packs trials otherwise than the study's finished
+    trials were packed (their ``pack`` attr; none: one at a time), else "": a packed trial's metric
+    depends on its packmates' dropout draws, so the two sets differ in more than their seeds."""
+    from llrd_search.study.arms import arm_trials
+    from llrd_search.study.storage import opened_study
+    from llrd_search.vocab import FINISHED_STATES
+
+    k = 1
+    if objective is not None and hasattr(objective, "template"):  # the built-in loop, the one that packs
+        from llrd_search.engine.packed_trials import resolve_pack
+
+        k = resolve_pack(spec.train, objective.device, objective.template.model, spec.model.max_length, objective.dtype)
+    with opened_study(url, name) as study:
+        before = [int(t.user_attrs.get("pack", 1)) for ts in arm_trials(study, FINISHED_STATES).values() for t in ts]
+    if not before or set(before) == {k}:
+        return ""
+    was = " or ".join(map(str, sorted(set(before))))
+    now = f"packs {k} trials at a time" if k > 1 else "trains one trial at a time"
+    return (f"; note: this run {now}, the study's {len(before)} finished trials ran with pack = {was} "
+            "(a packed trial's metric depends on its packmates' dropout draws)")
 
 
 def _best_and_metric(url: str, name: str) -> tuple[float | None, str, str | None]:

@@ -43,7 +43,29 @@ def test_ctrl_c_during_run_still_says_trials_were_marked(write_study, monkeypatc
 
     monkeypatch.setattr(worker, "run_worker", _interrupt)
     assert main(["run", str(write_study())]) == 130
-    assert capsys.readouterr().err.strip().endswith("interrupted: running trials were marked FAIL; run the same command again to resume")
+    assert capsys.readouterr().err.strip().endswith(
+        "interrupted: running trials were marked FAIL and re-queued with their parameters; run the same command again to resume"
+    )
+
+
+@pytest.mark.parametrize(("marked", "said"), [
+    ((2, 2), "its 2 running trials were marked FAIL and re-queued with their parameters"),
+    ((1, 1), "its running trial was marked FAIL and re-queued with its parameters"),
+    ((2, 1), "its 2 running trials were marked FAIL (1 re-queued with their parameters; 1 had used up study.max_retries)"),
+    ((0, 0), "no trial was running"),
+])
+def test_ctrl_c_of_a_worker_counts_the_trials_it_marked(marked, said, write_study, tmp_path, monkeypatch, capsys):
+    from llrd_search.study import worker
+
+    def interrupted(*_a, **_kw):
+        err = KeyboardInterrupt()
+        err.trials_marked = marked  # what claims.fail_interrupted records on the interrupt it was given
+        raise err
+
+    url = _empty_study(write_study, tmp_path)
+    monkeypatch.setattr(worker, "run_worker", interrupted)
+    assert main(["worker", "--storage", url, "--study", "toy"]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: {said}; run the same command again to resume"
 
 
 @pytest.mark.parametrize("command", [["export"], ["confirm", "--top", "1", "--seeds", "2"]])

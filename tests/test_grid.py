@@ -89,7 +89,7 @@ def test_a_failed_grid_point_is_trained_again_and_workers_agree_on_ids(write_stu
         calls["n"] += 1
         if calls["n"] == 2:
             objective_mod.suggest(trial, self.spec.space)
-            raise KeyboardInterrupt  # Ctrl-C mid-trial: FAIL, a later run fills the slot
+            raise KeyboardInterrupt  # Ctrl-C mid-trial: FAIL, re-queued with its grid point
         return real(self, trial)
 
     monkeypatch.setattr(objective_mod.Objective, "__call__", flaky)
@@ -99,6 +99,8 @@ def test_a_failed_grid_point_is_trained_again_and_workers_agree_on_ids(write_stu
     failed = [t for t in trials if t.state.name == "FAIL"]
     done = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(failed) == 1 and len(done) == 3
+    (retry,) = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert _point(retry) == _point(failed[0]) and retry.system_attrs["grid_id"] == failed[0].system_attrs["grid_id"]
     assert sorted(_point(t) for t in done) == [(1e-3, 3e-3, d) for d in (0.7, 0.9, 1.0)]
 
 

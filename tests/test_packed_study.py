@@ -24,7 +24,8 @@ from llrd_search.spec import TrainSection, load_spec
 from llrd_search.study.storage import create_study, load_study, open_storage
 from llrd_search.study.worker import INTERRUPTED, run_worker
 
-PACKED = {"fast_path": False, "epochs": 2, "evals_per_epoch": 3}
+# Bucketing off: a packed slot then draws the unpacked loop's batches (with it the pack shares length bins).
+PACKED = {"fast_path": False, "epochs": 2, "evals_per_epoch": 3, "length_bucketing": False}
 SPACE = {"base_lr": "{ low = 3e-3, high = 2e-2, log = true }", "head_lr": "{ low = 3e-3, high = 3e-2, log = true }"}
 
 
@@ -58,13 +59,26 @@ def test_auto_pack_fits_the_free_memory_within_its_cap():
     assert auto_pack(200, 100) == 1  # never 0: one trial runs (and may run out of memory)
     assert resolve_pack(TrainSection(), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 1  # auto on CPU: no packing
     assert resolve_pack(TrainSection(pack=3), torch.device("cpu"), torch.nn.Linear(2, 2), 32) == 3
+    assert auto_pack(lambda k: 10 * k + 5 * (k - 1), 100) == 6  # a pack's own extra counts: 6 x 10 + 25 <= 90 < 7 x 10 + 30
+
+
+def test_a_pack_estimate_counts_its_evaluation_and_a_dropped_slot(tiny_template_and_task):
+    from llrd_search.engine.packed_trials import pack_bytes, trial_bytes
+
+    model = tiny_template_and_task[0].model
+    cfg, n = TrainSection(eval_batch_size=128), sum(p.numel() for p in tiny_template_and_task[0].model.parameters())
+    assert pack_bytes(model, cfg, 64, None, 1) == trial_bytes(model, cfg, 64)
+    extra = [pack_bytes(model, cfg, 64, None, k) - k * trial_bytes(model, cfg, 64) for k in (2, 4, 8)]
+    assert extra[0] >= 12 * n and extra[0] < extra[1] < extra[2]  # at least the re-sliced weights and moments
+    # evaluation at 8 x 128 rows of 64 tokens: one layer's activations (hidden 32, 4 bytes) at the least
+    assert extra[2] >= 8 * 128 * 64 * 32 * 4
 
 
 def test_auto_pack_takes_its_share_of_the_gpu(monkeypatch):
     from llrd_search.engine.memory import GPU_SHARE_ENV
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
-    monkeypatch.setattr("llrd_search.engine.packed_trials.trial_bytes", lambda *a, **k: 10 * 2**30)
+    monkeypatch.setattr("llrd_search.engine.packed_trials.pack_bytes", lambda model, cfg, length, dtype, k: k * 10 * 2**30)
     cfg, model = TrainSection(), torch.nn.Linear(2, 2)
     monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
     assert resolve_pack(cfg, torch.device("cuda"), model, 32) == 8  # 90 GiB usable holds 9, capped
@@ -146,8 +160,9 @@ def test_an_interrupted_pack_marks_every_running_trial_and_keeps_the_finished(wr
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "ctrlc", objective_factory=factory, on_trial_end=lambda s, t: finished.append(t.number))
     trials = _trials(url, "ctrlc")
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL, TrialState.WAITING]
     assert trials[3].user_attrs["fail_reason"] == INTERRUPTED
+    assert trials[4].params == trials[3].params and trials[4].user_attrs["llrd:seed"] == trials[3].user_attrs["seed"]  # re-queued
     assert finished == [0, 1, 2]
     assert not any(t.state == TrialState.RUNNING for t in trials)
 
@@ -164,3 +179,41 @@ def test_a_user_objective_never_packs(write_study, still_model, tmp_path):
 
     assert run_worker(url, "user", objective_factory=factory) == 2
     assert all("pack" not in t.user_attrs for t in _trials(url, "user"))
+
+
+def test_out_of_memory_in_a_pack_halves_it_and_finishes_every_trial_once(write_study, still_model, tmp_path, monkeypatch, caplog):
+    url = _study(write_study, still_model, tmp_path, "oom", 4, n_trials=6, epochs=1)
+    real, calls = packed.copy_losses, []
+
+    def short_of_memory(logits, labels):
+        calls.append(labels.shape[0])
+        if labels.shape[0] == 4 and len(calls) == 5:  # the pack of four, at its fifth step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(logits, labels)
+
+    monkeypatch.setattr(packed, "copy_losses", short_of_memory)
+    with caplog.at_level("WARNING"):
+        assert run_worker(url, "oom") == 6
+    trials = _trials(url, "oom")
+    assert len(trials) == 6 and [t.state for t in trials] == [TrialState.COMPLETE] * 6  # none lost, none told twice
+    assert "out of device memory with 4 trials packed; the 4 unfinished start again, 2 per pack" in caplog.text
+    assert max(calls[5:]) == 2  # every later pack has two copies at most
+    assert [t.user_attrs["pack"] for t in trials] == [2] * 6  # the first four restarted, with the halved pack
+    assert all(t.user_attrs["steps"] == trials[0].user_attrs["steps"] for t in trials)  # each trained a whole run
+    one = _study(write_study, still_model, tmp_path, "oom-alone", 1, n_trials=6, epochs=1)
+    assert run_worker(one, "oom-alone") == 6
+    assert [t.value for t in trials] == [t.value for t in _trials(one, "oom-alone")]  # the same trials, the same values
+
+
+def test_resuming_with_another_pack_is_said_in_the_start_line(write_study, still_model, tmp_path, capsys):
+    from llrd_search.cli import main
+
+    url = _study(write_study, still_model, tmp_path, "repack", 2, n_trials=2, epochs=1)
+    path = tmp_path / "repack.toml"
+    assert main(["run", str(path), "--storage", url, "--workers", "1"]) == 0
+    assert "note:" not in capsys.readouterr().err  # a new study: nothing to compare with
+    path.write_text(path.read_text().replace("pack = 2", "pack = 3"))
+    assert main(["run", str(path), "--storage", url, "--workers", "1", "--n-trials", "3"]) == 0
+    err = capsys.readouterr().err
+    assert (" on cpu; note: this run packs 3 trials at a time, the study's 2 finished trials ran with pack = 2 "
+            "(a packed trial's metric depends on its packmates' dropout draws)") in err

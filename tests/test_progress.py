@@ -48,6 +48,19 @@ def test_a_trial_reported_twice_is_printed_once(tmp_path, capsys):
     assert _counts(capsys.readouterr().err) == ["1/3"]
 
 
+def test_confirm_rounds_count_their_own_runs_and_say_so(tmp_path, capsys):
+    # Round 2 of a sequential confirm: 4 runs done, 2 more queued. Counting the study's runs read
+    # [5/6] after a round that ended at [4/4].
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = optuna.create_study(study_name="p", storage=open_storage(url), direction="maximize")
+    _add(study, 4)
+    progress = Progress(6, 4, None, label="runs this round")
+    _add(study, 2)
+    for trial in study.get_trials()[4:]:
+        progress.trial(study, trial)
+    assert re.findall(r"^\[([^\]]+)\]", capsys.readouterr().err, flags=re.M) == ["1/2 runs this round", "2/2 runs this round"]
+
+
 def test_the_monitor_reports_a_trial_that_finished_before_its_thread_ran(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'p.db'}"
     study = optuna.create_study(study_name="p", storage=open_storage(url), direction="maximize")

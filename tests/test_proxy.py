@@ -130,6 +130,7 @@ def test_status_report_and_export_read_through_the_proxy(write_study, tmp_path, 
     assert main(["export", "--storage", url, "--study", "readme", "--out", str(tmp_path / "best.json")]) == 0
     exported = json.loads((tmp_path / "best.json").read_text())
     assert exported["study"] == "readme" and exported["storage"] == url and 0.5 <= exported["decay"] <= 1.0
+    assert exported["proxied_storage"] == db  # what the proxy serves, beside grpc://...
     assert main(["report", "--storage", url, "--study", "readme", "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "summary.md").exists()
 
@@ -170,6 +171,25 @@ def test_a_malformed_proxy_url_is_named(url):
 def test_the_proxy_serves_a_database_not_another_proxy(capsys):
     assert main(["proxy", "--storage", "grpc://127.0.0.1:13000", "--port", "0"]) != 0
     assert "serves a database URL" in capsys.readouterr().err
+
+
+def test_a_second_proxy_on_a_busy_port_is_refused_naming_the_port_and_its_holder(tmp_path, capsys, monkeypatch):
+    import os
+
+    from llrd_search.study import proxy_server as server
+
+    with proxy_server(f"sqlite:///{tmp_path / 'first.db'}", "127.0.0.1", 0) as (_server, port):
+        second = f"sqlite:///{tmp_path / 'second.db'}"
+        assert main(["proxy", "--storage", second, "--port", str(port)]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err
+        assert f"held by process {os.getpid()}" in err and "pick another --port" in err
+        assert not (tmp_path / "second.db").exists()  # refused before the database was opened
+        # Without the check in front, gRPC itself refuses the port (no SO_REUSEPORT): never two listeners.
+        monkeypatch.setattr(server, "_refuse_busy_port", lambda host, port: None)
+        busy = f"cannot listen on 127.0.0.1:{port}, held by process {os.getpid()}"
+        with pytest.raises(StorageError, match=busy), proxy_server(second, "127.0.0.1", port):
+            pass
 
 
 def test_a_lease_its_holder_did_not_release_in_time_is_taken_back(tmp_path, monkeypatch):

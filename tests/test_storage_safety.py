@@ -273,6 +273,37 @@ def test_budget_below_the_finished_trials_is_refused(capsys, write_study, tmp_pa
     assert main(["create", str(path), "--storage", url, "--n-trials", "2"]) == 0  # equal is fine: the study is done
 
 
+def test_a_budget_below_both_arms_finished_trials_is_refused_before_any_write(capsys, write_study, tmp_path):
+    url = f"sqlite:///{tmp_path / 'arms.db'}"
+    path = write_study(name="arms", n_trials=8, study={"control_fraction": 0.25})
+    assert main(["create", str(path), "--storage", url]) == 0
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for name, n in (("arms", 3), ("arms.control", 2)):
+        study = optuna.load_study(study_name=name, storage=url)
+        for v in range(n):
+            study.add_trial(optuna.trial.create_trial(params={"x": v / 10}, distributions={"x": dist}, value=v / 10))
+    capsys.readouterr()
+    # 5 covers the 5 finished trials, but gives the control arm a share of 1 (0.25 * 5, rounded) below its 2: 6 is the least.
+    line = _one_error(capsys, ["create", str(path), "--storage", url, "--n-trials", "5"], "--n-trials", "5 trials (3 LLRD + 2 control)",
+                      "a share of 1, below its 2", "pass --n-trials 6 or more")
+    assert "arms.control" not in line  # one budget, the study's, not an arm's share
+    _one_error(capsys, ["create", str(path), "--storage", url, "--n-trials", "4"], "5 trials (3 LLRD + 2 control)", "pass --n-trials 6 or more")
+    assert optuna.load_study(study_name="arms", storage=url).user_attrs["llrd:n_trials"] == 8  # the failing commands wrote nothing
+    assert main(["create", str(path), "--storage", url, "--n-trials", "6"]) == 0
+    assert optuna.load_study(study_name="arms", storage=url).user_attrs["llrd:n_trials"] == 6
+
+
+def test_smallest_budget_is_the_least_valid_one():
+    from llrd_search.study.arms import control_target, smallest_budget
+
+    for fraction in (0.0, 0.1, 0.25, 0.34, 0.5, 0.9):
+        for llrd in range(6):
+            for control in range(6 if fraction else 1):
+                least = smallest_budget(fraction, llrd, control)
+                valid = [n >= llrd + control and control_target(fraction, n) >= control for n in range(least + 20)]
+                assert valid == [False] * least + [True] * 20, (fraction, llrd, control)
+
+
 def test_budget_lock_is_reentrant_in_one_thread(tmp_path):
     """Creating the control arm takes the lock inside a section that holds it: on SQLite (one lock
     file per database) a second flock from the same thread used to wait for itself forever."""

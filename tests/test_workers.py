@@ -200,6 +200,73 @@ def test_last_worker_waits_for_a_dead_workers_trial_and_retries_it(write_study, 
     assert retry.user_attrs["llrd:retry_of"] == trial.number
 
 
+def test_a_retry_trains_with_the_lost_trials_seed(write_study, tmp_path):
+    from llrd_search.engine.user_objective import trial_seed
+
+    # seed + trial_seed_offset + number gives every trial its own seed; a retry gets a new number.
+    path = write_study(name="reseed", n_trials=2, study={**STALE_FAST, "seed": 7, "trial_seed_offset": 100})
+    url = f"sqlite:///{tmp_path / 'reseed.db'}"
+    _create(path, url)
+    dead_storage = open_storage(url, load_spec(path))
+    dead = optuna.load_study(study_name="reseed", storage=dead_storage)
+    trial = dead.ask({"decay": optuna.distributions.FloatDistribution(0.5, 1.0)})
+    lost_seed = trial_seed(trial)  # recorded in its "seed" attr, as the built-in loop does before training
+    dead_storage.record_heartbeat(compat.trial_id(trial))
+    seeds = {}
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            seeds[trial.number] = trial_seed(trial)
+            return 0.5
+
+        return objective
+
+    run_worker(url, "reseed", objective_factory=factory, poll_seconds=0.5)
+    retry = next(t for t in trials(url, "reseed") if t.system_attrs.get("failed_trial") == trial.number)
+    assert lost_seed == 7 + 100 + trial.number
+    assert retry.number != trial.number and seeds[retry.number] == lost_seed  # a rerun, not a new draw
+    assert retry.user_attrs["llrd:seed"] == retry.user_attrs["seed"] == lost_seed
+    fresh = [n for n in seeds if n != retry.number]
+    assert fresh and all(seeds[n] == 7 + 100 + n for n in fresh)  # the others keep their own
+
+
+@pytest.mark.parametrize(("queued", "signum"), [("paper", signal.SIGINT), ("enqueue", signal.SIGTERM), ("sampled", signal.SIGINT)])
+def test_an_interrupted_trial_is_retried_with_its_parameters_and_seed(queued, signum, write_study, tmp_path):
+    # The paper's point, a user's `enqueue` point and a sampled point alike (grid points: test_grid.py).
+    point = {"paper": {"base_lr": 2e-5, "head_lr": 2e-5, "decay": 0.95}, "enqueue": {"base_lr": 3e-4, "head_lr": 3e-3, "decay": 0.8}}
+    study = {"control_fraction": 0.5, "seed": 7, "enqueue_paper_points": queued == "paper", "enqueue": [point["enqueue"]] if queued == "enqueue" else []}
+    space = {"base_lr": "{ low = 1e-5, high = 1e-3, log = true }", "head_lr": "{ low = 1e-5, high = 1e-2, log = true }"}
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    _create(write_study(name="int", n_trials=4, study=study, space=space), url)
+    started = []
+
+    def factory(spec):
+        def objective(trial):
+            suggest(trial, spec.space)
+            started.append(trial.number)
+            if len(started) == 1:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+            return 0.5
+
+        return objective
+
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(url, "int", objective_factory=factory)
+    run_worker(url, "int", objective_factory=_quick())
+    both = trials(url, "int") + trials(url, "int.control")
+    (lost,) = [t for t in both if t.state.name == "FAIL"]
+    assert lost.user_attrs["fail_reason"] == INTERRUPTED
+    if queued in point:
+        assert lost.params == point[queued]  # the first trial was the queued point
+    (retry,) = [t for t in both if t.system_attrs.get("failed_trial") == lost.number and t.user_attrs["llrd:arm"] == lost.user_attrs["llrd:arm"]]
+    assert retry.state.name == "COMPLETE" and retry.params == lost.params
+    assert retry.user_attrs["llrd:seed"] == 7 + lost.number  # study.seed + number: the seed the lost trial trained with
+    arms = ["int.control", "int"] if lost.user_attrs["llrd:arm"] == "control" else ["int", "int.control"]  # a sampled first trial may be either
+    assert states(url, arms[0]) == {"COMPLETE": 2, "FAIL": 1} and states(url, arms[1]) == {"COMPLETE": 2}  # the exact budget
+
+
 def test_a_trial_reaped_while_it_ran_is_not_told_twice(write_study, tmp_path):
     # A storage outage longer than grace_period: another worker reaped this live trial and
     # re-queued it. Its own worker must drop the late result, not crash, and run the retry.
@@ -296,11 +363,16 @@ def test_interrupt_in_a_trial_marks_it_failed(write_study, tmp_path):
         return objective
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         run_worker(url, "ctrlc", objective_factory=factory)
-    (t,) = trials(url, "ctrlc")
+    assert info.value.trials_marked == (1, 1)  # what `llrd-search worker` says: 1 marked FAIL, 1 re-queued
+    t, retry = trials(url, "ctrlc")
     assert t.state.name == "FAIL"
     assert t.user_attrs["fail_reason"] == INTERRUPTED
+    # Re-queued like a dead worker's trial: its parameters, its seed, one retry of study.max_retries.
+    assert retry.state.name == "WAITING" and retry.params == t.params
+    assert retry.user_attrs["llrd:seed"] == 0 + 0 + t.number  # study.seed + trial_seed_offset + number: what it would have trained with
+    assert retry.system_attrs["retry_history"] == [t.number]
     assert signal.getsignal(signal.SIGTERM) == before  # the worker's handler is gone with the worker
 
 
@@ -328,8 +400,8 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_trial(write_stu
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "dropped", objective_factory=lambda _spec: Objective())
     assert steps == [1]  # stopped at the first step after the signal, not at the end of the study
-    (t,) = trials(url, "dropped")
-    assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == INTERRUPTED
+    t, retry = trials(url, "dropped")
+    assert t.state.name == "FAIL" and t.user_attrs["fail_reason"] == INTERRUPTED and retry.state.name == "WAITING"
 
 
 def test_the_built_in_objective_runs_the_installed_step_hooks_then_its_own(write_study):
@@ -360,9 +432,10 @@ def test_interrupt_during_ask_leaves_no_running_trial(write_study, tmp_path, mon
     monkeypatch.setattr(optuna.Study, "ask", ask_then_signal)
     with pytest.raises(KeyboardInterrupt):
         run_worker(url, "askint", objective_factory=_quick())
-    (t,) = trials(url, "askint")
+    t, retry = trials(url, "askint")
     assert t.state.name == "FAIL"
     assert t.user_attrs["fail_reason"] == INTERRUPTED
+    assert retry.state.name == "WAITING" and set(retry.params) == {"base_lr", "head_lr", "decay"} and retry.params == t.params
 
 
 # --------------------------------------------------------------------------- real worker processes
@@ -413,6 +486,7 @@ def test_sigkill_mid_trial_is_retried_with_the_same_params(write_study, tmp_path
     assert retry.state.name == "COMPLETE"
     assert retry.params == killed.params
     assert retry.system_attrs["retry_history"] == [victim.number]
+    assert retry.user_attrs["seed"] == killed.user_attrs["seed"] != retry.number  # trained again with the lost run's seed
 
 
 def test_four_sqlite_workers_no_lock_errors_no_lost_or_duplicate_trials(write_study, tmp_path, small):
@@ -464,6 +538,35 @@ def test_ctrl_c_on_run_fails_the_trial_and_a_second_run_resumes(write_study, tmp
 
     assert main(["run", str(study), "--storage", url]) == 0
     assert states(url, name) == {"COMPLETE": 1, "FAIL": 1}
+
+
+def test_ctrl_c_during_the_papers_point_then_a_resume_trains_it_and_its_control(write_study, tmp_path, capsys, small):
+    name = "paper"
+    url = f"sqlite:///{tmp_path / 'paper.db'}"
+    paper = {"base_lr": 2e-5, "head_lr": 2e-5, "decay": 0.95}
+    space = {"base_lr": "{ low = 1e-5, high = 1e-3, log = true }", "head_lr": "{ low = 1e-5, high = 1e-2, log = true }"}
+    study = write_study(name=name, n_trials=2, study={"control_fraction": 0.5}, space=space, train={"epochs": SLOW_EPOCHS}, data=small)
+
+    def press_ctrl_c():
+        wait_for(lambda: running_trial_of(url, name, [os.getpid()]), 120, "the paper's point running")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    assert main(["run", str(study), "--storage", url, "--workers", "1"]) == 130
+    presser.join()
+    assert "re-queued" in capsys.readouterr().err
+    (lost,) = trials(url, name)[:1]
+    assert lost.state.name == "FAIL" and lost.user_attrs["fail_reason"] == INTERRUPTED
+    assert lost.params == paper and lost.user_attrs["llrd:enqueued"].startswith("paper")  # the first queued point
+
+    assert main(["run", str(study), "--storage", url, "--workers", "1"]) == 0
+    assert states(url, name) == {"COMPLETE": 1, "FAIL": 1} and states(url, f"{name}.control") == {"COMPLETE": 1}
+    (retry,) = [t for t in trials(url, name) if t.state.name == "COMPLETE"]
+    assert retry.params == paper and retry.user_attrs["llrd:retry_of"] == lost.number and retry.user_attrs["llrd:enqueued"] == lost.user_attrs["llrd:enqueued"]
+    assert retry.user_attrs["seed"] == lost.user_attrs["seed"]  # trained again with the seed it was interrupted in
+    (control,) = trials(url, f"{name}.control")
+    assert control.params == {**paper, "decay": 1.0}  # the paper's control (ξ = 1) trained too
 
 
 def test_run_defaults_to_one_single_threaded_worker_per_core(write_study, tmp_path, small, monkeypatch, capsys):

@@ -81,8 +81,8 @@ from another machine, tunnel instead of --host 0.0.0.0:  ssh -L 8080:127.0.0.1:8
 
 # What a Ctrl-C / SIGTERM left behind, per command: only run, worker and confirm run trials.
 INTERRUPTED = {
-    "run": "running trials were marked FAIL; run the same command again to resume",
-    "worker": "its running trial was marked FAIL; run the same command again to resume",
+    "run": "running trials were marked FAIL and re-queued with their parameters; run the same command again to resume",
+    "worker": "its running trials were marked FAIL and re-queued with their parameters; run the same command again to resume",
     "confirm": "running confirmation runs were marked FAIL; run the same command again to resume",
     "create": "no trial had started; run the same command again to finish creating the study",
     "report": "the report may be incomplete; run the same command again to write it",
@@ -290,12 +290,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Error: {_one_line(str(err))}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted: {INTERRUPTED.get(args.command, INTERRUPTED_DEFAULT)}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {_interrupted(args.command, getattr(err, 'trials_marked', None))}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(command: str, marked: tuple[int, int] | None) -> str:
+    """What a Ctrl-C / SIGTERM left behind; for ``worker``, counted (``marked``: trials marked FAIL,
+    of which re-queued, as claims.fail_interrupted records them on the interrupt)."""
+    if command != "worker" or marked is None:
+        return INTERRUPTED.get(command, INTERRUPTED_DEFAULT)
+    n, requeued = marked
+    if n == 0:
+        return "no trial was running; run the same command again to resume"
+    which = "its running trial was" if n == 1 else f"its {n} running trials were"
+    if requeued == n:
+        back = " and re-queued with its parameters" if n == 1 else " and re-queued with their parameters"
+    elif requeued == 0:
+        back = " (not re-queued: it had used up study.max_retries)" if n == 1 else " (not re-queued: they had used up study.max_retries)"
+    else:
+        back = f" ({requeued} re-queued with their parameters; {n - requeued} had used up study.max_retries)"
+    return f"{which} marked FAIL{back}; run the same command again to resume"
 
 
 def _one_line(text: str) -> str:

@@ -40,6 +40,24 @@ def trial_memory_estimate(
     return estimate.total - RUNTIME["cuda"]
 
 
+def pack_extra_bytes(config: Any, n_params: int, k: int, eval_batch_size: int, max_length: int, dtype: Any = None) -> int:
+    """What a pack of ``k`` trials needs beyond ``k`` times :func:`trial_memory_estimate`, at its peak:
+    either its evaluation (one encoder layer's activations at ``k x eval_batch_size`` rows of
+    ``max_length`` tokens, plus the due copies' weights gathered when not every slot is due) or a
+    dropped slot (the kept copies' parameters and AdamW moments are re-sliced before the old ones are
+    freed). The optimizer itself (fused AdamW, foreach clipping) allocates nothing parameter-sized."""
+    from llrd_search.engine.memory_check import Shape, layer_activation_bytes
+
+    if k <= 1:
+        return 0
+    shape, elem = Shape.of(config), 2 if _is_half(dtype) else 4
+    rows = k * eval_batch_size
+    tokens = rows * max_length
+    evaluation = layer_activation_bytes(shape, tokens, rows, max_length, elem=elem, materialised_scores=False) + 4 * n_params * (k - 1)
+    dropping = 12 * n_params * (k - 1)
+    return max(evaluation, dropping)
+
+
 def param_count_estimate(config: Any) -> int:
     """Parameters of a BERT-like encoder from its config alone, for when the model is not loaded
     (:func:`llrd_search.engine.memory_check.count_params`)."""

@@ -140,16 +140,21 @@ def load_template(spec: ModelSection, id2label: dict[int, str], tokenizer: Any |
 
 
 def fresh_model(template: ModelTemplate, seed: int) -> torch.nn.Module:
-    """A copy of the pretrained model whose randomly initialised head is re-drawn from ``seed``."""
+    """A copy of the pretrained model whose randomly initialised head is re-drawn from ``seed``.
+
+    The draws come from the CPU generator seeded with ``seed`` inside a fork of its state: the
+    global streams (CPU and CUDA) are left as they were, so a pack refilling a slot does not reseed
+    the dropout its other slots draw from, and a head is the same whenever it is made."""
     model = copy.deepcopy(template.model)
-    torch.manual_seed(seed)
-    for name in template.head_modules:
-        module = model.get_submodule(name)
-        init = getattr(model, "_init_weights", None)
-        if init is not None:
-            init(module)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        for name in template.head_modules:
+            module = model.get_submodule(name)
+            init = getattr(model, "_init_weights", None)
+            if init is not None:
+                init(module)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     return model
 
 

@@ -1,27 +1,31 @@
 """Packed trials: K trials of one model trained as one batched model in one process.
 
-One pack is K *slots*; each slot trains one trial exactly as :func:`llrd_search.engine.train.train_and_evaluate`
-would, as an independent stream: its own seed, numpy rng and batch order (``batch_order``), its own
-step count, warmup/decay schedule (``linear_schedule``), evaluation points (``evals_per_epoch``) and
-:class:`DivergenceGuard`. The K models are packed into one (:mod:`llrd_search.engine.packed_model`),
-their batches stacked row-wise (copy k's batch in rows ``k*B:(k+1)*B``, shorter or smaller batches
-padded: padding rows carry no loss and attend only to their first token), and one forward/backward
-serves all K. The loss is the sum of each copy's own mean cross-entropy, so copy k's gradients are
-its unpacked gradients; :class:`PackedAdamW` steps each copy with its own per-group LRs, schedule,
-bias correction and gradient clipping. Evaluation feeds every validation batch to all copies at once.
+One pack is K *slots*; each slot trains one trial as :func:`llrd_search.engine.train.train_and_evaluate`
+would, as an independent stream: its own seed and numpy rng, its own step count, warmup/decay schedule
+(``linear_schedule``), evaluation points (``evals_per_epoch``) and :class:`DivergenceGuard`. The K
+models are packed into one (:mod:`llrd_search.engine.packed_model`), their batches stacked row-wise
+(copy k's batch in rows ``k*B:(k+1)*B``, shorter or smaller batches padded: padding rows carry no
+loss and attend only to their first token), and one forward/backward serves all K. With length
+bucketing the K slots draw each step's batches from one shared length bin, so the stack is not
+padded to the widest of K unrelated buckets (:mod:`llrd_search.engine.packed_batches`; what that does
+to a trial's data order is said there). The loss is the sum of each copy's own mean cross-entropy, so
+copy k's gradients are its unpacked gradients; :class:`PackedAdamW` steps each copy with its own
+per-group LRs, schedule, bias correction and gradient clipping, in a few multi-tensor kernels with
+no host sync. The losses are read back every ``check_every`` steps and before evaluations and slot
+ends, nowhere else. Evaluation runs only the copies whose slots are due, all of them in each batch.
 
 A slot whose trial ends (finished, pruned by its ``on_eval``, diverged) ends without stopping the
 others and is refilled from ``next_job`` (a fresh copy at step 0: new weights, empty AdamW moments);
 when no job comes, the slot is dropped from the pack (its stacked slices cut away), so a pack's tail
 does not train empty copies.
 
-What is exact: with dropout 0, fp32 and ``fast_path`` off, a packed trial reaches the same
-evaluations and weights as the unpacked loop up to float rounding (batched matmuls and a batched
-AdamW sum in another order; tests/test_packed.py asserts weights within 1e-5 and identical metrics).
-What is not: dropout draws other masks than K separate runs would (one torch stream for the pack;
-each copy still drops its own units), so with dropout a packed trial is a different, equally valid
-draw of the same seed. The stand-ins of :mod:`llrd_search.engine.fastpath` are not applied here;
-:class:`PackedAdamW` is the packed fused AdamW. Classification heads only (cross-entropy from logits).
+What is exact: with dropout 0, fp32, ``fast_path`` off and ``length_bucketing`` off (each slot then
+draws the unpacked loop's batches), a packed trial reaches the same evaluations and weights as the
+unpacked loop up to float rounding (batched matmuls; tests/test_packed.py asserts weights within 1e-5
+and identical metrics). What is not: dropout draws other masks than K separate runs would (one torch
+stream for the pack; each copy still drops its own units), and with bucketing the batches differ, so
+a packed trial is a different, equally valid draw of the same seed. The stand-ins of
+:mod:`llrd_search.engine.fastpath` are not applied here. Classification heads only.
 """
 
 from __future__ import annotations
@@ -34,16 +38,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from llrd_search.engine.data import Encoded, TaskData
+from llrd_search.engine.data import TaskData
 from llrd_search.engine.divergence import DivergenceGuard
-from llrd_search.engine.metrics import score
+from llrd_search.engine.packed_batches import LengthBins, SlotBatches, copy_losses, stack_batches
+from llrd_search.engine.packed_eval import evaluate_packed, prepared_mask
 from llrd_search.engine.packed_model import PackState, keep_copies, load_copy, pack_models
 from llrd_search.engine.packed_optim import PackedAdamW
-from llrd_search.engine.train import TrainResult, batch_order, linear_schedule, to_device
+from llrd_search.engine.train import TrainResult, to_device
 from llrd_search.exceptions import DivergedError
 from llrd_search.spec import TrainSection
+
+__all__ = ["CHECK_EVERY", "PackJob", "SlotEnd", "copy_losses", "evaluate_packed", "lr_of", "stack_batches", "train_packed"]
+
+CHECK_EVERY = 32  # steps between reads of the losses off a CPU (the unpacked loop's chunk too)
 
 
 @dataclass
@@ -76,24 +84,25 @@ class SlotEnd:
 
 
 class _Slot:
-    def __init__(self, job: PackJob, n_train: int, cfg: TrainSection, num_labels: int, label: int):
+    def __init__(self, job: PackJob, n_train: int, cfg: TrainSection, num_labels: int, label: int, lengths: np.ndarray):
         self.job, self.label = job, label
-        self.rng = np.random.default_rng(job.seed)
+        self.data = SlotBatches(job.seed, lengths, cfg.batch_size, cfg.length_bucketing)
         self.per_epoch = math.ceil(n_train / cfg.batch_size)
         self.total = self.per_epoch * cfg.epochs
         self.eval_every = {min(self.per_epoch, round(self.per_epoch * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)}
-        self.schedule = linear_schedule(self.total, cfg.warmup_ratio)
         self.guard = DivergenceGuard(num_labels)
-        self.step, self.i, self.examples = 0, 0, 0
-        self.batches: list[np.ndarray] = []
-        self.pending: list[torch.Tensor] = []  # losses not yet handed to the guard
+        self.step, self.i, self.examples = 0, 0, 0  # i: steps into the current epoch
         self.evals: list[tuple[int, float]] = []
         self.train_s = self.eval_s = 0.0
 
-    def next_batch(self, lengths: np.ndarray, cfg: TrainSection) -> np.ndarray:
-        if self.i == len(self.batches):  # a new epoch, drawn from this slot's rng as the unpacked loop does
-            self.batches, self.i = batch_order(lengths, cfg.batch_size, self.rng, cfg.length_bucketing), 0
-        return self.batches[self.i]
+    def next_batch(self, bins: LengthBins | None, b: int | None) -> np.ndarray:
+        if self.i == self.per_epoch:
+            self.i = 0
+        return self.data.draw(bins, b)
+
+    def end(self, error: BaseException | None = None) -> SlotEnd:
+        result = None if error is not None else self.result()
+        return SlotEnd(self.job, self.label, result=result, error=error, evals=list(self.evals))
 
     def result(self) -> TrainResult:
         best_step, best = max(self.evals, key=lambda e: (e[1], -e[0]))
@@ -115,88 +124,125 @@ def train_packed(
     device: torch.device,
     dtype: torch.dtype | None,
     on_step: Callable[[int, int], None] | None = None,
-    on_optimizer_step: Callable[[PackedAdamW, list[float]], None] | None = None,
+    on_optimizer_step: Callable[[PackedAdamW, torch.Tensor], None] | None = None,
+    check_every: int | None = None,
 ) -> None:
     """Train ``jobs`` as one pack until every slot has ended and none can be refilled.
 
     ``on_end`` hears each slot's end as it happens; then ``next_job()`` is asked for a trial to
     refill it (None: the slot is dropped). ``on_step(step, total)`` runs after every pack step with
-    the first slot's counts (a worker checks its signals there). An exception other than a slot's
-    own end (pruned, diverged) stops the whole pack and propagates.
+    the first slot's counts (a worker checks its signals there). ``on_optimizer_step(opt,
+    multipliers)`` hears each step's K schedule multipliers (a device tensor) before the update.
+    The losses are read back (one sync) every ``check_every`` steps (None: every step on a CPU,
+    where it costs nothing, :data:`CHECK_EVERY` elsewhere) and before any slot's evaluation or end.
+    An exception other than a slot's own end (pruned, diverged) stops the whole pack and propagates.
     """
-    first = jobs[0]
-    names = {id(p): n for n, p in first.model.named_parameters()}
-    group_of = {names[id(p)]: g["name"] for g in first.groups for p in g["params"]}
-    weight_decay = {g["name"]: g["weight_decay"] for g in first.groups}
-    num_labels = int(getattr(first.model.config, "num_labels", 2))
-    torch.manual_seed(first.seed)
-    model, state = pack_models([j.model for j in jobs])
-    model.to(device).train()
-    params = _trainable(model, group_of)
-    opt = PackedAdamW(params, group_of, weight_decay, [lr_of(j.groups) for j in jobs])
-    slots = [_Slot(j, len(task.train), cfg, num_labels, label) for label, j in enumerate(jobs)]
-    check_every = 1 if device.type == "cpu" else 32
+    pack = _Pack(jobs, task, cfg, pad_id=pad_id, device=device, dtype=dtype, check_every=check_every)
+    while pack.slots:
+        ended = pack.train_step(on_optimizer_step)
+        live = [k for k in range(len(pack.slots)) if k not in ended]
+        if on_step and live:
+            on_step(pack.slots[live[0]].step, pack.slots[live[0]].total)
+        pack.evaluate_due(live, ended)
+        for k in live:
+            if k not in ended and pack.slots[k].step == pack.slots[k].total:
+                ended[k] = pack.slots[k].end()
+        pack.refill(ended, on_end, next_job)
 
-    while slots:
+
+class _Pack:
+    """One pack's model, optimizer, slots and the losses not yet read back."""
+
+    def __init__(self, jobs: list[PackJob], task: TaskData, cfg: TrainSection, *, pad_id: int, device: torch.device,
+                 dtype: torch.dtype | None, check_every: int | None):
+        first = jobs[0]
+        self.num_labels = int(getattr(first.model.config, "num_labels", 2))
+        self.task, self.cfg, self.pad_id, self.device, self.dtype = task, cfg, pad_id, device, dtype
+        self.check_every = check_every or (1 if device.type == "cpu" else CHECK_EVERY)
+        torch.manual_seed(first.seed)  # the pack's one dropout stream
+        self.model, self.state, self.opt, self.group_of = pack_with_optimizer(jobs, device)
+        self.slots = [self._slot(k, j, k) for k, j in enumerate(jobs)]
+        self.bins = LengthBins(task.train.lengths, cfg.batch_size, first.seed) if cfg.length_bucketing else None
+        self.pending: list[torch.Tensor] = []
+
+    def _slot(self, k: int, job: PackJob, label: int) -> _Slot:
+        slot = _Slot(job, len(self.task.train), self.cfg, self.num_labels, label, self.task.train.lengths)
+        self.opt.set_schedule(k, slot.total, self.cfg.warmup_ratio)
+        return slot
+
+    def train_step(self, on_optimizer_step: Callable[[PackedAdamW, torch.Tensor], None] | None) -> dict[int, SlotEnd]:
+        """One forward/backward/update of every slot; the slots that diverged (checked now) end."""
         t0 = time.perf_counter()
-        picks = [s.next_batch(task.train.lengths, cfg) for s in slots]
-        batch, labels = stack_batches([task.train.batch(idx, pad_id) for idx in picks], pad_id)
-        state.rows = labels.shape[1]
-        batch = to_device({**batch, "labels": labels}, device)
+        b = self.bins.next_bin() if self.bins is not None else None
+        picks = [s.next_batch(self.bins, b) for s in self.slots]
+        batch, labels = stack_batches([self.task.train.batch(idx, self.pad_id) for idx in picks], self.pad_id)
+        self.state.rows = labels.shape[1]
+        batch = to_device({**batch, "labels": labels}, self.device)
         labels = batch.pop("labels")
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**batch).logits
+        batch["attention_mask"] = prepared_mask(self.model, batch["attention_mask"], self.dtype)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(**batch).logits
         losses = copy_losses(logits, labels)
-        ended: dict[int, SlotEnd] = {}
-        for k, slot in enumerate(slots):
-            slot.pending.append(losses[k].detach())
-            if len(slot.pending) >= check_every or slot.i + 1 in slot.eval_every:
-                try:
-                    slot.guard.update(torch.stack(slot.pending).float().tolist(), slot.step + 1 - len(slot.pending))
-                except DivergedError as err:
-                    ended[k] = SlotEnd(slot.job, slot.label, error=err, evals=list(slot.evals))
-                slot.pending.clear()
-        live = [k for k in range(len(slots)) if k not in ended]
+        ended = self._check(losses.detach())
+        live = [k for k in range(len(self.slots)) if k not in ended]
         if live:
-            torch.stack([losses[k] for k in live]).sum().backward()
-            opt.clip_grad_norm_(cfg.max_grad_norm)
-            multipliers = [s.schedule(s.step) for s in slots]
+            (losses.sum() if not ended else torch.stack([losses[k] for k in live]).sum()).backward()
+            self.opt.clip_grad_norm_(self.cfg.max_grad_norm)
+            multipliers = self.opt.schedule()
             if on_optimizer_step:
-                on_optimizer_step(opt, multipliers)
-            opt.step(multipliers)
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+                on_optimizer_step(self.opt, multipliers)
+            self.opt.step(multipliers)
+        self.opt.zero_grad()
+        # No sync: the host runs ahead of the device until the next read (a check or an evaluation),
+        # so a slot's train_s adds up the host's time, the waits at those reads included.
         spent = time.perf_counter() - t0
         for k in live:
-            slot = slots[k]
+            slot = self.slots[k]
             slot.step, slot.i, slot.examples, slot.train_s = slot.step + 1, slot.i + 1, slot.examples + len(picks[k]), slot.train_s + spent
-        if on_step and live:
-            on_step(slots[live[0]].step, slots[live[0]].total)
+        return ended
 
-        due = [k for k in live if slots[k].i in slots[k].eval_every]
-        if due:
-            t1 = time.perf_counter()
-            scores = evaluate_packed(model, state, task.validation, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
-            improved = [k for k in due if slots[k].job.on_test and scores[k] > max((e[1] for e in slots[k].evals), default=float("-inf"))]
-            if improved and task.test is not None:  # one pass of the test split serves every copy
-                tests = evaluate_packed(model, state, task.test, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device, dtype=dtype, metric=cfg.metric)
-                for k in improved:
-                    slots[k].job.on_test(tests[k])
-            spent = time.perf_counter() - t1
-            for k in due:
-                slot = slots[k]
-                slot.eval_s += spent
-                slot.evals.append((slot.step, scores[k]))
-                try:
-                    if slot.job.on_eval:
-                        slot.job.on_eval(slot.step, scores[k])
-                except Exception as err:  # the slot's trial is pruned (or its callback failed): it alone ends
-                    ended[k] = SlotEnd(slot.job, slot.label, error=err, evals=list(slot.evals))
-        for k in live:
-            if k not in ended and slots[k].step == slots[k].total:
-                ended[k] = SlotEnd(slots[k].job, slots[k].label, result=slots[k].result(), evals=list(slots[k].evals))
+    def _check(self, losses: torch.Tensor) -> dict[int, SlotEnd]:
+        """Queue this step's K losses; every ``check_every`` steps, and before any slot evaluates or
+        ends, read them back in one transfer and hand each slot's to its guard. Slots only end at such
+        a step, so every slot has been in the pack for all the queued steps."""
+        self.pending.append(losses)
+        if len(self.pending) < self.check_every and not any(s.i + 1 in s.eval_every for s in self.slots):
+            return {}
+        rows = torch.stack(self.pending).float().tolist()
+        self.pending.clear()
+        ended = {}
+        for k, slot in enumerate(self.slots):
+            try:
+                slot.guard.update([row[k] for row in rows], slot.step + 1 - len(rows))
+            except DivergedError as err:
+                ended[k] = slot.end(err)
+        return ended
 
+    def evaluate_due(self, live: list[int], ended: dict[int, SlotEnd]) -> None:
+        """Evaluate the slots at an evaluation point (those alone); a slot whose ``on_eval`` raises ends."""
+        due = [k for k in live if k not in ended and self.slots[k].i in self.slots[k].eval_every]
+        if not due:
+            return
+        t1 = time.perf_counter()
+        kw = {"pad_id": self.pad_id, "batch_size": self.cfg.eval_batch_size, "device": self.device, "dtype": self.dtype, "metric": self.cfg.metric}
+        scores = dict(zip(due, evaluate_packed(self.model, self.state, self.task.validation, copies=due, **kw), strict=True))
+        improved = [k for k in due if self.slots[k].job.on_test and scores[k] > max((e[1] for e in self.slots[k].evals), default=float("-inf"))]
+        if improved and self.task.test is not None:  # one pass of the test split serves every improved copy
+            for k, test in zip(improved, evaluate_packed(self.model, self.state, self.task.test, copies=improved, **kw), strict=True):
+                self.slots[k].job.on_test(test)
+        spent = time.perf_counter() - t1
+        for k in due:
+            slot = self.slots[k]
+            slot.eval_s += spent
+            slot.evals.append((slot.step, scores[k]))
+            try:
+                if slot.job.on_eval:
+                    slot.job.on_eval(slot.step, scores[k])
+            except Exception as err:  # the slot's trial is pruned (or its callback failed): it alone ends
+                ended[k] = slot.end(err)
+
+    def refill(self, ended: dict[int, SlotEnd], on_end: Callable[[SlotEnd], None], next_job: Callable[[], PackJob | None]) -> None:
+        """Tell each ended slot's end, then give the slot a new trial, or drop it when none comes."""
         dropped = []
         for k in sorted(ended):
             on_end(ended[k])
@@ -204,15 +250,28 @@ def train_packed(
             if job is None:
                 dropped.append(k)
                 continue
-            load_copy(model, k, job.model)
-            opt.reset(k, lr_of(job.groups))
-            slots[k] = _Slot(job, len(task.train), cfg, num_labels, slots[k].label)
+            load_copy(self.model, k, job.model)
+            self.opt.reset(k, lr_of(job.groups))
+            self.slots[k] = self._slot(k, job, self.slots[k].label)
         if dropped:
-            keep = [k for k in range(len(slots)) if k not in dropped]
-            slots = [slots[k] for k in keep]
-            if slots:
-                keep_copies(model, state, keep)
-                opt.keep(keep, _trainable(model, group_of))
+            keep = [k for k in range(len(self.slots)) if k not in dropped]
+            self.slots = [self.slots[k] for k in keep]
+            if self.slots:
+                keep_copies(self.model, self.state, keep)
+                self.opt.keep(keep, _trainable(self.model, self.group_of))
+
+
+def pack_with_optimizer(jobs: list[PackJob], device: torch.device) -> tuple[torch.nn.Module, PackState, PackedAdamW, dict[str, str]]:
+    """The jobs' models packed into one on ``device`` (in training mode), its :class:`PackedAdamW`
+    with each job's LRs, and parameter name -> LLRD group (the first job's groups name them all)."""
+    first = jobs[0]
+    names = {id(p): n for n, p in first.model.named_parameters()}
+    group_of = {names[id(p)]: g["name"] for g in first.groups for p in g["params"]}
+    weight_decay = {g["name"]: g["weight_decay"] for g in first.groups}
+    model, state = pack_models([j.model for j in jobs])
+    model.to(device).train()
+    opt = PackedAdamW(_trainable(model, group_of), group_of, weight_decay, [lr_of(j.groups) for j in jobs])
+    return model, state, opt, group_of
 
 
 def _trainable(model: torch.nn.Module, group_of: dict[str, str]) -> dict[str, torch.nn.Parameter]:
@@ -222,67 +281,3 @@ def _trainable(model: torch.nn.Module, group_of: dict[str, str]) -> dict[str, to
         if name in group_of:
             params[name] = p
     return params
-
-
-def stack_batches(parts: list[dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """K batches as one: copy k's rows at ``k*B:(k+1)*B``, padded to the longest batch and the
-    widest; labels ``[K, B]`` with -100 on padding rows. A padding row attends to its first token
-    only (a row with nothing to attend to would be NaN in some attention kernels)."""
-    k, rows, width = len(parts), max(len(p["labels"]) for p in parts), max(p["input_ids"].shape[1] for p in parts)
-    ids = torch.full((k, rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((k, rows, width), dtype=torch.long)
-    mask[:, :, 0] = 1
-    labels = torch.full((k, rows), -100, dtype=torch.long)
-    types = torch.zeros((k, rows, width), dtype=torch.long) if "token_type_ids" in parts[0] else None
-    for i, part in enumerate(parts):
-        b, t = part["input_ids"].shape
-        ids[i, :b, :t] = part["input_ids"]
-        mask[i, :b, :] = 0
-        mask[i, :b, :t] = part["attention_mask"]
-        labels[i, :b] = part["labels"]
-        if types is not None:
-            types[i, :b, :t] = part["token_type_ids"]
-    out = {"input_ids": ids.reshape(k * rows, width), "attention_mask": mask.reshape(k * rows, width)}
-    if types is not None:
-        out["token_type_ids"] = types.reshape(k * rows, width)
-    return out, labels
-
-
-def copy_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[K]``: each copy's mean cross-entropy over its own real rows (what the unpacked model's loss is)."""
-    k, rows = labels.shape
-    ce = F.cross_entropy(logits.float().reshape(k * rows, -1), labels.reshape(-1), reduction="none", ignore_index=-100)
-    return ce.reshape(k, rows).sum(1) / (labels != -100).sum(1).clamp(min=1)
-
-
-@torch.inference_mode()
-def evaluate_packed(
-    model: torch.nn.Module,
-    state: PackState,
-    data: Encoded,
-    *,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    metric: str = "accuracy",
-) -> list[float]:
-    """Every copy's ``metric`` on ``data`` in one pass: each batch is fed to all K copies."""
-    was_training = model.training
-    model.eval()
-    order = np.argsort(data.lengths, kind="stable")
-    predictions = []
-    for i in range(0, len(order), batch_size):
-        batch = data.batch(order[i : i + batch_size], pad_id)
-        batch.pop("labels")
-        rows = len(batch["input_ids"])
-        state.rows = rows
-        batch = to_device({name: v.repeat(state.k, 1) for name, v in batch.items()}, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(**batch).logits
-        predictions.append(logits.reshape(state.k, rows, -1).argmax(-1))
-    model.train(was_training)
-    if not predictions:
-        return [0.0] * state.k
-    predicted = torch.cat(predictions, dim=1).cpu().numpy()
-    return [score(metric, predicted[k], data.labels[order]) for k in range(state.k)]

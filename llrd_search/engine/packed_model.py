@@ -16,7 +16,8 @@ three module types (a bare ``nn.Parameter``) cannot be packed: :class:`ModelErro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,15 @@ class PackState:
     def __init__(self, k: int):
         self.k = k
         self.rows = 1
+        # While set (:func:`only_copies`): the forward runs these copies alone, ``k`` is their count.
+        self.only: torch.Tensor | None = None
+
+
+def _weights(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """A packed module's stacked ``attr``, cut to the copies of ``state.only`` when set."""
+    value = getattr(module, attr)
+    only = module.state.only
+    return value if value is None or only is None else value.index_select(0, only)
 
 
 class PackedLinear(nn.Module):
@@ -42,10 +52,10 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in sources]).unsqueeze(1).clone()) if has_bias else None  # [K, 1, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.state.k
+        k, bias = self.state.k, _weights(self, "bias")
         flat = x.reshape(k, -1, x.shape[-1])
-        wt = self.weight.transpose(1, 2)
-        out = torch.baddbmm(self.bias, flat, wt) if self.bias is not None else torch.bmm(flat, wt)
+        wt = _weights(self, "weight").transpose(1, 2)
+        out = torch.baddbmm(bias, flat, wt) if bias is not None else torch.bmm(flat, wt)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -62,9 +72,10 @@ class PackedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.state.k
         normed = F.layer_norm(x, self.shape, None, None, self.eps).reshape(k, -1, self.shape[0])
-        out = normed * self.weight.unsqueeze(1).to(normed.dtype)
-        if self.bias is not None:
-            out = out + self.bias.unsqueeze(1).to(normed.dtype)
+        weight, bias = _weights(self, "weight"), _weights(self, "bias")
+        out = normed * weight.unsqueeze(1).to(normed.dtype)
+        if bias is not None:
+            out = out + bias.unsqueeze(1).to(normed.dtype)
         return out.reshape(x.shape)
 
 
@@ -84,7 +95,8 @@ class PackedEmbedding(nn.Module):
             ids = ids.expand(k * self.state.rows, *ids.shape[1:])  # a broadcast input (position ids): every copy reads it
         per_copy = ids.reshape(k, -1)
         offset = torch.arange(k, device=ids.device).unsqueeze(1) * self.num_embeddings
-        out = F.embedding(per_copy + offset, self.weight.reshape(-1, self.weight.shape[-1]))
+        weight = _weights(self, "weight")
+        out = F.embedding(per_copy + offset, weight.reshape(-1, weight.shape[-1]))
         if self.padding_idx is not None:
             # nn.Embedding gives the padding row no gradient: neither does copy k's padding row.
             out = torch.where((per_copy == self.padding_idx).unsqueeze(-1), out.detach(), out)
@@ -117,6 +129,21 @@ def pack_models(models: Sequence[nn.Module]) -> tuple[nn.Module, PackState]:
                 f"({', '.join(own)}) outside nn.Linear, nn.LayerNorm and nn.Embedding; use [train] pack = 1"
             )
     return base, state
+
+
+@contextmanager
+def only_copies(state: PackState, copies: Sequence[int] | None, device: torch.device | None = None) -> Iterator[None]:
+    """Run the forward on ``copies`` alone (their weights gathered per call: for evaluating the
+    slots that are due without computing the others); None or every copy: all of them."""
+    if copies is None or len(copies) == state.k:
+        yield
+        return
+    k = state.k
+    state.only, state.k = torch.as_tensor(list(copies), dtype=torch.long, device=device), len(copies)
+    try:
+        yield
+    finally:
+        state.only, state.k = None, k
 
 
 def packed_modules(model: nn.Module) -> dict[str, nn.Module]:

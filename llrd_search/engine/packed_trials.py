@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from llrd_search.engine.memory import GPU_SHARE_ENV, trial_memory_estimate
+from llrd_search.engine.memory import GPU_SHARE_ENV, pack_extra_bytes, trial_memory_estimate
+from llrd_search.engine.memory_guard import is_out_of_memory, release_memory
 from llrd_search.engine.model import fresh_model
 from llrd_search.engine.objective import Objective
 from llrd_search.engine.packed import PackJob, SlotEnd, train_packed
@@ -34,11 +35,12 @@ AUTO_CAP = 8
 HEADROOM = 0.9  # of the free memory: the CUDA context, fragmentation and eval batches need some
 
 
-def auto_pack(per_trial_bytes: int, free_bytes: int, cap: int = AUTO_CAP) -> int:
-    """How many trials of ``per_trial_bytes`` fit in ``HEADROOM`` of ``free_bytes``: 1 to ``cap``."""
-    if per_trial_bytes <= 0:
-        return cap
-    return max(1, min(cap, int(free_bytes * HEADROOM) // per_trial_bytes))
+def auto_pack(per_trial_bytes: int | Callable[[int], int], free_bytes: int, cap: int = AUTO_CAP) -> int:
+    """The largest pack (1 to ``cap``) that fits in ``HEADROOM`` of ``free_bytes``: of trials of
+    ``per_trial_bytes`` each, or of ``per_trial_bytes(k)`` bytes for a pack of k (:func:`pack_bytes`)."""
+    size = per_trial_bytes if callable(per_trial_bytes) else (lambda k: k * per_trial_bytes)
+    usable = int(free_bytes * HEADROOM)
+    return max([1] + [k for k in range(1, cap + 1) if size(k) <= usable])
 
 
 def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtype: torch.dtype | None = None) -> int:
@@ -46,6 +48,13 @@ def trial_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtyp
     number ``--workers-per-gpu auto`` and preflight's warning use."""
     n_params = sum(p.numel() for p in model.parameters())
     return trial_memory_estimate(model.config, n_params, cfg.batch_size, max_length, dtype)  # packs never accumulate (spec)
+
+
+def pack_bytes(model: torch.nn.Module, cfg: TrainSection, max_length: int, dtype: torch.dtype | None, k: int) -> int:
+    """A pack of ``k`` trials' device memory: ``k`` x :func:`trial_bytes` and what packing adds
+    (its evaluation at ``k x eval_batch_size`` rows, a dropped slot's re-slicing: :func:`pack_extra_bytes`)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return k * trial_bytes(model, cfg, max_length, dtype) + pack_extra_bytes(model.config, n_params, k, cfg.eval_batch_size, max_length, dtype)
 
 
 def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module, max_length: int, dtype: torch.dtype | None = None) -> int:
@@ -58,7 +67,7 @@ def resolve_pack(cfg: TrainSection, device: torch.device, model: torch.nn.Module
         return 1
     free, _total = torch.cuda.mem_get_info(device)
     share = os.environ.get(GPU_SHARE_ENV, "1")
-    return auto_pack(trial_bytes(model, cfg, max_length, dtype), free // max(1, int(share) if share.isdigit() else 1))
+    return auto_pack(lambda k: pack_bytes(model, cfg, max_length, dtype, k), free // max(1, int(share) if share.isdigit() else 1))
 
 
 def check_packable(objective: Objective) -> str | None:
@@ -112,9 +121,48 @@ class PackedTrials:
         return self.objective.record(tag.trial, end.result, tag.evals, tag.overhead, alone=False)
 
     def run(self, first: list[PackJob], next_job: Callable[[], PackJob | None], on_end: Callable[[SlotEnd], None]) -> None:
+        """Train ``first`` and the refills of ``next_job`` as packs of ``k``. Out of device memory,
+        the pack is dropped, its memory released, ``k`` halved (for this worker's later packs too)
+        and every trial it was still training starts again, with its parameters, in a smaller pack:
+        no trial is lost and none is told twice. At ``k = 1`` the error propagates."""
+        queue, live = list(first), {}
+        first.clear()  # the pack holds its jobs from here: an out-of-memory frees them all
+
+        def take() -> PackJob | None:
+            job = queue.pop(0) if queue else next_job()
+            if job is not None:
+                live[id(job)] = job
+            return job
+
+        def ended(end: SlotEnd) -> None:
+            live.pop(id(end.job), None)
+            on_end(end)
+
+        while queue:
+            jobs = [job for job in (take() for _ in range(min(self.k, len(queue)))) if job is not None]
+            packed = len(jobs)
+            if not self._train(jobs, take, ended):
+                return
+            # Out of memory. The pack's tensors went with the traceback; its jobs' models go now.
+            trials = [job.tag.trial for job in live.values()]
+            jobs.clear()
+            live.clear()
+            release_memory(self.objective.device)
+            self.k = max(1, self.k // 2)
+            log.warning("out of device memory with %d trials packed; the %d unfinished start again, %d per pack", packed, len(trials), self.k)
+            queue = [self.job(trial) for trial in trials] + queue  # a fresh model, the same trial and parameters
+
+    def _train(self, jobs: list[PackJob], take: Callable[[], PackJob | None], ended: Callable[[SlotEnd], None]) -> bool:
+        """One pack; True when it ran out of device memory with more than one trial packed."""
         o = self.objective
-        train_packed(first, o.task, self.spec.train, next_job=next_job, on_end=on_end, pad_id=o.pad_id, device=o.device, dtype=o.dtype,
-                     on_step=step_callback(o.on_step))
+        try:
+            train_packed(jobs, o.task, self.spec.train, next_job=take, on_end=ended, pad_id=o.pad_id, device=o.device, dtype=o.dtype,
+                         on_step=step_callback(o.on_step))
+        except Exception as err:
+            if self.k <= 1 or not is_out_of_memory(err):
+                raise
+            return True
+        return False
 
 
 @dataclass

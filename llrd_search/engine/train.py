@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,22 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.inference_mode()
+def prepared_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The 2D attention mask as the 4D one the model's attention takes, where the model's code
+    (transformers' ``masking_utils``) passes a 4D mask through as it is: made from a 2D mask, it asks
+    ``padding_mask.all()`` first, a device sync every forward. sdpa: boolean, True attends; eager:
+    additive, in the compute dtype. Any other model or attention: the 2D mask, unchanged."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    module = sys.modules.get(type(getattr(model, "base_model", model)).__module__)
+    if module is None or not hasattr(module, "create_bidirectional_mask") or impl not in ("sdpa", "eager"):
+        return mask
+    keep = mask[:, None, None, :]
+    if impl == "sdpa":
+        return keep.bool()
+    compute = dtype or torch.float32
+    return (1.0 - keep.to(compute)) * torch.finfo(compute).min
+
+
 def evaluate(
     model: torch.nn.Module,
     data: Encoded,
@@ -152,6 +169,7 @@ def evaluate(
     for i in range(0, len(order), batch_size):
         batch = to_device(data.batch(order[i : i + batch_size], pad_id), device)
         batch.pop("labels")
+        batch["attention_mask"] = prepared_mask(model, batch["attention_mask"], dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(**batch).logits
         predictions.append(logits.argmax(-1))  # stays on the device: no per-batch sync
@@ -285,6 +303,7 @@ def _train(
                 step_loss = None
                 for k, piece in enumerate(pieces, 1):
                     batch = to_device(task.train.batch(piece, pad_id), device)
+                    batch["attention_mask"] = prepared_mask(model, batch["attention_mask"], dtype)
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         loss = model(**batch).loss
                     if len(pieces) > 1:

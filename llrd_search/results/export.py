@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from llrd_search.engine.metrics import study_metric_name
 from llrd_search.exceptions import DataError, ModelError, NoCompleteTrialError, SpecError
 from llrd_search.study.arms import CONTROL, CONTROL_SUFFIX, LLRD, load_control, overall_best
+from llrd_search.study.compat import backend_of
 from llrd_search.study.storage import load_study, mask_url, opened_storage, spec_of
 from llrd_search.vocab import PARAMS
 
@@ -111,6 +112,8 @@ def build_config(study: optuna.Study, url: str, summary: list[dict] | None = Non
         "study": study.study_name,
         "trial": trial.number,
         "storage": mask_url(url),
+        # Through `llrd-search proxy`, the database it serves (as the proxy names it), beside grpc://...
+        **({"proxied_storage": served} if (served := getattr(backend_of(study), "info", {}).get("storage")) else {}),
         "arm": arm,  # "control": the ξ = 1 arm beat LLRD, and this is plain fine-tuning (decay 1.0)
         "arm_study": study.study_name + CONTROL_SUFFIX if arm == CONTROL else study.study_name,  # the study `trial` numbers
         "selected_by": _selected_by(confirmed, arm),

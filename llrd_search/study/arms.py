@@ -65,6 +65,16 @@ def control_target(fraction: float, total: int) -> int:
     return int(fraction * total + 0.5 + 1e-9)
 
 
+def smallest_budget(fraction: float, llrd_finished: int, control_finished: int) -> int:
+    """The smallest study-wide budget a study with these finished trials may be given: one that
+    drops neither below all its finished trials nor the control arm's share below the control
+    trials it has finished (the share grows with the budget, so every larger budget is valid too)."""
+    n = llrd_finished + control_finished
+    while control_finished and control_target(fraction, n) < control_finished:
+        n += 1
+    return n
+
+
 def choose_arm(active: dict[str, int], waiting: dict[str, int], total: int, target: int) -> str | None:
     """The arm whose next trial keeps both at their share, or None when the budget is taken.
 

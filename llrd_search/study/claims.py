@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +26,13 @@ from llrd_search.spec import StudySpec
 from llrd_search.study.arms import ARM_ATTR, CONTROL, LLRD, choose_arm, control_spec, control_target, ensure_control_arm
 from llrd_search.study.compat import backend_of, study_id, trial_id
 from llrd_search.study.guards import Heartbeat, Signals
-from llrd_search.study.resilience import count_states
+from llrd_search.study.resilience import count_states, retry_lost_trial
 from llrd_search.study.storage import budget_lock, fail_stale
 from llrd_search.vocab import BUDGET_ATTR, FINISHED_STATES
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); a later run fills this slot"
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); retried with the same parameters and seed (up to study.max_retries)"
 
 
 @dataclass
@@ -145,6 +146,31 @@ class Claimer:
             total,
             control_target(self.spec.study.control_fraction, total) if CONTROL in self.arms else 0,
         )
+
+
+def fail_interrupted(claimer: Claimer, claims: Iterable[tuple[Claimed, float | None]], signals: Signals, err: BaseException) -> None:
+    """Mark each ``(claimed, started)`` trial FAIL (INTERRUPTED) and re-queue it with its parameters
+    and seed, as a dead worker's trial is (up to ``study.max_retries``): an interrupted paper point
+    or grid point is trained by the next run, not replaced by a sampled one. Under the budget lock,
+    so the retry takes the trial's slot before another worker can see it free. Says on ``err`` (the
+    interrupt, raised on by the caller) how many trials were marked and re-queued, for the CLI."""
+    marked = requeued = 0
+    with signals.deferred(), budget_lock(claimer.storage, study_id(claimer.study)):
+        for claimed, t0 in claims:
+            timing = {} if t0 is None else {"wall_seconds": seconds_since(t0)}
+            if not finish(claimed.study, claimed.trial, TrialState.FAIL, fail_reason=INTERRUPTED, **timing):
+                continue  # reaped (and re-queued) while it ran
+            marked += 1
+            back = retry_lost_trial(claimed.study, claimer.storage.get_trial(trial_id(claimed.trial)))
+            requeued += back is True
+            log.warning("trial %d: interrupted, marked FAIL%s", claimed.trial.number, _requeued_text(back))
+        err.trials_marked = (marked, requeued)  # type: ignore[attr-defined]  # (before a second signal is raised)
+
+
+def _requeued_text(back: bool | None) -> str:
+    if back is None:
+        return "; not re-queued (no retry callback)"
+    return " and re-queued with its parameters and seed" if back else "; not re-queued: retries exhausted (study.max_retries)"
 
 
 def tell_outcome(

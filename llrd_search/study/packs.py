@@ -5,9 +5,9 @@ claimed trial to :func:`run_pack` instead of running it alone. The guarantees of
 hold per trial: every trial is claimed through the same :meth:`claims.Claimer.claim` (budget lock, arm,
 its own heartbeat), so N workers still finish exactly ``n_trials``; each is told COMPLETE / PRUNED /
 FAIL through :func:`claims.finish` the moment its slot ends, and its slot is refilled by a new claim while
-the budget has room. A signal marks every trial still running in the pack FAIL (INTERRUPTED) and
-propagates; an exception of the pack fails them all with its reason and counts once toward the
-repeated-failure stop. No trial is left RUNNING and none already told is told again.
+the budget has room. A signal marks every trial still running in the pack FAIL (INTERRUPTED), re-queues
+each with its parameters and seed, and propagates; an exception of the pack fails them all with its
+reason and counts once toward the repeated-failure stop. No trial is left RUNNING and none already told is told again.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from llrd_search.engine.packed_trials import PackedTrials, check_packable, resol
 from llrd_search.engine.steps import step_hook
 from llrd_search.exceptions import RepeatedFailureError
 from llrd_search.study.claims import (
-    INTERRUPTED,
     Claimed,
     Claimer,
     FailureCounter,
+    fail_interrupted,
     finish,
     repeated_failure,
     seconds_since,
@@ -100,9 +100,10 @@ def run_pack(
         # Checked at every pack step: a signal stops the whole pack at its next step.
         with step_hook(lambda _step, _total: signals.check()):
             packer.run(jobs, next_job, on_end)
-    except KeyboardInterrupt:
-        signals.clear()  # this is that signal: raised below, after the trials are marked
-        _fail_all(live, signals, fail_reason=INTERRUPTED)
+    except KeyboardInterrupt as err:
+        signals.clear()  # this is that signal: raised below, after the trials are marked (and re-queued)
+        fail_interrupted(claimer, list(live.values()), signals, err)
+        live.clear()
         raise
     except RepeatedFailureError as err:  # a slot's own failure was the last straw: the others did nothing wrong
         _fail_all(live, signals, fail_reason=f"worker stopped: {err}"[:2000])

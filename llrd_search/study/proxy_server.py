@@ -9,6 +9,7 @@ code a direct worker runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -122,8 +123,10 @@ class _Fleet:
 
     def hello(self, _req: dict) -> dict:
         from llrd_search import __version__
+        from llrd_search.study.urls import mask_url
 
-        return {"service": "llrd-search", "version": __version__, "backend": self.backend, "per_study_lock": self.leases.per_study}
+        return {"service": "llrd-search", "version": __version__, "backend": self.backend, "per_study_lock": self.leases.per_study,
+                "storage": mask_url(self.rdb.url)}  # what it serves, for records (export); never a password
 
     def counts(self, req: dict) -> dict:
         from llrd_search.study.resilience import count_states
@@ -178,9 +181,15 @@ def proxy_server(url: str, host: str = "127.0.0.1", port: int = 13000) -> Iterat
     grpc = require_grpc()
     if is_proxy_url(url):
         raise StorageError(f"--storage: '{url}' is a proxy; 'llrd-search proxy' serves a database URL (postgresql+psycopg://... or sqlite:///...)")
+    if port:
+        _refuse_busy_port(host, port)
     rdb = open_storage(url, pool_size=DB_POOL)
     fleet = _Fleet(rdb)
-    server = grpc.server(ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="llrd-proxy"))
+    # gRPC sets SO_REUSEPORT by default: a second proxy on the same port would then start and the
+    # kernel would split the workers between two databases.
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="llrd-proxy"), options=[("grpc.so_reuseport", 0)]
+    )
     # Optuna's cache layer in front, as its run_grpc_proxy_server documents: GetTrials sends only what changed.
     grpc_storage_servicer(optuna.storages.get_storage(rdb), server)
     server.add_generic_rpc_handlers((fleet.handler(),))
@@ -190,7 +199,7 @@ def proxy_server(url: str, host: str = "127.0.0.1", port: int = 13000) -> Iterat
         bound = 0
     if not bound:
         close_storage(rdb)
-        raise StorageError(f"--host/--port: cannot listen on {host}:{port} (in use?); pick another --port")
+        raise StorageError(f"--port: cannot listen on {host}:{port}{_held_by(port)}; stop that process or pick another --port")
     server.start()
     try:
         yield server, bound
@@ -198,6 +207,45 @@ def proxy_server(url: str, host: str = "127.0.0.1", port: int = 13000) -> Iterat
         server.stop(grace=2).wait()
         fleet.leases.close()
         close_storage(rdb)
+
+
+def _refuse_busy_port(host: str, port: int) -> None:
+    """Raise naming the port (and the process listening on it, when it can be found) if it is taken,
+    before the database is opened; a plain bind, as the gRPC server will do without SO_REUSEPORT."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise StorageError(f"--host: cannot resolve '{host}' ({err}); pass an address such as 127.0.0.1 or 0.0.0.0") from None
+    for family, kind, proto, _name, address in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed port in TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as err:
+                why = "in use" if err.errno == errno.EADDRINUSE else err.strerror
+                raise StorageError(f"--port: port {port} on {host} is {why}{_held_by(port)}; stop it or pick another --port") from None
+
+
+def _held_by(port: int) -> str:
+    """", held by PID NAME (CMDLINE)" for the process listening on ``port``, "" if it cannot be told
+    (psutil missing, or the process belongs to another user)."""
+    try:
+        import psutil
+    except ImportError:
+        return ""
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+    except (psutil.Error, OSError):
+        return ""
+    for pid in sorted(p for p in pids if p):
+        try:
+            proc = psutil.Process(pid)
+            return f", held by process {pid} ({' '.join(proc.cmdline())[:160] or proc.name()})"
+        except psutil.Error:
+            return f", held by process {pid}"
+    return ""
 
 
 NO_AUTH_WARNING = (

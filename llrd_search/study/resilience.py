@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import random
 import threading
@@ -39,7 +40,7 @@ from llrd_search.study.compat import (
     trial_id,
     trial_table,
 )
-from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR
+from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR, SEED_ATTR, SPEC_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
         system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
         user_attrs = {k: v for k, v in trial.user_attrs.items() if k.startswith(ATTR_PREFIX)}
         user_attrs[RETRY_OF_ATTR] = trial.number
+        seed = lost_seed(study, trial)
+        if seed is not None:  # the lost trial's training seed: a retry is a rerun, not another draw
+            user_attrs[SEED_ATTR] = seed
         study.add_trial(
             optuna.create_trial(
                 state=TrialState.WAITING,
@@ -209,6 +213,28 @@ def retry_stale_trial(max_retries: int) -> Callable[[optuna.Study, optuna.trial.
 
     callback.max_retries = max_retries  # fail_stale names the limit in its log line
     return callback
+
+
+def lost_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
+    """The training seed ``trial`` used, or would have used had it reached training: the one it
+    was queued with, else the one it recorded, else the built-in loop's ``study.seed +
+    trial_seed_offset + number`` from the spec stored in its study (None: not an llrd-search study)."""
+    for key in (SEED_ATTR, "seed"):
+        if isinstance(trial.user_attrs.get(key), int):
+            return int(trial.user_attrs[key])
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        return None
+    settings = json.loads(raw).get("study", {})
+    return int(settings.get("seed", 0)) + int(settings.get("trial_seed_offset", 0)) + trial.number
+
+
+def retry_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool | None:
+    """Hand a trial this worker marked FAIL (interrupted) to the storage's stale-trial callback, as
+    :func:`fail_stale` does a dead worker's: True when re-queued, False when its retries are spent,
+    None when the storage has no callback (opened without a spec)."""
+    callback = backend_of(study).get_heartbeat_stale_trial_callback()
+    return None if callback is None else bool(callback(study, trial))
 
 
 def fail_stale(study: optuna.Study) -> list[int]:

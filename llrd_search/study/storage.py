@@ -259,13 +259,7 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
         raise StudyConflictError(
             f"study.name: study '{name}' exists with a different spec ({diff}); give the changed search a new study.name, or revert the change"
         )
-    counts = count_states(storage, study_id(study))
-    finished = sum(counts[s] for s in FINISHED_STATES)
-    if budget < finished:
-        raise StudyConflictError(
-            f"--n-trials / study.n_trials: {budget} is below the {finished} trials study '{name}' has already finished; "
-            f"a budget never drops below the finished trials (pass --n-trials {finished} or more)"
-        )
+    _check_budget(spec, storage, study, budget)
     # Where runs are tracked is not what the study is: the study file's say goes, for every worker.
     retracked = (old.study.track, old.study.track_uri) != (spec.study.track, spec.study.track_uri)
     if old.study.storage is not None or retracked:  # (storage: made by a version that stored the URL, maybe with a password)
@@ -275,6 +269,33 @@ def _resume(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.
         study.set_user_attr(BUDGET_ATTR, budget)
     if not study.metric_names:  # a study made before metric names were set
         set_study_metric(study, old.train.metric)
+
+
+def _check_budget(spec: StudySpec, storage: optuna.storages.RDBStorage, study: optuna.Study, budget: int) -> None:
+    """Raise, before anything is written, unless ``budget`` covers the trials both arms have finished."""
+    from llrd_search.study.arms import control_name, control_target, smallest_budget
+
+    def finished(sid: int) -> int:
+        counts = count_states(storage, sid)
+        return sum(counts[s] for s in FINISHED_STATES)
+
+    llrd, control = finished(study_id(study)), 0
+    if spec.has_control_arm:
+        try:
+            control = finished(storage.get_study_id_from_name(control_name(study.study_name)))
+        except KeyError:  # no control trial has been asked yet
+            pass
+    least = smallest_budget(spec.study.control_fraction, llrd, control)
+    if budget >= least:
+        return
+    done = f"{llrd + control} trials ({llrd} LLRD + {control} control)" if spec.has_control_arm else f"{llrd} trials"
+    share = ""
+    if budget >= llrd + control:  # enough in all, but the control arm's share would be below its finished trials
+        share = f", and a budget of {budget} gives the control arm a share of {control_target(spec.study.control_fraction, budget)}, below its {control}"
+    raise StudyConflictError(
+        f"--n-trials / study.n_trials: {budget} is too small: study '{spec.study.name}' has already finished {done}{share}; "
+        f"a budget never drops below the finished trials (pass --n-trials {least} or more)"
+    )
 
 
 def _check_half_made(spec: StudySpec, study: optuna.Study, attrs: dict[str, Any]) -> None:

@@ -31,12 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from llrd_search.engine.steps import step_hook
 from llrd_search.spec import StudySpec
 from llrd_search.study.arms import parent_name
-from llrd_search.study.claims import INTERRUPTED, Claimed, Claimer, FailureCounter, finish, tell_outcome
+from llrd_search.study.claims import INTERRUPTED as INTERRUPTED  # the fail_reason of an interrupted trial
+from llrd_search.study.claims import Claimed, Claimer, FailureCounter, fail_interrupted, tell_outcome
 from llrd_search.study.compat import trial_id
 from llrd_search.study.guards import Signals
 from llrd_search.study.sampling import fleet_workers, make_sampler
@@ -46,10 +46,10 @@ from llrd_search.study.tracking import trial_tracker
 log = logging.getLogger(__name__)
 
 
-def _run_trial(claimed: Claimed, objective: Callable[[optuna.Trial], float], signals: Signals, failures: FailureCounter) -> None:
+def _run_trial(claimed: Claimed, claimer: Claimer, objective: Callable[[optuna.Trial], float], signals: Signals, failures: FailureCounter) -> None:
     """Run a claimed trial and tell its outcome (once: not if a reaper already did). A signal marks
-    it FAIL with reason INTERRUPTED and propagates; repeated identical errors raise
-    RepeatedFailureError."""
+    it FAIL with reason INTERRUPTED, re-queues it with its parameters and seed, and propagates;
+    repeated identical errors raise RepeatedFailureError."""
     study, trial = claimed.study, claimed.trial
     t0 = time.perf_counter()
     try:
@@ -60,10 +60,9 @@ def _run_trial(claimed: Claimed, objective: Callable[[optuna.Trial], float], sig
         # inside a GC or weakref callback) still stops the trial at its next step.
         with step_hook(lambda _step, _total: signals.check()):
             value = objective(trial)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         signals.clear()  # this is that signal: raised below, after the trial is marked
-        with signals.deferred():
-            finish(study, trial, TrialState.FAIL, fail_reason=INTERRUPTED)
+        fail_interrupted(claimer, [(claimed, t0)], signals, err)
         raise
     except Exception as err:  # optuna.TrialPruned included: tell_outcome tells it PRUNED
         tell_outcome(study, trial, signals, failures, t0, error=err, tb=traceback.format_exc())
@@ -85,7 +84,8 @@ def run_worker(
     """Join ``study_name`` and run trials until the budget is spent. Returns trials this worker ran.
 
     Ctrl-C and SIGTERM (when called from the main thread) end the current trial as FAIL with reason
-    "interrupted" (a later run fills its slot) and propagate as KeyboardInterrupt.
+    "interrupted", re-queue it with its parameters and seed (up to ``study.max_retries``) and
+    propagate as KeyboardInterrupt.
     """
     quiet_optuna()
     with opened_storage(storage_url, must_exist=True) as bootstrap:
@@ -124,7 +124,7 @@ def run_worker(
                     ran += run_pack(claimed, claimer, packer, signals, failures, after)
                     continue
                 ran += 1
-                _run_trial(claimed, objective, signals, failures)
+                _run_trial(claimed, claimer, objective, signals, failures)
                 if after is not None:
                     after(claimed.study, storage.get_trial(trial_id(claimed.trial)))
 
