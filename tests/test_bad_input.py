@@ -329,8 +329,16 @@ def _(k: Kit) -> Bad:
 
 @case("stratified subsample empty")
 def _(k: Kit) -> Bad:
+    # one validation row for each of 100 classes: a stratified 10 keeps 0.1 of a row of each
+    folder = k.folder("hundred", train=[[f"film number {i}", f"c{i % 100}"] for i in range(300)],
+                      validation=[[f"film number {i}", f"c{i}"] for i in range(100)])
+    return checked(k.edited("[data]", "[data]\nvalidation_limit = 10", data=folder), "data.validation_limit", "10", "100 classes", "at least 100")
+
+
+@case("one row per class")
+def _(k: Kit) -> Bad:
     folder = k.folder("thousand", train=[[f"film number {i}", f"c{i}"] for i in range(1000)], validation=[["film number 1", "c1"]] * 4)
-    return checked(k.edited("[data]", "[data]\ntrain_limit = 64", data=folder), "data.train_limit", "64", "1000 classes", "at least 1000")
+    return checked(k.study(data=folder), "data.label", "1000 classes in 1000 train rows", "label column")
 
 
 # --- model

@@ -249,6 +249,13 @@ class _Labels:
         id2label = label_mapping(train_labels)
         if len(id2label) < 2:
             raise DataError(f"data.label: the {data.train_split} split has a single label ({train_labels[0]!r}); need at least 2 classes")
+        if len(id2label) > len(train_labels) / 2:
+            # Fewer than two rows a class on average: nothing to learn a class from, let alone to
+            # stratify a validation split by; most often data.label names an id or text column.
+            raise DataError(
+                f"data.label: {len(id2label)} classes in {len(train_labels)} {data.train_split} rows, fewer than 2 rows a class; "
+                f"check that data.label names the label column, or merge rare classes"
+            )
         return cls(data, sources, train_labels, id2label)
 
     def read(self, ds: Any, split: str) -> list:
