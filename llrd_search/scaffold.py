@@ -256,6 +256,7 @@ def render_study(data: DataInfo, model: ModelInfo, max_length: int, longest: int
                            "so confirm scores the verdict on data it did not pick by"))
     lines += [
         _line("train_limit = 0", "0 = all; e.g. 2000 for a quick first search on a CPU"),
+        _line("validation_limit = 0", "0 = all; e.g. 500: every evaluation scores these rows (a stratified sample)"),
         "",
         "[train]",
         "epochs = 3",

@@ -25,7 +25,7 @@ shot() {  # shot URL OUT WIDTH HEIGHT: a headless screenshot, JavaScript given 1
 
 # confirm with the arguments the study was confirmed with: every run exists, so it only reads them.
 python -m llrd_search confirm --storage "$URL" --study "$STUDY" --top 3 --seeds 5 \
-  --decay-sweep 1.0,0.95,0.9,0.8,0.7 --workers 1 > docs/img/confirm.txt
+  --decay-sweep 1.0,0.95,0.9,0.8,0.7 --workers 1 | sed '/^next: /,$d' > docs/img/confirm.txt  # its next: lines name $TMP
 
 python -m llrd_search report --storage "$URL" --study "$STUDY" --out "$TMP/report" >/dev/null
 # The verdict section alone: the report's own page with every other section left out.

@@ -105,7 +105,7 @@ def arms_section(best: TrialInfo | None, control: TrialInfo | None, paired: dict
                  winner: dict | None = None) -> str:
     """Markdown: the two arms, the verdict (confirmed or not) and which configuration wins overall;
     ``control_arm`` is one of ``ARM_*``."""
-    text = "## Does LLRD help? LLRD arm vs the LR-matched control (ξ = 1)\n\n"
+    text = "## Does LLRD help? LLRD vs plain fine-tuning (ξ = 1)\n\n"
     if control_arm == ARM_PREDATES:
         return text + ("The control arm was not part of this study: it was created by a version of llrd-search from before the "
                        "control arm existed (its stored spec has no `control_fraction`, read as 0), so nothing here tells LLRD's "
