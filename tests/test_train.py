@@ -390,3 +390,23 @@ def test_stand_ins_are_exact_and_leave_every_family_as_it_was(family):
     for (name, p), q in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(models[0].get_input_embeddings().weight, base.get_input_embeddings().weight)
+
+
+def test_the_4d_mask_is_a_plain_tensor_and_evaluation_runs_without_autograd(setup, monkeypatch):
+    # The 4D mask enters checkpointed layers, which save their inputs for backward: an inference
+    # tensor there fails. Evaluation, the other way round, must build no graph.
+    template, task = setup
+    model = fresh_model(template, 0)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    out = tr.prepared_mask(model, mask, None)
+    assert out.dim() == 4 and not out.is_inference()
+    grad_modes = []
+    real_forward = type(model).forward
+
+    def spy(self, *args, **kwargs):
+        grad_modes.append(torch.is_inference_mode_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    tr.evaluate(model, task.validation, pad_id=0, batch_size=16, device=CPU, dtype=None)
+    assert grad_modes and all(grad_modes)

@@ -133,7 +133,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.inference_mode()
 def prepared_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """The 2D attention mask as the 4D one the model's attention takes, where the model's code
     (transformers' ``masking_utils``) passes a 4D mask through as it is: made from a 2D mask, it asks
@@ -150,6 +149,7 @@ def prepared_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype
     return (1.0 - keep.to(compute)) * torch.finfo(compute).min
 
 
+@torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
     data: Encoded,
