@@ -63,3 +63,10 @@ def state_counts(trials: Iterable[FrozenTrial]) -> dict[str, Any]:
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
+
+
+def training_seed(user_attrs: dict[str, Any], seed: int, trial_seed_offset: int, number: int) -> int:
+    """The seed trial ``number`` trains with: the one it was queued with (``llrd:seed``: a paired
+    confirmation run, a retry), else ``study.seed + trial_seed_offset + number``."""
+    queued = user_attrs.get(SEED_ATTR)
+    return int(queued) if queued is not None else seed + trial_seed_offset + number

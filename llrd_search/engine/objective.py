@@ -24,7 +24,7 @@ from llrd_search.engine.steps import step_callback
 from llrd_search.engine.train import TrainResult, evaluate, pick_device, pick_precision, train_and_evaluate
 from llrd_search.exceptions import DivergedError, OutOfMemoryError
 from llrd_search.spec import StudySpec
-from llrd_search.vocab import CONFIRM_OF_ATTR, SEED_ATTR, TEST_ATTR
+from llrd_search.vocab import CONFIRM_OF_ATTR, TEST_ATTR, training_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Objective:
     def seed_of(self, trial: optuna.Trial) -> int:
         # A confirmation run's training seed is set when it is queued: run i of every configuration
         # trains with the same seed, so configurations are compared on paired seeds.
-        return int(trial.user_attrs.get(SEED_ATTR, self.spec.study.seed + self.spec.study.trial_seed_offset + trial.number))
+        return training_seed(trial.user_attrs, self.spec.study.seed, self.spec.study.trial_seed_offset, trial.number)
 
     def prepare(self, trial: optuna.Trial) -> tuple[torch.nn.Module, list[dict], int]:
         """Sample the trial's LRs; its fresh model, LLRD groups and seed, recorded in its user attrs."""

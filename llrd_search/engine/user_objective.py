@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from llrd_search.exceptions import ObjectiveError, SpecError, StudyNotFoundError
 from llrd_search.spec import SpaceSection, StudySpec
-from llrd_search.vocab import SEED_ATTR
+from llrd_search.vocab import training_seed
 
 Objective = Callable[[optuna.Trial], float]
 
@@ -93,7 +93,7 @@ def trial_seed(trial: optuna.Trial) -> int:
     which differ from the search only by this seed. Recorded in the trial's ``seed`` user attr."""
     study = _stored_spec(trial).study
     # A confirm run carries its paired seed (the same for run i of every configuration).
-    seed = int(trial.user_attrs.get(SEED_ATTR, study.seed + study.trial_seed_offset + trial.number))
+    seed = training_seed(trial.user_attrs, study.seed, study.trial_seed_offset, trial.number)
     trial.set_user_attr("seed", seed)
     return seed
 

@@ -40,7 +40,7 @@ from llrd_search.study.compat import (
     trial_id,
     trial_table,
 )
-from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR, SEED_ATTR, SPEC_ATTR
+from llrd_search.vocab import ATTR_PREFIX, RETRY_OF_ATTR, SEED_ATTR, SPEC_ATTR, training_seed
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,15 @@ def lost_seed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | Non
     """The training seed ``trial`` used, or would have used had it reached training: the one it
     was queued with, else the one it recorded, else the built-in loop's ``study.seed +
     trial_seed_offset + number`` from the spec stored in its study (None: not an llrd-search study)."""
-    for key in (SEED_ATTR, "seed"):
-        if isinstance(trial.user_attrs.get(key), int):
-            return int(trial.user_attrs[key])
+    if isinstance(trial.user_attrs.get(SEED_ATTR), int):
+        return int(trial.user_attrs[SEED_ATTR])
+    if isinstance(trial.user_attrs.get("seed"), int):  # recorded when it started training
+        return int(trial.user_attrs["seed"])
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
         return None
     settings = json.loads(raw).get("study", {})
-    return int(settings.get("seed", 0)) + int(settings.get("trial_seed_offset", 0)) + trial.number
+    return training_seed({}, int(settings.get("seed", 0)), int(settings.get("trial_seed_offset", 0)), trial.number)
 
 
 def retry_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool | None:
