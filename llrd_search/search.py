@@ -210,6 +210,11 @@ def _pack_change(spec: Any, objective: Any, url: str, name: str) -> str:
     if objective is not None and hasattr(objective, "template"):  # the built-in loop, the one that packs
         from llrd_search.engine.packed_trials import resolve_pack
 
+        if spec.train.pack == "auto" and objective.device.type == "cuda":
+            # Each worker sizes its pack from the GPU memory it finds; sizing it here would read that
+            # memory through CUDA and hold a context on the GPU in this process for the whole run.
+            return ""
+
         k = resolve_pack(spec.train, objective.device, objective.template.model, spec.model.max_length, objective.dtype)
     with opened_study(url, name) as study:
         before = [int(t.user_attrs.get("pack", 1)) for ts in arm_trials(study, FINISHED_STATES).values() for t in ts]

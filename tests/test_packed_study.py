@@ -217,3 +217,19 @@ def test_resuming_with_another_pack_is_said_in_the_start_line(write_study, still
     err = capsys.readouterr().err
     assert (" on cpu; note: this run packs 3 trials at a time, the study's 2 finished trials ran with pack = 2 "
             "(a packed trial's metric depends on its packmates' dropout draws)") in err
+
+
+def test_the_start_lines_pack_note_reads_no_gpu_memory_in_the_parent(monkeypatch):
+    # pack = "auto" on CUDA is sized by each worker; reading free memory here would hold a CUDA
+    # context on the GPU in the parent for the whole run.
+    from types import SimpleNamespace
+
+    from llrd_search import search
+
+    def no_context(*_a, **_k):
+        raise AssertionError("the parent asked CUDA for memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_context)
+    spec = SimpleNamespace(train=SimpleNamespace(pack="auto", grad_accum=1, gradient_checkpointing=False))
+    objective = SimpleNamespace(template=SimpleNamespace(model=None), device=torch.device("cuda"), dtype=None)
+    assert search._pack_change(spec, objective, "sqlite:///unused.db", "unused") == ""
